@@ -1,0 +1,36 @@
+"""zipchat: a ChatGPT-style assistant built end to end in pure functional JAX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="zipchat",
+    version="0.1.0",
+    description="Tokenizer, pretraining, SFT, RL and inference for chat models in pure functional JAX.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["core", "core.*", "data", "data.*", "experiments", "experiments.*"]),
+    install_requires=[
+        "jax>=0.4.35",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "numpy",
+        "absl-py",
+        "tiktoken",
+        "regex",
+        "safetensors",
+        "pyarrow",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "hypothesis",
+            "rustbpe",
+            "tokenizers",
+            "transformers",
+            # Pinned: an unpinned torch pulls gigabytes of CUDA wheels; 2.13.0 is a local CPU build.
+            "torch==2.13.0",
+        ],
+    },
+)
