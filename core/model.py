@@ -1,0 +1,439 @@
+"""One functional decoder-only transformer for the GPT-2, Llama 3 and Qwen2 families.
+
+Params are a plain nested dict of float32 arrays; the per-layer weights are stacked on a leading
+`layers` axis and run with `jax.lax.scan`, so compile time does not grow with depth. A parallel
+tree from `param_axes` names the logical axis of every dimension; `core/sharding.py` maps those
+names onto a device mesh.
+
+Shape letters: B batch, T query time, S cache slots / key time, D d_model, H query heads,
+K kv heads, G = H // K query heads per kv head, E head_dim, F d_ff, V vocab, L layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one model; every family is a choice of switches.
+
+    head_dim defaults to d_model // n_heads. `rope_scaling` is None or a tuple of
+    (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings) for
+    Llama 3's frequency scaling (a tuple, not a dict, so the config stays hashable for jit).
+    """
+
+    vocab_size: int = 4096
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    d_ff: Optional[int] = None
+    max_seq_len: int = 256
+    norm: str = "rmsnorm"  # 'rmsnorm' | 'layernorm'
+    norm_eps: float = 1e-5
+    mlp: str = "swiglu"  # 'swiglu' | 'gelu' | 'relu2'
+    pos: str = "rope"  # 'rope' | 'learned'
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[tuple[float, float, float, int]] = None
+    qkv_bias: bool = False
+    attn_out_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    qk_norm: bool = False
+    logit_softcap: Optional[float] = None
+    zero_init_out: bool = False
+    init_std: float = 0.02
+    compute_dtype: str = "float32"  # matmul dtype: 'float32' | 'bfloat16'
+    remat: bool = False
+
+    def __post_init__(self):
+        def need(cond: bool, msg: str):
+            if not cond:
+                raise ValueError(f"ModelConfig: {msg}")
+
+        need(self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")
+        need(self.n_layers > 0, f"n_layers must be positive, got {self.n_layers}")
+        need(self.n_heads > 0, f"n_heads must be positive, got {self.n_heads}")
+        if self.head_dim is None:
+            need(
+                self.d_model % self.n_heads == 0,
+                f"n_heads={self.n_heads} does not divide d_model={self.d_model}",
+            )
+        kv = self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+        need(kv > 0, f"n_kv_heads must be positive, got {kv}")
+        need(self.n_heads % kv == 0, f"n_kv_heads={kv} does not divide n_heads={self.n_heads}")
+        need(self.norm in ("rmsnorm", "layernorm"), f"unknown norm {self.norm!r}")
+        need(self.mlp in ("swiglu", "gelu", "relu2"), f"unknown mlp {self.mlp!r}")
+        need(self.pos in ("rope", "learned"), f"unknown pos {self.pos!r}")
+        need(self.compute_dtype in ("float32", "bfloat16"), f"unknown compute_dtype {self.compute_dtype!r}")
+        need(self.pos != "rope" or self.e % 2 == 0, f"rope needs an even head_dim, got {self.e}")
+        if self.rope_scaling is not None:
+            need(len(self.rope_scaling) == 4, "rope_scaling is (factor, low_freq_factor, high_freq_factor, original_max_pos)")
+
+    # Short derived sizes used throughout.
+    @property
+    def k(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def e(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def f(self) -> int:
+        return self.d_ff if self.d_ff is not None else 4 * self.d_model
+
+    @property
+    def dtype(self):
+        return jnp.bfloat16 if self.compute_dtype == "bfloat16" else jnp.float32
+
+
+# The "modern small model" recipe (nanochat-like): RoPE, RMSNorm, ReLU^2, QK-norm, soft-capped
+# logits, zero-initialised output projections, untied head.
+_MODERN = dict(
+    norm="rmsnorm", mlp="relu2", pos="rope", qk_norm=True, logit_softcap=15.0,
+    zero_init_out=True, tie_embeddings=False,
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    # Laptop CPU in minutes; vocab_size is normally overridden by the tokenizer's.
+    "tiny": ModelConfig(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, d_ff=512,
+                        max_seq_len=256, **_MODERN),
+    "gpt2-124m": ModelConfig(vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
+                             max_seq_len=1024, norm="layernorm", mlp="gelu", pos="learned",
+                             qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True),
+    # nanochat's d20 shape (~560M params with a 65k vocab).
+    "d20": ModelConfig(vocab_size=65536, d_model=1280, n_layers=20, n_heads=10, d_ff=5120,
+                       max_seq_len=2048, **_MODERN),
+    "qwen2.5-0.5b": ModelConfig(vocab_size=151936, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                                d_ff=4864, max_seq_len=32768, rope_theta=1e6, norm_eps=1e-6,
+                                mlp="swiglu", qkv_bias=True, tie_embeddings=True),
+    "qwen2.5-1.5b": ModelConfig(vocab_size=151936, d_model=1536, n_layers=28, n_heads=12, n_kv_heads=2,
+                                d_ff=8960, max_seq_len=32768, rope_theta=1e6, norm_eps=1e-6,
+                                mlp="swiglu", qkv_bias=True, tie_embeddings=True),
+    "llama-3.2-1b": ModelConfig(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                                head_dim=64, d_ff=8192, max_seq_len=131072, rope_theta=500000.0,
+                                rope_scaling=(32.0, 1.0, 4.0, 8192), mlp="swiglu", tie_embeddings=True),
+}
+
+
+def get_config(preset: str, **overrides) -> ModelConfig:
+    """Returns the named preset with `overrides` applied; ValueError names unknown presets/fields."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise ValueError(f"unknown ModelConfig field(s) {bad}")
+    return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+def count_params(params: Params) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward): 6 * matmul params + attention."""
+    d, e, L = cfg.d_model, cfg.e, cfg.n_layers
+    attn_proj = d * e * (2 * cfg.n_heads + 2 * cfg.k)
+    mlp = d * cfg.f * (3 if cfg.mlp == "swiglu" else 2)
+    head = d * cfg.vocab_size
+    matmul_params = L * (attn_proj + mlp) + head
+    attn_scores = L * 2 * cfg.n_heads * e * seq_len  # QK^T and AV, causal average ~ seq_len/2 each, x2 mults
+    return 6.0 * matmul_params + 6.0 * attn_scores / 2
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def _norm_shapes(cfg: ModelConfig, lead: tuple[int, ...]) -> dict[str, tuple]:
+    shapes = {"scale": lead + (cfg.d_model,)}
+    if cfg.norm == "layernorm":
+        shapes["bias"] = lead + (cfg.d_model,)
+    return shapes
+
+
+def _shapes_and_axes(cfg: ModelConfig) -> tuple[dict, dict]:
+    """(shape tree, logical-axes tree); the single source of truth for the param layout."""
+    L, D, H, K, E, F, V = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.k, cfg.e, cfg.f, cfg.vocab_size
+    shapes: dict[str, Any] = {"embed": {"tokens": (V, D)}}
+    axes: dict[str, Any] = {"embed": {"tokens": ("vocab", "embed")}}
+    if cfg.pos == "learned":
+        shapes["pos_embed"] = (cfg.max_seq_len, D)
+        axes["pos_embed"] = (None, "embed")
+
+    def norm(lead_shape, lead_axes):
+        s = _norm_shapes(cfg, lead_shape)
+        return s, {k: lead_axes + ("embed",) for k in s}
+
+    attn_s = {"wq": (L, D, H, E), "wk": (L, D, K, E), "wv": (L, D, K, E), "wo": (L, H, E, D)}
+    attn_a = {
+        "wq": ("layers", "embed", "heads", "head_dim"),
+        "wk": ("layers", "embed", "kv_heads", "head_dim"),
+        "wv": ("layers", "embed", "kv_heads", "head_dim"),
+        "wo": ("layers", "heads", "head_dim", "embed"),
+    }
+    if cfg.qkv_bias:
+        attn_s.update(bq=(L, H, E), bk=(L, K, E), bv=(L, K, E))
+        attn_a.update(bq=("layers", "heads", "head_dim"), bk=("layers", "kv_heads", "head_dim"),
+                      bv=("layers", "kv_heads", "head_dim"))
+    if cfg.attn_out_bias:
+        attn_s["bo"] = (L, D)
+        attn_a["bo"] = ("layers", "embed")
+    if cfg.qk_norm:
+        attn_s.update(q_norm=(L, E), k_norm=(L, E))
+        attn_a.update(q_norm=("layers", "head_dim"), k_norm=("layers", "head_dim"))
+
+    mlp_s = {"w_in": (L, D, F), "w_out": (L, F, D)}
+    mlp_a = {"w_in": ("layers", "embed", "mlp"), "w_out": ("layers", "mlp", "embed")}
+    if cfg.mlp == "swiglu":
+        mlp_s["w_gate"] = (L, D, F)
+        mlp_a["w_gate"] = ("layers", "embed", "mlp")
+    if cfg.mlp_bias:
+        mlp_s.update(b_in=(L, F), b_out=(L, D))
+        mlp_a.update(b_in=("layers", "mlp"), b_out=("layers", "embed"))
+
+    an_s, an_a = norm((L,), ("layers",))
+    mn_s, mn_a = norm((L,), ("layers",))
+    fn_s, fn_a = norm((), ())
+    shapes["layers"] = {"attn_norm": an_s, "attn": attn_s, "mlp_norm": mn_s, "mlp": mlp_s}
+    axes["layers"] = {"attn_norm": an_a, "attn": attn_a, "mlp_norm": mn_a, "mlp": mlp_a}
+    shapes["final_norm"], axes["final_norm"] = fn_s, fn_a
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (D, V)
+        axes["lm_head"] = ("embed", "vocab")
+    return shapes, axes
+
+
+def param_axes(cfg: ModelConfig) -> dict:
+    """Tree matching `init_params` whose leaves are tuples of logical axis names."""
+    return _shapes_and_axes(cfg)[1]
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """Tree matching `init_params` whose leaves are jax.ShapeDtypeStruct (float32); no allocation."""
+    shapes = _shapes_and_axes(cfg)[0]
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes,
+                                  is_leaf=lambda s: isinstance(s, tuple))
+
+
+def init_params(key: jax.Array, cfg: ModelConfig) -> Params:
+    """Random float32 params. Norm scales are 1, biases 0; output projections are zero when
+    `cfg.zero_init_out` (so every block starts as the identity), else scaled by 1/sqrt(2L)."""
+    shapes = _shapes_and_axes(cfg)[0]
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    keys = jax.random.split(key, len(flat))
+    out_std = 0.0 if cfg.zero_init_out else cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    leaves = []
+    for (path, shape), k in zip(flat, keys):
+        name = path[-1].key
+        if name in ("scale", "q_norm", "k_norm"):
+            leaves.append(jnp.ones(shape, jnp.float32))
+        elif name.startswith("b") or name == "bias":
+            leaves.append(jnp.zeros(shape, jnp.float32))
+        elif name in ("wo", "w_out"):
+            leaves.append(out_std * jax.random.normal(k, shape, jnp.float32))
+        else:
+            leaves.append(cfg.init_std * jax.random.normal(k, shape, jnp.float32))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
+    """An empty KV cache: k, v [L, B, S, K, E] and per-row fill `lengths` [B] int32."""
+    shape = (cfg.n_layers, batch, max_len, cfg.k, cfg.e)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "lengths": jnp.zeros((batch,), jnp.int32)}
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def _norm(x_btd: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
+    """RMSNorm or LayerNorm over the last axis, computed in float32."""
+    x = x_btd.astype(jnp.float32)
+    if cfg.norm == "layernorm":
+        x = x - x.mean(-1, keepdims=True)
+    y = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * p["scale"]
+    if "bias" in p:
+        y = y + p["bias"]
+    return y
+
+
+def _rms(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps) * scale).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """[E/2] inverse frequencies, with Llama 3's low/high-frequency scaling when configured."""
+    e = cfg.e
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+    if cfg.rope_scaling is None:
+        return inv
+    factor, low, high, old_len = cfg.rope_scaling
+    wavelen = 2 * math.pi / inv
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def _rope(x_bthe: jax.Array, cos_bte: jax.Array, sin_bte: jax.Array) -> jax.Array:
+    """Rotates pairs (i, i + E/2): the 'rotate_half' convention of Hugging Face Llama/Qwen2."""
+    half = x_bthe.shape[-1] // 2
+    x1, x2 = x_bthe[..., :half], x_bthe[..., half:]
+    rot = jnp.concatenate([-x2, x1], axis=-1)
+    xf = x_bthe.astype(jnp.float32)
+    out = xf * cos_bte[:, :, None, :] + rot.astype(jnp.float32) * sin_bte[:, :, None, :]
+    return out.astype(x_bthe.dtype)
+
+
+def _attention(q_bthe, k_bske, v_bske, mask_bts, cfg: ModelConfig) -> jax.Array:
+    """Grouped-query attention through jax.nn.dot_product_attention (cuDNN flash on GPU when
+    the mask allows, XLA elsewhere). mask_bts: True where query t may see key s."""
+    return jax.nn.dot_product_attention(
+        q_bthe, k_bske, v_bske, mask=mask_bts[:, None, :, :], scale=1.0 / math.sqrt(cfg.e)
+    )
+
+
+def _block(x_btd, lp, cfg: ModelConfig, cos_bte, sin_bte, mask_bts, kv_cache, starts_b):
+    """One transformer block. kv_cache is None or (k_bske, v_bske) for this layer."""
+    dt = cfg.dtype
+    h = _norm(x_btd, lp["attn_norm"], cfg).astype(dt)
+    a = lp["attn"]
+    q = jnp.einsum("btd,dhe->bthe", h, a["wq"].astype(dt))
+    k = jnp.einsum("btd,dke->btke", h, a["wk"].astype(dt))
+    v = jnp.einsum("btd,dke->btke", h, a["wv"].astype(dt))
+    if cfg.qkv_bias:
+        q, k, v = q + a["bq"].astype(dt), k + a["bk"].astype(dt), v + a["bv"].astype(dt)
+    if cfg.qk_norm:
+        q, k = _rms(q, a["q_norm"], cfg.norm_eps), _rms(k, a["k_norm"], cfg.norm_eps)
+    if cfg.pos == "rope":
+        q, k = _rope(q, cos_bte, sin_bte), _rope(k, cos_bte, sin_bte)
+    new_kv = None
+    if kv_cache is not None:
+        ck, cv = kv_cache
+        zero = jnp.zeros((), starts_b.dtype)
+        write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (s, zero, zero)))
+        ck = write(ck, k.astype(ck.dtype), starts_b)
+        cv = write(cv, v.astype(cv.dtype), starts_b)
+        new_kv = (ck, cv)
+        k, v = ck.astype(dt), cv.astype(dt)
+    o = _attention(q, k, v, mask_bts, cfg)
+    o = jnp.einsum("bthe,hed->btd", o, a["wo"].astype(dt)).astype(jnp.float32)
+    if cfg.attn_out_bias:
+        o = o + a["bo"]
+    x_btd = x_btd + o
+
+    h = _norm(x_btd, lp["mlp_norm"], cfg).astype(dt)
+    m = lp["mlp"]
+    up = jnp.einsum("btd,df->btf", h, m["w_in"].astype(dt))
+    if cfg.mlp_bias:
+        up = up + m["b_in"].astype(dt)
+    if cfg.mlp == "swiglu":
+        act = jax.nn.silu(jnp.einsum("btd,df->btf", h, m["w_gate"].astype(dt))) * up
+    elif cfg.mlp == "gelu":
+        act = jax.nn.gelu(up, approximate=True)
+    else:
+        act = jnp.square(jax.nn.relu(up))
+    y = jnp.einsum("btf,fd->btd", act, m["w_out"].astype(dt)).astype(jnp.float32)
+    if cfg.mlp_bias:
+        y = y + m["b_out"]
+    return x_btd + y, new_kv
+
+
+def forward_hidden(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *, positions=None,
+                   segment_ids=None, cache: Optional[Cache] = None):
+    """Runs embeddings and all blocks; returns (final-normed hidden x_btd float32, new cache).
+
+    See `forward` for the arguments. Heads other than the LM head (a reward model's scalar head)
+    start from here.
+    """
+    b, t = tokens_bt.shape
+    if cache is not None:
+        starts_b = cache["lengths"]
+        slots_bt = starts_b[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        n_slots = cache["k"].shape[2]
+        # Query at slot q sees every slot <= q; slots past a row's fill are never attended.
+        mask_bts = jnp.arange(n_slots, dtype=jnp.int32)[None, None, :] <= slots_bt[:, :, None]
+        if positions is None:
+            positions = slots_bt
+    else:
+        starts_b = None
+        idx = jnp.arange(t, dtype=jnp.int32)
+        mask_bts = jnp.broadcast_to(idx[None, :, None] >= idx[None, None, :], (b, t, t))
+        if segment_ids is not None:
+            mask_bts = mask_bts & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        if positions is None:
+            positions = jnp.broadcast_to(idx[None, :], (b, t))
+
+    x = params["embed"]["tokens"][tokens_bt].astype(jnp.float32)
+    if cfg.pos == "learned":
+        x = x + params["pos_embed"][positions]
+        cos = sin = None
+    else:
+        ang = positions.astype(jnp.float32)[:, :, None] * rope_inv_freq(cfg)[None, None, :]
+        cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)
+        sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)
+
+    def layer(x_btd, xs):
+        lp, kv = xs
+        x_btd, new_kv = _block(x_btd, lp, cfg, cos, sin, mask_bts, kv, starts_b)
+        return x_btd, new_kv
+
+    if cfg.remat:
+        layer = jax.checkpoint(layer, prevent_cse=False)
+    kv_xs = (cache["k"], cache["v"]) if cache is not None else None
+    x, new_kv = jax.lax.scan(layer, x, (params["layers"], kv_xs))
+    x = _norm(x, params["final_norm"], cfg)
+    new_cache = None
+    if cache is not None:
+        new_cache = {"k": new_kv[0], "v": new_kv[1], "lengths": cache["lengths"] + t}
+    return x, new_cache
+
+
+def logits_from_hidden(params: Params, x_btd: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """LM head (tied or untied) and optional tanh soft-cap; returns float32 logits [..., V]."""
+    dt = cfg.dtype
+    if cfg.tie_embeddings:
+        logits = jnp.einsum("...d,vd->...v", x_btd.astype(dt), params["embed"]["tokens"].astype(dt))
+    else:
+        logits = jnp.einsum("...d,dv->...v", x_btd.astype(dt), params["lm_head"].astype(dt))
+    logits = logits.astype(jnp.float32)
+    if cfg.logit_softcap:
+        logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
+    return logits
+
+
+def forward(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *, positions=None,
+            segment_ids=None, cache: Optional[Cache] = None):
+    """The model: token ids -> next-token logits.
+
+    Args:
+      params: tree from `init_params` (or `core.hf.load_checkpoint`).
+      tokens_bt: int32 [B, T].
+      positions: int32 [B, T] position ids for RoPE / learned embeddings. Default: 0..T-1, or the
+        cache slots being written when a cache is given. Packed rows pass per-document positions.
+      segment_ids: int32 [B, T]; tokens attend only to earlier tokens of the same segment
+        (packed documents; padding as its own segment). Ignored when a cache is given.
+      cache: None, or a dict from `init_cache`. Row b's T new tokens are written at slots
+        lengths[b] .. lengths[b]+T-1 and attend to all slots up to their own; the returned cache
+        has lengths += T. After a right-padded prefill, set cache['lengths'] to the prompt lengths.
+
+    Returns:
+      (logits_btv float32 [B, T, V], new cache or None).
+    """
+    x, cache = forward_hidden(params, tokens_bt, cfg, positions=positions, segment_ids=segment_ids,
+                              cache=cache)
+    return logits_from_hidden(params, x, cfg), cache
