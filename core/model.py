@@ -52,7 +52,7 @@ class ModelConfig:
     logit_softcap: Optional[float] = None
     zero_init_out: bool = False
     init_std: float = 0.02
-    compute_dtype: str = "float32"  # matmul dtype: 'float32' | 'bfloat16'
+    compute_dtype: str = "float32"  # matmul dtype: 'float32' | 'bfloat16' | 'float64' (numerics tests, needs x64)
     remat: bool = False
 
     def __post_init__(self):
@@ -74,7 +74,7 @@ class ModelConfig:
         need(self.norm in ("rmsnorm", "layernorm"), f"unknown norm {self.norm!r}")
         need(self.mlp in ("swiglu", "gelu", "relu2"), f"unknown mlp {self.mlp!r}")
         need(self.pos in ("rope", "learned"), f"unknown pos {self.pos!r}")
-        need(self.compute_dtype in ("float32", "bfloat16"), f"unknown compute_dtype {self.compute_dtype!r}")
+        need(self.compute_dtype in ("float32", "bfloat16", "float64"), f"unknown compute_dtype {self.compute_dtype!r}")
         need(self.pos != "rope" or self.e % 2 == 0, f"rope needs an even head_dim, got {self.e}")
         if self.rope_scaling is not None:
             need(len(self.rope_scaling) == 4, "rope_scaling is (factor, low_freq_factor, high_freq_factor, original_max_pos)")
@@ -94,7 +94,17 @@ class ModelConfig:
 
     @property
     def dtype(self):
-        return jnp.bfloat16 if self.compute_dtype == "bfloat16" else jnp.float32
+        return {"bfloat16": jnp.bfloat16, "float64": jnp.float64}.get(self.compute_dtype, jnp.float32)
+
+    @property
+    def acc_dtype(self):
+        """Residual stream / norm / logits dtype: float32, or float64 when computing in float64."""
+        return _acc(self.dtype)
+
+
+def _acc(dtype):
+    # float32 for float32/bfloat16 inputs; float64 stays float64 (finite-difference tests).
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 # The "modern small model" recipe (nanochat-like): RoPE, RMSNorm, ReLU^2, QK-norm, soft-capped
@@ -259,7 +269,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) ->
 
 def _norm(x_btd: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
     """RMSNorm or LayerNorm over the last axis, computed in float32."""
-    x = x_btd.astype(jnp.float32)
+    x = x_btd.astype(cfg.acc_dtype)
     if cfg.norm == "layernorm":
         x = x - x.mean(-1, keepdims=True)
     y = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * p["scale"]
@@ -269,7 +279,7 @@ def _norm(x_btd: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
 
 
 def _rms(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    xf = x.astype(jnp.float32)
+    xf = x.astype(_acc(x.dtype))
     return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps) * scale).astype(x.dtype)
 
 
@@ -294,8 +304,8 @@ def _rope(x_bthe: jax.Array, cos_bte: jax.Array, sin_bte: jax.Array) -> jax.Arra
     half = x_bthe.shape[-1] // 2
     x1, x2 = x_bthe[..., :half], x_bthe[..., half:]
     rot = jnp.concatenate([-x2, x1], axis=-1)
-    xf = x_bthe.astype(jnp.float32)
-    out = xf * cos_bte[:, :, None, :] + rot.astype(jnp.float32) * sin_bte[:, :, None, :]
+    xf = x_bthe.astype(_acc(x_bthe.dtype))
+    out = xf * cos_bte[:, :, None, :] + rot.astype(xf.dtype) * sin_bte[:, :, None, :]
     return out.astype(x_bthe.dtype)
 
 
@@ -331,7 +341,7 @@ def _block(x_btd, lp, cfg: ModelConfig, cos_bte, sin_bte, mask_bts, kv_cache, st
         new_kv = (ck, cv)
         k, v = ck.astype(dt), cv.astype(dt)
     o = _attention(q, k, v, mask_bts, cfg)
-    o = jnp.einsum("bthe,hed->btd", o, a["wo"].astype(dt)).astype(jnp.float32)
+    o = jnp.einsum("bthe,hed->btd", o, a["wo"].astype(dt)).astype(cfg.acc_dtype)
     if cfg.attn_out_bias:
         o = o + a["bo"]
     x_btd = x_btd + o
@@ -347,7 +357,7 @@ def _block(x_btd, lp, cfg: ModelConfig, cos_bte, sin_bte, mask_bts, kv_cache, st
         act = jax.nn.gelu(up, approximate=True)
     else:
         act = jnp.square(jax.nn.relu(up))
-    y = jnp.einsum("btf,fd->btd", act, m["w_out"].astype(dt)).astype(jnp.float32)
+    y = jnp.einsum("btf,fd->btd", act, m["w_out"].astype(dt)).astype(cfg.acc_dtype)
     if cfg.mlp_bias:
         y = y + m["b_out"]
     return x_btd + y, new_kv
@@ -378,7 +388,7 @@ def forward_hidden(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *, po
         if positions is None:
             positions = jnp.broadcast_to(idx[None, :], (b, t))
 
-    x = params["embed"]["tokens"][tokens_bt].astype(jnp.float32)
+    x = params["embed"]["tokens"][tokens_bt].astype(cfg.acc_dtype)
     if cfg.pos == "learned":
         x = x + params["pos_embed"][positions]
         cos = sin = None
@@ -410,7 +420,7 @@ def logits_from_hidden(params: Params, x_btd: jax.Array, cfg: ModelConfig) -> ja
         logits = jnp.einsum("...d,vd->...v", x_btd.astype(dt), params["embed"]["tokens"].astype(dt))
     else:
         logits = jnp.einsum("...d,dv->...v", x_btd.astype(dt), params["lm_head"].astype(dt))
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(cfg.acc_dtype)
     if cfg.logit_softcap:
         logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
     return logits

@@ -1,0 +1,421 @@
+"""Shared plumbing for the experiment scripts: common flags, metrics logging, progress lines,
+PNG plots, and loading a run directory (tokenizer + model config + orbax checkpoints).
+
+A run directory (`--out_dir`) holds::
+
+    tokenizer.zipchat.json   the tokenizer (core.tokenizer.save)
+    model_config.json        core.model.ModelConfig as JSON
+    run_config.json          the flags the run was started with
+    checkpoints/<step>/      orbax checkpoints (core.checkpoint)
+    metrics.jsonl            one JSON object per train step
+    evals.jsonl              one JSON object per evaluation
+    plots/*.png, samples.txt, report.md
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from absl import flags
+
+TOKENIZER_FILE = "tokenizer.zipchat.json"
+MODEL_CONFIG_FILE = "model_config.json"
+RUN_CONFIG_FILE = "run_config.json"
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+EVALS_FILE = "evals.jsonl"
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+def define_common_flags(default_preset: str = "tiny", default_out_dir: Optional[str] = None) -> None:
+    """--preset, --mesh, --out_dir, --seed. Idempotent, so scripts that import each other agree."""
+    if "preset" in flags.FLAGS:
+        return
+    flags.DEFINE_string("preset", default_preset, "model size preset (core.model.PRESETS)")
+    flags.DEFINE_string("mesh", "data:-1", "device mesh, e.g. 'data:2,fsdp:2,tensor:2'; -1 = the rest")
+    flags.DEFINE_string("out_dir", default_out_dir, "run directory: checkpoints, metrics, plots")
+    flags.DEFINE_integer("seed", 0, "seed for params, data order and sampling")
+
+
+def quiet_logging() -> None:
+    """Keeps absl INFO chatter (orbax logs every checkpoint write) out of the progress output."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def require_out_dir(out_dir: Optional[str], flag: str = "--out_dir") -> pathlib.Path:
+    if not out_dir:
+        raise ValueError(f"{flag} is required")
+    return pathlib.Path(out_dir)
+
+
+# ----------------------------------------------------------------------------- JSONL metrics
+
+
+def read_jsonl(path) -> list[dict]:
+    """All records of a JSONL file ([] if it does not exist); a torn last line is skipped."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a process killed mid-write leaves one partial line at the end
+    return out
+
+
+def truncate_jsonl(path, max_step: int) -> None:
+    """Keeps only records with step <= max_step: after a resume from `max_step`, the steps the
+    killed run logged past its last checkpoint are redone and must not appear twice."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return
+    keep = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= max_step]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf
+    return v
+
+
+class MetricsLogger:
+    """Appends one JSON object per `log` call to a JSONL file, flushed at once (so a killed run
+    loses at most the line being written). Only process 0 writes."""
+
+    def __init__(self, path, enabled: bool = True):
+        self.path = pathlib.Path(path)
+        self.enabled = enabled
+        self._f = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "a", encoding="utf-8")
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        if self._f is None:
+            return
+        self._f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ----------------------------------------------------------------------------- progress and MFU
+
+# Dense peak FLOP/s per device (bf16 for accelerators), by a substring of jax's device_kind.
+_PEAK_FLOPS = (
+    ("v6", 918e12), ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12), ("v4", 275e12),
+    ("v3", 123e12), ("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l4", 121e12),
+    ("a10", 125e12), ("4090", 165e12), ("3090", 71e12),
+)
+# A CPU core with two AVX2 FMA units at ~3 GHz: 2 units x 8 fp32 lanes x 2 flops x 3e9.
+_CPU_CORE_FLOPS = 96e9
+
+
+def peak_flops_total(devices: Sequence[Any]) -> tuple[float, str]:
+    """(peak FLOP/s of all `devices` together, description). CPU devices (real or fake) share
+    the host's cores, so their peak is the host's, however many devices jax shows."""
+    if not devices:
+        raise ValueError("no devices")
+    d = devices[0]
+    if d.platform == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return cores * _CPU_CORE_FLOPS, f"cpu x{cores} cores (estimated peak)"
+    kind = str(getattr(d, "device_kind", "")).lower()
+    for key, flops in _PEAK_FLOPS:
+        if key in kind:
+            return flops * len(devices), f"{len(devices)} x {d.device_kind}"
+    return float("nan"), f"{len(devices)} x {d.device_kind} (unknown peak)"
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+class Progress:
+    """Throughput, MFU and ETA from wall-clock step times; formats one progress line.
+
+    The first step (compilation) and steps right after a pause (evals, saves) are excluded from
+    the rate via `pause()`, so tokens/s reflects training alone.
+    """
+
+    def __init__(self, total_steps: int, tokens_per_step: int, flops_per_token: float,
+                 peak_flops: float, start_step: int = 0, window: int = 20):
+        self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.start_step = start_step
+        self.window = window
+        self._times: list[float] = []  # seconds per step, most recent last
+        self._last: Optional[float] = None
+        self.t0 = time.time()
+
+    def pause(self) -> None:
+        """Call after non-training work: the next step's time is not counted."""
+        self._last = None
+
+    def tick(self) -> Optional[float]:
+        """Call once per finished step; returns this step's seconds (None if not timed)."""
+        now = time.time()
+        dt = None if self._last is None else now - self._last
+        if dt is not None:
+            self._times = (self._times + [dt])[-self.window:]
+        self._last = now
+        return dt
+
+    @property
+    def step_time(self) -> float:
+        return sum(self._times) / len(self._times) if self._times else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.step_time if self._times else float("nan")
+
+    @property
+    def mfu(self) -> float:
+        return self.tokens_per_s * self.flops_per_token / self.peak_flops
+
+    def eta(self, step: int) -> float:
+        return (self.total_steps - step) * self.step_time
+
+    def line(self, step: int, metrics: Mapping[str, float]) -> str:
+        """'step 120/600 | loss 3.2140 | lr 1.20e-03 | gnorm 0.830 | 12.3k tok/s | MFU 4.1% | ETA 2m13s'."""
+        parts = [f"step {step}/{self.total_steps}"]
+        if "loss" in metrics:
+            parts.append(f"loss {float(metrics['loss']):.4f}")
+        if "lr" in metrics:
+            parts.append(f"lr {float(metrics['lr']):.2e}")
+        if "grad_norm" in metrics:
+            parts.append(f"gnorm {float(metrics['grad_norm']):.3f}")
+        tps = self.tokens_per_s
+        parts.append(f"{_si(tps)} tok/s" if math.isfinite(tps) else "- tok/s")
+        mfu = self.mfu
+        parts.append(f"MFU {100 * mfu:.1f}%" if math.isfinite(mfu) else "MFU -")
+        parts.append(f"ETA {format_duration(self.eta(step))}")
+        return " | ".join(parts)
+
+
+def say(*args, **kwargs) -> None:
+    """print() on process 0 only, flushed (progress must show in CI logs and pipes)."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(*args, **kwargs, flush=True)
+        sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path, *,
+                title: str = "", xlabel: str = "step", ylabel: str = "", logy: bool = False) -> pathlib.Path:
+    """Writes one PNG with a line per series: {label: (xs, ys)}. Empty series are skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for label, (xs, ys) in series.items():
+        if len(xs):
+            ax.plot(list(xs), list(ys), label=label, marker="o" if len(xs) < 30 else None, markersize=3)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_metric(records: Iterable[Mapping[str, Any]], key: str, path, *, x: str = "step",
+                title: str = "", smooth: int = 1) -> Optional[pathlib.Path]:
+    """Plots `key` against `x` from JSONL records (records without `key` skipped); optional
+    trailing moving average over `smooth` points. Returns None when there is nothing to plot."""
+    pts = [(float(r[x]), float(r[key])) for r in records if key in r and x in r
+           and isinstance(r[key], (int, float))]
+    if not pts:
+        return None
+    xs, ys = zip(*pts)
+    series = {key: (xs, ys)}
+    if smooth > 1 and len(ys) > smooth:
+        avg = [sum(ys[max(0, i - smooth + 1): i + 1]) / (i + 1 - max(0, i - smooth + 1)) for i in range(len(ys))]
+        series[f"{key} (avg {smooth})"] = (xs, avg)
+    return plot_curves(series, path, title=title or key, ylabel=key)
+
+
+# ----------------------------------------------------------------------------- run directories
+
+
+def model_config_to_json(cfg) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def model_config_from_json(d: Mapping[str, Any]):
+    from core import model as model_lib
+
+    d = dict(d)
+    if d.get("rope_scaling") is not None:
+        d["rope_scaling"] = tuple(d["rope_scaling"])
+    fields = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ValueError(f"model config has unknown field(s) {unknown}")
+    return model_lib.ModelConfig(**d)
+
+
+def save_json(path, obj: Any) -> None:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def load_json(path, what: str = "file") -> Any:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def load_model_config(out_dir):
+    """The ModelConfig a run was trained with (out_dir/model_config.json)."""
+    out_dir = pathlib.Path(out_dir)
+    return model_config_from_json(load_json(out_dir / MODEL_CONFIG_FILE, "model config"))
+
+
+def load_tokenizer(out_dir_or_file):
+    """Tokenizer from a run directory, a tokenizer directory or a tokenizer file."""
+    from core import tokenizer as tok_lib
+
+    p = pathlib.Path(out_dir_or_file)
+    if not p.exists():
+        raise FileNotFoundError(f"tokenizer path not found: {p}")
+    return tok_lib.load(p)
+
+
+def load_model(out_dir, *, mesh=None, step: Optional[int] = None):
+    """Loads (tokenizer, cfg, params, step) from a run directory, params only (no optimizer state).
+
+    Args:
+      out_dir: a run directory written by experiments/pretrain.py (or any script with the same
+        layout).
+      mesh: target mesh for the params (default: all devices on a 'data' axis: replicated).
+      step: checkpoint step (default: the latest complete one).
+    """
+    from core import checkpoint as ck
+    from core import model as model_lib
+    from core import sharding as sharding_lib
+
+    out_dir = pathlib.Path(out_dir)
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"run directory not found: {out_dir}")
+    cfg = load_model_config(out_dir)
+    tokenizer = load_tokenizer(out_dir)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer in {out_dir} has {tokenizer.vocab_size} tokens but the model only "
+                         f"{cfg.vocab_size}: they do not belong together")
+    mesh = mesh if mesh is not None else sharding_lib.make_mesh("data:-1")
+    shardings = sharding_lib.model_shardings(cfg, mesh)
+    target = {"params": ck.abstract_state(model_lib.param_shapes(cfg), shardings)}
+    with ck.make_manager(out_dir / CHECKPOINT_DIR, read_only=True) as mngr:
+        step = ck.latest_step(mngr) if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {out_dir / CHECKPOINT_DIR}")
+        state, _, _ = ck.restore(mngr, target, step=step, with_data=False, partial=True,
+                                 expected_meta={"model_config": model_config_to_json(cfg)})
+    return tokenizer, cfg, state["params"], step
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_texts(params, cfg, tokenizer, prompts: Sequence[str], *, n_samples: int = 1,
+                 max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int = 0, mesh=None, stop_at_eot: bool = True) -> list[list[str]]:
+    """Continuations of text prompts through the inference engine (core/sampling.py).
+
+    Each prompt is encoded after a BOS (<|endoftext|>, which also opens every training document);
+    generation stops at the next <|endoftext|> when stop_at_eot.
+
+    Returns:
+      [len(prompts)][n_samples] decoded continuations (prompt not included, stop token dropped).
+    """
+    res = sample_tokens(params, cfg, tokenizer, prompts, n_samples=n_samples, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, mesh=mesh,
+                        stop_at_eot=stop_at_eot)
+    return [[tokenizer.decode(ids) for ids in row] for row in res]
+
+
+def sample_tokens(params, cfg, tokenizer, prompts: Sequence[str], *, n_samples: int = 1,
+                  max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  seed: int = 0, mesh=None, stop_at_eot: bool = True) -> list[list[list[int]]]:
+    """Like `sample_texts` but returns token ids: [prompt][sample] -> list of new ids (no stop token)."""
+    import jax
+
+    from core import sampling
+
+    eot = tokenizer.eot_id
+    ids = [[eot] + tokenizer.encode(p) for p in prompts]
+    longest = max(len(p) for p in ids)
+    max_new_tokens = max(1, min(max_new_tokens, cfg.max_seq_len - longest))
+    scfg = sampling.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                                   max_new_tokens=max_new_tokens, stop_ids=(eot,) if stop_at_eot else ())
+    res = sampling.generate(params, cfg, ids, scfg, jax.random.PRNGKey(seed), n_samples=n_samples, mesh=mesh)
+    out: list[list[list[int]]] = [[] for _ in prompts]
+    for r in range(len(res.lengths)):
+        toks = res.row_tokens(r)
+        if stop_at_eot and toks and toks[-1] == eot:
+            toks = toks[:-1]
+        out[int(res.prompt_index[r])].append(toks)
+    return out

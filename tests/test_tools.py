@@ -1,0 +1,458 @@
+"""Tools: calculator refusals and exactness, BM25 against hand-computed scores, the registry, and
+the python sandbox against each attack, with each isolation layer on its own and both together."""
+import concurrent.futures
+import math
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from core import tokenizer, tools
+from core.tools import SandboxConfig
+
+# ----------------------------------------------------------------------------------------------
+# Calculator
+
+
+@pytest.mark.parametrize("expression, expected", [
+    ("2+3*4", "14"),
+    ("(1 + 2) ** 10", "59049"),
+    ("2**100", "1267650600228229401496703205376"),
+    ("7/2", "3.5"),
+    ("8/2", "4"),
+    ("7//2", "3"),
+    ("-7 % 3", "2"),
+    ("-(3 - 10)", "7"),
+    ("0.1 + 0.2", "0.3"),
+    ("1e3 + 1", "1001"),
+    ("2**-1", "0.5"),
+    ("12 \u00d7 3 =", "36"),
+    ("10 \u00f7 4", "2.5"),
+    ("1_000_000 * 3", "3000000"),
+    ("123456789012345678901234567890 * 987654321098765432109876543210",
+     str(123456789012345678901234567890 * 987654321098765432109876543210)),
+    ("10**999 - 1", "9" * 999),
+])
+def test_calculator_values(expression, expected):
+    assert tools.calculator(expression) == expected
+
+
+@pytest.mark.parametrize("expression, fragment", [
+    ("10**1000", "too large"),               # 1001 digits, one over the bound
+    ("9**9**9", "too large"),                # refused before computing
+    ("99999999999**99999", "too large"),
+    ("(10**600) * (10**600)", "too large"),  # a product over the bound
+    ("2**10000 * 1", "too large"),
+    ("1e308 * 10", "too large for a float"),
+    ("2.0 ** 10**10", "exponent too large"),
+    ("1/0", "division by zero"),
+    ("5 % 0", "division by zero"),
+    ("x + 1", "names are not allowed"),
+    ("__import__('os').system('true')", "function calls are not allowed"),
+    ("abs(-1)", "function calls are not allowed"),
+    ("(1).real", "attribute access is not allowed"),
+    ("(2).__class__", "attribute access is not allowed"),
+    ("True + 1", "only int and float"),
+    ("'a' * 3", "only int and float"),
+    ("1j * 2", "only int and float"),
+    ("2 ^ 10", "use **"),
+    ("1,000 + 1", "commas are not allowed"),
+    ("[1, 2]", "unsupported syntax"),
+    ("lambda: 1", "unsupported syntax"),
+    ("1 << 10", "not allowed"),
+    ("(-8) ** (1/3)", "complex"),
+    ("", "empty expression"),
+    ("1 +", "invalid expression"),
+    ("1+" * 300 + "1", "too long"),
+])
+def test_calculator_refusals(expression, fragment):
+    out = tools.calculator(expression)
+    assert out.startswith("error:") and fragment in out, out
+
+
+def test_calculator_node_bound_and_non_string():
+    config = tools.CalculatorConfig(max_nodes=20)
+    assert "too complex" in tools.calculator("+".join(["1"] * 20), config)
+    assert tools.calculator(12).startswith("error:")  # type: ignore[arg-type]
+    with pytest.raises(tools.CalculatorError):
+        tools.calculate("import os")
+
+
+# ----------------------------------------------------------------------------------------------
+# Search
+
+
+def test_bm25_matches_hand_computed_scores():
+    docs = ["the cat sat on the mat", "the dog sat", "cats and dogs", "cat cat cat dog"]
+    index = tools.build_search_index(docs, passage_words=None, k1=1.2, b=0.75)
+    # lengths 6, 3, 3, 4 -> avgdl 4; N = 4. "cat" is in docs 0 and 3, "sat" in docs 0 and 1.
+    idf = math.log(1 + (4 - 2 + 0.5) / (2 + 0.5))  # the same for both terms: ln 2
+    assert idf == pytest.approx(math.log(2))
+
+    def term(tf, length):
+        return idf * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * length / 4))
+
+    expected = {0: term(1, 6) + term(1, 6), 1: term(1, 3), 3: term(3, 4)}
+    # written out: doc 0 = 2 * ln2 * 2.2 / 2.65, doc 1 = ln2 * 2.2 / 1.975, doc 3 = ln2 * 6.6 / 4.2
+    assert expected[0] == pytest.approx(2 * math.log(2) * 2.2 / 2.65)
+    assert expected[1] == pytest.approx(math.log(2) * 2.2 / 1.975)
+    assert expected[3] == pytest.approx(math.log(2) * 6.6 / 4.2)
+    scores = tools.bm25_scores(index, "Cat SAT?")
+    assert set(scores) == {0, 1, 3}  # "cats" is a different term (no stemming)
+    for pid, value in expected.items():
+        assert scores[pid] == pytest.approx(value, rel=1e-12)
+    assert [pid for pid, _ in tools.search(index, "cat sat", k=2)] == [0, 3]  # 1.151 > 1.089
+    assert tools.bm25_scores(index, "cat cat sat") == scores  # distinct query terms count once
+
+
+def test_bm25_idf_rare_terms_weigh_more():
+    index = tools.build_search_index(["apple banana", "apple cherry", "apple date"], passage_words=None)
+    scores = tools.bm25_scores(index, "apple cherry")
+    assert max(scores, key=scores.get) == 1
+    assert tools.bm25_idf(3, 3) < tools.bm25_idf(3, 1)
+
+
+def test_search_tool_passages_titles_and_messages():
+    docs = [
+        {"title": "Zorblat River", "text": "The Zorblat River flows north. " + "filler words here " * 60
+         + "Its delta hosts the city of Quenn."},
+        ("Mount Ferrow", "Mount Ferrow is the highest peak, 4123 meters tall."),
+        "An untitled note about nothing in particular.",
+    ]
+    index = tools.build_search_index(docs, passage_words=40)
+    assert len(index.passages) > 3 and index.doc_ids.count(0) > 1  # the long document is cut up
+    out = tools.search_tool(index, "Quenn delta city", k=2)
+    assert out.startswith("[1] Zorblat River\n") and "city of Quenn" in out.split("\n\n")[0]
+    out = tools.search_tool(index, "how tall is ferrow", k=1)
+    assert out == "[1] Mount Ferrow\nMount Ferrow is the highest peak, 4123 meters tall."
+    assert tools.search_tool(index, "xylophone") == "no results for 'xylophone'"
+    assert tools.search_tool(index, "  ?! ").startswith("error:")
+    assert tools.search_tool(None, "anything").startswith("error: search is not available")
+    with pytest.raises(ValueError, match="document 0"):
+        tools.build_search_index([{"title": "no text"}])
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry
+
+
+def test_tool_tokens_are_tokenizer_special_tokens():
+    for name, (start, end) in tools.TOOL_TOKENS.items():
+        assert start in tokenizer.SPECIAL_TOKENS and end in tokenizer.SPECIAL_TOKENS
+        assert tools.START_TOKEN_TO_TOOL[start] == name and tools.END_TOKEN_TO_TOOL[end] == name
+    assert tools.OUTPUT_START in tokenizer.SPECIAL_TOKENS and tools.OUTPUT_END in tokenizer.SPECIAL_TOKENS
+    assert set(tools.TOOLS) == set(tools.TOOL_NAMES)
+
+
+def test_run_tool_never_raises():
+    def broken(_):
+        raise RuntimeError("boom")
+
+    registry = {"broken": broken, "long": lambda s: s * 1000, "number": lambda s: 42}
+    assert tools.run_tool("broken", "x", registry) == "error: tool 'broken' failed: RuntimeError: boom"
+    assert tools.run_tool("nope", "x", registry).startswith("error: unknown tool 'nope'")
+    long = tools.run_tool("long", "ab", registry, max_output_chars=100)
+    assert long.startswith("ab" * 50) and long.endswith("[output truncated to 100 characters]")
+    assert tools.run_tool("number", "", registry) == "42"
+    assert tools.run_tool("calculator", "6*7") == "42"
+    assert tools.run_tool("calculator", None).startswith("error:")  # type: ignore[arg-type]
+    assert tools.run_tool("search", "x").startswith("error: search is not available")
+    index = tools.build_search_index([("Kettle", "A kettle boils water.")])
+    assert tools.run_tool("search", "boils", tools.make_tools(search_index=index)).startswith("[1] Kettle")
+
+
+# ----------------------------------------------------------------------------------------------
+# Python sandbox
+
+FAST = dict(wall_time_s=3.0, cpu_time_s=1, memory_bytes=256 * 2**20, max_output_bytes=4096)
+LAYERS = {
+    "full": SandboxConfig(**FAST),
+    "hook_only": SandboxConfig(isolate=False, **FAST),
+    "os_only": SandboxConfig(audit_hook=False, require_isolation=True, **FAST),
+}
+_probed: dict[str, str] = {}
+
+
+@pytest.fixture(params=list(LAYERS))
+def layer(request) -> SandboxConfig:
+    """Each isolation layer alone, and all together; os_only skips where the kernel refuses."""
+    config = LAYERS[request.param]
+    if request.param == "os_only":
+        if "os_only" not in _probed:
+            _probed["os_only"] = tools.execute_python("print('ok')", config).error
+        if _probed["os_only"]:
+            pytest.skip(f"operating-system isolation unavailable here: {_probed['os_only']}")
+    return config
+
+
+@pytest.fixture
+def sentinel(tmp_path) -> pathlib.Path:
+    d = tmp_path / "keep"
+    d.mkdir()
+    (d / "sentinel.txt").write_text("precious")
+    return d / "sentinel.txt"
+
+
+def _tree(root: pathlib.Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): (p.read_text() if p.is_file() else "<dir>") for p in root.rglob("*")}
+
+
+def _attempts(*snippets: str) -> str:
+    """One program trying every snippet in turn; each prints a marker only if it succeeded."""
+    blocks = []
+    for snippet in snippets:
+        body = "\n".join("    " + line for line in snippet.strip().splitlines())
+        blocks.append(f"try:\n{body}\nexcept BaseException as e:\n    print('refused:', type(e).__name__)")
+    return "import os, sys\n" + "\n".join(blocks)
+
+
+def test_sandbox_runs_code_and_reports_errors(layer):
+    assert tools.run_python("print(6 * 7)", layer) == "42\n"
+    assert tools.run_python("x = 3\nx ** 2", layer) == "9\n"  # final expression shown like a notebook
+    out = tools.run_python("def f():\n    return 1 / 0\nf()", layer)
+    assert out.startswith("Traceback") and 'File "main.py", line 2, in f' in out
+    assert out.rstrip().endswith("ZeroDivisionError: division by zero") and "<string>" not in out
+    assert "SyntaxError" in tools.run_python("def f(:", layer)
+    assert "EOFError" in tools.run_python("input()", layer)
+    open_write = tools.run_python("open('notes.txt', 'w').write('hi')\nprint(open('notes.txt').read())", layer)
+    assert open_write == "hi\n"  # its own directory is writable
+
+
+def test_sandbox_full_isolation_layers_when_root():
+    if os.geteuid() != 0:
+        pytest.skip("uid switching is only done when running as root")
+    result = tools.execute_python("import os\nprint(os.getuid())", LAYERS["full"])
+    if "no-isolation" in " ".join(result.layers):
+        pytest.skip(f"namespaces unavailable: {result.layers}")
+    assert {"netns", "mountns", "uid", "nproc", "rlimits", "audit_hook"} <= set(result.layers)
+    assert int(result.output) != 0
+
+
+def test_sandbox_environment_is_scrubbed_and_workdir_thrown_away(layer, monkeypatch):
+    monkeypatch.setenv("ZIPCHAT_SECRET_TOKEN", "hunter2")
+    out = tools.run_python("import os\nprint(os.getcwd())\nprint(sorted(os.environ))", layer)
+    workdir, env = out.splitlines()
+    assert "ZIPCHAT_SECRET_TOKEN" not in env and "hunter2" not in out
+    assert set(eval(env)) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_CTYPE"}
+    assert not os.path.exists(workdir)
+
+
+def test_fork_bomb_is_contained(layer):
+    # bounded to 2**5 processes so that a failing test cannot take the machine down
+    code = _attempts("""
+for _ in range(5):
+    if os.fork() == 0:
+        print('FORKED', flush=True)
+""", """
+import pty
+if pty.fork()[0] == 0:
+    print('FORKED', flush=True)
+    os._exit(0)
+""", """
+import threading
+threading.Thread(target=lambda: None).start()
+print('THREAD')
+""")
+    result = tools.execute_python("import os\nprint('uid', os.getuid(), flush=True)\n" + code, layer)
+    assert "FORKED" not in result.output and result.output.count("refused:") >= 2, result.text
+    uid = int(result.output.split()[1])
+    if uid != 0 and uid != os.getuid():  # a per-run uid: no process of it may survive the run
+        survivors = [p for p in pathlib.Path("/proc").iterdir() if p.name.isdigit() and _uid_of(p) == uid]
+        assert survivors == []
+
+
+def _uid_of(proc_dir: pathlib.Path) -> int | None:
+    try:
+        for line in (proc_dir / "status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def test_process_spawning_is_contained(layer, sentinel):
+    d = sentinel.parent
+    code = _attempts(
+        "import subprocess\nsubprocess.run(['true'], check=True)\nprint('SPAWNED subprocess')",
+        f"assert os.system('touch {d}/by_system') == 0\nprint('SPAWNED system')",
+        "pid = os.posix_spawn('/bin/true', ['true'], {})\nos.waitpid(pid, 0)\nprint('SPAWNED posix_spawn')",
+        "import multiprocessing as mp\np = mp.Process(target=print, args=('SPAWNED mp',))\np.start()\np.join()",
+    )
+    before = _tree(d.parent)
+    out = tools.run_python(code, layer)
+    assert "SPAWNED" not in out and out.count("refused:") == 4, out
+    assert _tree(d.parent) == before
+    # exec replaces the process (same limits, namespaces and uid), so the OS layer allows it; the
+    # hook refuses it anyway, so that the model gets a clear error rather than a foreign program
+    out = tools.run_python("import os\nos.execv('/bin/echo', ['echo', 'EXECED'])", layer)
+    assert ("blocked by sandbox: os.exec" in out) == layer.audit_hook, out
+
+
+def test_network_is_unreachable(layer):
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    try:
+        code = _attempts(
+            f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+            "s.sendall(b'leak')\nprint('CONNECTED')",
+            f"import socket\nu = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            f"u.sendto(b'leak', ('127.0.0.1', {port}))\nprint('SENT')",
+            "import urllib.request\nurllib.request.urlopen('http://127.0.0.1:1', timeout=1)\nprint('FETCHED')",
+        )
+        out = tools.run_python(code, layer)
+        assert "CONNECTED" not in out and "SENT" not in out and "FETCHED" not in out, out
+        assert out.count("refused:") == 3, out
+        with pytest.raises(BlockingIOError):  # nobody reached our listening socket
+            server.accept()
+    finally:
+        server.close()
+
+
+def test_writes_outside_workdir_are_contained(layer, sentinel):
+    d = sentinel.parent
+    code = _attempts(
+        f"open(r'{d}/new.txt', 'w').write('x')\nprint('WROTE new')",
+        f"import pathlib\npathlib.Path(r'{d}/new2.txt').write_text('x')\nprint('WROTE pathlib')",
+        f"open(r'{sentinel}', 'w').write('overwritten')\nprint('WROTE truncate')",
+        f"open(r'{sentinel}', 'a').write('appended')\nprint('WROTE append')",
+        f"fd = os.open(r'{d}/new3.txt', os.O_WRONLY | os.O_CREAT)\nos.write(fd, b'x')\nprint('WROTE os.open')",
+        f"open(os.path.relpath(r'{d}/new4.txt'), 'w').write('x')\nprint('WROTE relative')",
+        f"os.symlink(r'{d}', 'link')\nopen('link/new5.txt', 'w').write('x')\nprint('WROTE symlink')",
+        f"os.mkdir(r'{d}/newdir')\nprint('WROTE mkdir')",
+    )
+    before = _tree(d.parent)
+    out = tools.run_python(code, layer)
+    assert "WROTE" not in out and out.count("refused:") == 8, out
+    assert sentinel.read_text() == "precious"
+    assert _tree(d.parent) == before
+
+
+def test_deletes_outside_workdir_are_contained(layer, sentinel):
+    d = sentinel.parent
+    code = _attempts(
+        f"os.remove(r'{sentinel}')\nprint('DELETED remove')",
+        f"os.rename(r'{sentinel}', r'{d}/moved.txt')\nprint('DELETED rename')",
+        f"import shutil\nshutil.rmtree(r'{d}')\nprint('DELETED rmtree')",
+        f"fd = os.open(r'{d}', os.O_RDONLY)\nos.unlink('sentinel.txt', dir_fd=fd)\nprint('DELETED dir_fd')",
+        f"os.chmod(r'{sentinel}', 0)\nprint('DELETED chmod')",
+        f"os.truncate(r'{sentinel}', 0)\nprint('DELETED truncate')",
+    )
+    before = _tree(d.parent)
+    out = tools.run_python(code, layer)
+    assert "DELETED" not in out and out.count("refused:") == 6, out
+    assert sentinel.read_text() == "precious" and (sentinel.stat().st_mode & 0o777) != 0
+    assert _tree(d.parent) == before
+
+
+def test_ctypes_tricks_are_contained(layer, sentinel):
+    d = sentinel.parent
+    code = _attempts(
+        f"import ctypes\nlibc = ctypes.CDLL(None)\nassert libc.system(b'touch {d}/by_libc') == 0\nprint('LIBC system')",
+        "import ctypes\npid = ctypes.CDLL(None).fork()\nassert pid >= 0\nprint('LIBC fork')\nif pid == 0: os._exit(0)",
+        f"import ctypes\nlibc = ctypes.CDLL(None)\nassert libc.unlink(b'{sentinel}') == 0\nprint('LIBC unlink')",
+    )
+    before = _tree(d.parent)
+    out = tools.run_python(code, layer)
+    assert "LIBC" not in out and out.count("refused:") == 3, out
+    assert _tree(d.parent) == before
+
+
+def test_segfault_is_reported_and_engine_survives(layer):
+    out = tools.run_python("import ctypes\nctypes.string_at(0)", layer)
+    if layer.audit_hook:
+        assert "blocked by sandbox: import of ctypes" in out
+    else:
+        assert out.startswith("error: the python process crashed")
+    # a C-stack overflow crashes the interpreter without ctypes, under every layer
+    out = tools.run_python("import sys, json\nsys.setrecursionlimit(10**9)\njson.loads('[' * 10**6)", layer)
+    assert out == "error: the python process crashed (segmentation fault)", out
+    assert tools.run_python("print('still alive')", layer) == "still alive\n"
+
+
+def test_memory_bomb_is_contained():
+    config = LAYERS["full"]
+    out = tools.run_python("x = bytearray(10**10)", config)
+    assert out.rstrip().endswith("MemoryError"), out
+    out = tools.run_python("blocks = []\nwhile True:\n    blocks.append(bytearray(2**20))", config)
+    assert "MemoryError" in out or out.startswith("error:"), out
+
+
+def test_huge_output_is_truncated_and_stopped():
+    config = LAYERS["full"]
+    result = tools.execute_python("while True:\n    print('x' * 1000)", config)
+    assert result.truncated and not result.timed_out
+    assert len(result.output.encode()) <= config.max_output_bytes
+    assert result.text.endswith(f"error: output truncated: more than {config.max_output_bytes} bytes, execution stopped")
+    result = tools.execute_python("print('y' * 10**7)", config)
+    assert result.truncated and set(result.output) == {"y"}
+
+
+def test_infinite_loop_and_sleep_are_stopped():
+    config = SandboxConfig(wall_time_s=2.0, cpu_time_s=1)
+    result = tools.execute_python("print('started', flush=True)\nwhile True:\n    pass", config)
+    # the CPU limit fires first on an idle machine; the wall clock on a busy one
+    assert result.output == "started\n" and result.error in (
+        "error: CPU time limit exceeded (1 s)", "error: execution timed out after 2 s (wall clock)")
+    result = tools.execute_python("import time\ntime.sleep(60)", SandboxConfig(wall_time_s=1.0))
+    assert result.timed_out and result.text == "error: execution timed out after 1 s (wall clock)"
+
+
+def test_file_size_and_input_limits():
+    config = SandboxConfig(max_file_bytes=1000, **{k: v for k, v in FAST.items()})
+    code = ("import os\nfd = os.open('big.bin', os.O_WRONLY | os.O_CREAT)\ntry:\n"
+            "    for _ in range(5):\n        os.write(fd, b'x' * 1000)\n"
+            "finally:\n    print('size', os.path.getsize('big.bin'))")
+    out = tools.run_python(code, config)
+    assert "OSError: [Errno 27] File too large" in out and "size 1000\n" in out, out
+    assert tools.run_python("x" * 200, SandboxConfig(max_code_bytes=100)).startswith("error: program too long")
+    assert tools.run_python(None).startswith("error:")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="wall_time_s"):
+        SandboxConfig(wall_time_s=0)
+
+
+def test_concurrent_runs_do_not_interfere():
+    config = LAYERS["full"]
+    codes = [f"import os\nopen('id.txt', 'w').write('{i}')\nprint(open('id.txt').read(), len(os.listdir('.')))"
+             for i in range(6)]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        outs = list(pool.map(lambda c: tools.run_python(c, config), codes))
+    assert outs == [f"{i} 2\n" for i in range(6)]  # main.py and its own id.txt only
+
+
+def test_sandbox_dies_with_its_parent():
+    # a parent that starts a sleeping sandbox and is then killed must not leave it running
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import sys; sys.path.insert(0, sys.argv[1]); from core import tools\n"
+        "tools.run_python('import os, time\\nprint(os.getpid(), flush=True)\\ntime.sleep(60)', "
+        "tools.SandboxConfig(wall_time_s=60, isolate=False))"), str(pathlib.Path(__file__).parents[1])])
+    time.sleep(1.0)
+    children = [p for p in pathlib.Path("/proc").iterdir() if p.name.isdigit() and _ppid_of(p) == parent.pid]
+    parent.kill()
+    parent.wait()
+    assert children, "the sandbox did not start"
+    deadline = time.time() + 3
+    while time.time() < deadline and any(c.exists() and _state_of(c) not in (None, "Z") for c in children):
+        time.sleep(0.05)
+    assert not any(c.exists() and _state_of(c) not in (None, "Z") for c in children)
+
+
+def _ppid_of(proc_dir: pathlib.Path) -> int | None:
+    try:
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _state_of(proc_dir: pathlib.Path) -> str | None:
+    try:
+        return (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
