@@ -130,9 +130,11 @@ def make_manager(
     directory = epath.Path(directory)
     if read_only and not directory.exists():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    # Plain "multiples of N" (orbax's own interval rule also saves the first step it sees).
+    should_save = None if read_only else (lambda step, _latest: step % save_interval_steps == 0)
     options = ocp.CheckpointManagerOptions(
-        # Plain "multiples of N" (orbax's own interval rule also saves the first step it sees).
-        should_save_fn=lambda step, _latest: step % save_interval_steps == 0,
+        save_interval_steps=0 if read_only else 1,
+        should_save_fn=should_save,
         preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
         enable_async_checkpointing=async_save,
         # Leftovers of a save that was killed: never listed as steps; removing them keeps the

@@ -23,6 +23,7 @@ Public API:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import pathlib
@@ -348,6 +349,9 @@ class _SafetensorsFile:
             return np.zeros(info["shape"], _ST_DTYPES[info["dtype"]])
         if self._data is None:
             self._data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._offset)
+        if end > self._data.size:
+            raise ValueError(f"{self.path}: truncated file (tensor {name!r} ends at byte {end} of the data "
+                             f"section, which holds {self._data.size})")
         return self._data[start:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
@@ -544,7 +548,10 @@ def load_checkpoint(path, *, mesh=None, shardings: ShardingsArg = None,
         else:
             buf[...] = _to_ours(reader.get(reader.resolve(t.hf)), t, shape)
         placed.append(_place(buf, shard_of[ours] if shard_of else None))
+        # jax keeps the source array in a reference cycle after the transfer; collect it now so
+        # that the next leaf does not sit next to this one on the host.
         del buf
+        gc.collect()
     treedef = jax.tree_util.tree_structure(param_shapes(cfg))
     return jax.tree_util.tree_unflatten(treedef, placed), cfg
 
@@ -591,11 +598,12 @@ def save_checkpoint(params: Params, cfg: ModelConfig, path, *, max_shard_bytes: 
     want = jax.tree_util.tree_structure(param_shapes(cfg))
     if jax.tree_util.tree_structure(params) != want:
         raise ValueError(f"save_checkpoint: params tree does not match cfg's layout {want}")
-    np_dtype = np.dtype(getattr(ml_dtypes, dtype) if dtype == "bfloat16" else dtype)
+    np_dtype = np.dtype(jnp.dtype(dtype))
     leaf_of = {}
     for (ours, shape), leaf in zip(_flat_shapes(cfg), jax.tree_util.tree_leaves(params)):
         if tuple(leaf.shape) != shape:
-            raise ValueError(f"save_checkpoint: param {'/'.join(ours)} has shape {tuple(leaf.shape)}, cfg implies {shape}")
+            raise ValueError(f"save_checkpoint: param {'/'.join(ours)} has shape {tuple(leaf.shape)}, "
+                             f"cfg implies {shape}")
         leaf_of[ours] = (leaf, shape)
 
     # One entry per HF tensor: its parts in order (several only for GPT-2's fused qkv).

@@ -360,11 +360,6 @@ def isolate(exe, prefix):
     for d in ("/tmp", "/var/tmp", "/dev/shm"):
         if os.path.isdir(d) and not os.path.islink(d):
             mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=1777")
-    if not os.path.isdir(base) or not os.path.samestat(os.stat(base), os.fstat(base_fd)):
-        # base lived under a directory we just covered: put its mount back at the same path
-        os.makedirs(base, mode=0o755, exist_ok=True)
-        mount("/proc/self/fd/%d" % base_fd, base, None, MS_MOVE)
-    os.close(base_fd)
     if root:
         # The uid we switch to must reach the interpreter: when its prefix sits under a private
         # directory (/root, mode 700), cover that directory with an empty tmpfs (hiding its other
@@ -377,6 +372,11 @@ def isolate(exe, prefix):
             mount("/proc/self/fd/%d" % prefix_fd, prefix, None, MS_BIND | MS_REC)
             mount(None, prefix, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
             os.close(prefix_fd)
+    if not os.path.isdir(base) or not os.path.samestat(os.stat(base), os.fstat(base_fd)):
+        # base lived under a directory we just covered: put its mount back at the same path
+        os.makedirs(base, mode=0o755, exist_ok=True)
+        mount("/proc/self/fd/%d" % base_fd, base, None, MS_MOVE)
+    os.close(base_fd)
     layers.append("mountns")
 
 exe, prefix = interpreter()
@@ -660,7 +660,8 @@ def run_python(code: str, config: SandboxConfig = SandboxConfig()) -> str:
 
 def _execute_python(code: str, config: SandboxConfig) -> PythonResult:
     if not isinstance(code, str):
-        return PythonResult("", None, False, False, (), f"error: expected python source text, got {type(code).__name__}")
+        return PythonResult("", None, False, False, (),
+                            f"error: expected python source text, got {type(code).__name__}")
     data = code.encode("utf-8", "replace")
     if len(data) > config.max_code_bytes:
         return PythonResult("", None, False, False, (),

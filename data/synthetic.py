@@ -73,6 +73,14 @@ class _Words:
         self._rng = rng
         self._used: set[str] = set()
 
+    def claim(self, word: str) -> bool:
+        """Reserves a word made elsewhere (a language name); False if it is already taken."""
+        key = word.lower()
+        if key in self._used:
+            return False
+        self._used.add(key)
+        return True
+
     def word(self, min_syl: int = 2, max_syl: int = 3) -> str:
         rng = self._rng
         for _ in range(1000):
@@ -218,10 +226,15 @@ def make_world(seed: int, n_entities: int = 1000) -> World:
 
     countries = []
     for _ in range(n_countries):
-        name = words.word(2, 3)
+        while True:  # a language name must not be some other entity's name
+            name = words.word(2, 3)
+            suffixes = rng.sample(_LANGUAGE_SUFFIXES, len(_LANGUAGE_SUFFIXES))
+            language = next((name + suf for suf in suffixes if words.claim(name + suf)), None)
+            if language:
+                break
         countries.append(add("country", name, {
             "continent": rng.choice(continents),
-            "language": name + rng.choice(_LANGUAGE_SUFFIXES),
+            "language": language,
             "population": rng.randint(500, 90_000) * 1000,
             "currency": words.word(2, 2) + " " + rng.choice(_CURRENCY_UNITS),
         }, {}))
@@ -943,7 +956,7 @@ class Corpus(Sequence):
       world: from make_world.
       seed: seeds the order of encyclopedia copies and all filler text.
       max_bytes: target UTF-8 size; the result lands within about 1% of it (filler document
-        count is set from the mean size of a 512-document sample).
+        count is set from the mean size of a 4096-document sample).
       mix: relative weights of (math, arithmetic, spelling) filler documents.
     """
 
@@ -963,7 +976,7 @@ class Corpus(Sequence):
         order = np.repeat(np.arange(len(world.edition), dtype=np.int32), copies)
         np.random.default_rng([seed & 0xFFFFFFFF, _TAG_CORPUS]).shuffle(order)
         self._enc_order = order
-        sample = [len(self._filler(f).encode()) for f in range(512)]
+        sample = [len(self._filler(f).encode()) for f in range(4096)]
         mean = float(np.mean(sample))
         self.n_encyclopedia = len(order)
         self.n_filler = int(round((max_bytes - enc_bytes) / mean))

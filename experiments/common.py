@@ -397,17 +397,24 @@ def sample_texts(params, cfg, tokenizer, prompts: Sequence[str], *, n_samples: i
     return [[tokenizer.decode(ids) for ids in row] for row in res]
 
 
-def sample_tokens(params, cfg, tokenizer, prompts: Sequence[str], *, n_samples: int = 1,
+def sample_tokens(params, cfg, tokenizer, prompts: Sequence[Any], *, n_samples: int = 1,
                   max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  seed: int = 0, mesh=None, stop_at_eot: bool = True) -> list[list[list[int]]]:
-    """Like `sample_texts` but returns token ids: [prompt][sample] -> list of new ids (no stop token)."""
+                  seed: int = 0, mesh=None, stop_at_eot: bool = True,
+                  keep_stop: bool = False) -> list[list[list[int]]]:
+    """Like `sample_texts` but returns token ids: [prompt][sample] -> list of new ids.
+
+    A prompt is a str (encoded after a BOS) or a sequence of token ids (used as is). The stop
+    token (<|endoftext|>) is dropped from the result unless keep_stop.
+    """
     import jax
 
     from core import sampling
 
     eot = tokenizer.eot_id
-    ids = [[eot] + tokenizer.encode(p) for p in prompts]
+    ids = [[eot] + tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
     longest = max(len(p) for p in ids)
+    if longest >= cfg.max_seq_len:
+        raise ValueError(f"a prompt has {longest} tokens; the model's max_seq_len is {cfg.max_seq_len}")
     max_new_tokens = max(1, min(max_new_tokens, cfg.max_seq_len - longest))
     scfg = sampling.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                                    max_new_tokens=max_new_tokens, stop_ids=(eot,) if stop_at_eot else ())
@@ -415,7 +422,7 @@ def sample_tokens(params, cfg, tokenizer, prompts: Sequence[str], *, n_samples: 
     out: list[list[list[int]]] = [[] for _ in prompts]
     for r in range(len(res.lengths)):
         toks = res.row_tokens(r)
-        if stop_at_eot and toks and toks[-1] == eot:
+        if stop_at_eot and not keep_stop and toks and toks[-1] == eot:
             toks = toks[:-1]
         out[int(res.prompt_index[r])].append(toks)
     return out

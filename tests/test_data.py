@@ -1,5 +1,6 @@
 """Readers and the grain pipeline: exact coverage, correct packing, sharding, resumption."""
 import collections
+import itertools
 import json
 import pickle
 
@@ -138,7 +139,7 @@ def test_doc_order_epochs_and_processes(blocks):
         # Documents of one block are visited consecutively (one row-group read per visit).
         starts = np.cumsum([0] + blocks)
         block_of = np.searchsorted(starts, e0, side="right") - 1
-        assert len([k for k, _ in __import__("itertools").groupby(block_of)]) == len(set(block_of))
+        assert len([k for k, _ in itertools.groupby(block_of)]) == len(set(block_of))
     plain = pipeline.DocOrder(n, None, seed=9, shuffle=False, process_index=1, process_count=pc, num_epochs=1)
     assert [plain[j] for j in range(plain.per_epoch)] == list(range(1, n, pc))
 

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -289,8 +291,6 @@ def test_missing_shard_file(tmp_path):
 
 def test_bfloat16_export_read_by_safetensors(tmp_path):
     """Our streaming writer's bf16 output as read by the official safetensors reader (torch)."""
-    from safetensors import safe_open
-
     cfg = model.ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64,
                             max_seq_len=16, qkv_bias=True)
     params = _random_params(cfg, seed=5)
@@ -311,12 +311,8 @@ def test_bfloat16_export_read_by_safetensors(tmp_path):
 def test_original_gpt2_naming(hf_checkpoints, tmp_path):
     """The original GPT-2 release names tensors without 'transformer.' and stores attention-mask
     buffers: same params as the prefixed checkpoint."""
-    from safetensors.numpy import save_file
-
     directory, _ = hf_checkpoints["gpt2"]
-    reference, cfg = hf.load_checkpoint(directory)
-    from safetensors import safe_open
-
+    reference, _ = hf.load_checkpoint(directory)
     with safe_open(directory / hf.WEIGHTS_FILE, framework="np") as f:
         tensors = {k.removeprefix("transformer."): f.get_tensor(k) for k in f.keys()}
     tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 32, 32), np.float32))
@@ -325,3 +321,26 @@ def test_original_gpt2_naming(hf_checkpoints, tmp_path):
     params, _ = hf.load_checkpoint(tmp_path)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                            params, reference)
+
+
+def test_load_holds_one_leaf_on_host(tmp_path):
+    """Peak host (numpy) memory while loading stays near the largest single leaf, far below the
+    whole model: leaves go to the device one by one and are freed."""
+    import tracemalloc
+
+    cfg = model.ModelConfig(vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=1024,
+                            max_seq_len=64)
+    params = _random_params(cfg, seed=6)
+    largest = max(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    total = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    hf.save_checkpoint(params, cfg, tmp_path, max_shard_bytes=total // 3)
+    del params
+    tracemalloc.start()
+    try:
+        loaded, _ = hf.load_checkpoint(tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert total > 4 * largest
+    assert peak < 1.6 * largest, f"host peak {peak / 2**20:.1f} MiB, largest leaf {largest / 2**20:.1f} MiB"
+    assert sum(x.nbytes for x in jax.tree_util.tree_leaves(loaded)) == total

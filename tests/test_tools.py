@@ -390,7 +390,8 @@ def test_huge_output_is_truncated_and_stopped():
     result = tools.execute_python("while True:\n    print('x' * 1000)", config)
     assert result.truncated and not result.timed_out
     assert len(result.output.encode()) <= config.max_output_bytes
-    assert result.text.endswith(f"error: output truncated: more than {config.max_output_bytes} bytes, execution stopped")
+    cap = config.max_output_bytes
+    assert result.text.endswith(f"error: output truncated: more than {cap} bytes, execution stopped")
     result = tools.execute_python("print('y' * 10**7)", config)
     assert result.truncated and set(result.output) == {"y"}
 
@@ -427,12 +428,13 @@ def test_concurrent_runs_do_not_interfere():
     assert outs == [f"{i} 2\n" for i in range(6)]  # main.py and its own id.txt only
 
 
-def test_sandbox_dies_with_its_parent():
+def test_sandbox_dies_with_its_parent(tmp_path):
     # a parent that starts a sleeping sandbox and is then killed must not leave it running
     parent = subprocess.Popen([sys.executable, "-c", (
         "import sys; sys.path.insert(0, sys.argv[1]); from core import tools\n"
         "tools.run_python('import os, time\\nprint(os.getpid(), flush=True)\\ntime.sleep(60)', "
-        "tools.SandboxConfig(wall_time_s=60, isolate=False))"), str(pathlib.Path(__file__).parents[1])])
+        "tools.SandboxConfig(wall_time_s=60, isolate=False))"), str(pathlib.Path(__file__).parents[1])],
+        env={**os.environ, "TMPDIR": str(tmp_path)})  # the killed parent leaves its work dir there
     time.sleep(1.0)
     children = [p for p in pathlib.Path("/proc").iterdir() if p.name.isdigit() and _ppid_of(p) == parent.pid]
     parent.kill()
