@@ -16,6 +16,7 @@ the merge list identical to `rustbpe`'s (same counting of overlapping pairs, sam
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import heapq
 import multiprocessing
 import os
@@ -108,10 +109,20 @@ def count_chunks(texts: Iterable[str], pattern: str, num_workers: int | None = N
             counter.update(findall(doc))
         return counter
 
+    # At most 2 batches per worker in flight, so memory stays bounded on a streamed corpus.
+    # ProcessPoolExecutor (unlike Pool) raises instead of hanging if a worker dies.
     counter = collections.Counter()
-    with _mp_context().Pool(num_workers) as pool:
-        for part in pool.imap_unordered(_count_batch, _batches(head, it, pattern)):
-            counter.update(part)
+    batches = _batches(head, it, pattern)
+    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=_mp_context()) as ex:
+        pending = set()
+        for batch in batches:
+            pending.add(ex.submit(_count_batch, batch))
+            if len(pending) >= 2 * num_workers:
+                done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                for f in done:
+                    counter.update(f.result())
+        for f in concurrent.futures.as_completed(pending):
+            counter.update(f.result())
     return counter
 
 

@@ -312,6 +312,15 @@ def _rope(x_bthe: jax.Array, cos_bte: jax.Array, sin_bte: jax.Array) -> jax.Arra
 def _attention(q_bthe, k_bske, v_bske, mask_bts, cfg: ModelConfig) -> jax.Array:
     """Grouped-query attention through jax.nn.dot_product_attention (cuDNN flash on GPU when
     the mask allows, XLA elsewhere). mask_bts: True where query t may see key s."""
+    if cfg.compute_dtype == "float64":
+        # dot_product_attention computes its softmax in float32; keep float64 end to end.
+        b, t, h, e = q_bthe.shape
+        k_heads = k_bske.shape[2]
+        q_btkge = q_bthe.reshape(b, t, k_heads, h // k_heads, e)
+        s_bkgts = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske) / math.sqrt(cfg.e)
+        s_bkgts = jnp.where(mask_bts[:, None, None], s_bkgts, -jnp.inf)
+        p_bkgts = jax.nn.softmax(s_bkgts, axis=-1)
+        return jnp.einsum("bkgts,bske->btkge", p_bkgts, v_bske).reshape(b, t, h, e)
     return jax.nn.dot_product_attention(
         q_bthe, k_bske, v_bske, mask=mask_bts[:, None, :, :], scale=1.0 / math.sqrt(cfg.e)
     )

@@ -38,6 +38,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from core import model as model_lib
+from core import sharding as sharding_lib
 
 Params = dict[str, Any]
 State = dict[str, Any]
@@ -181,28 +182,27 @@ def bucket(n: int, minimum: int = 8) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _batch_axes(mesh) -> tuple[str, ...]:
-    """Mesh axes the batch is split over: every axis except the tensor-parallel one."""
-    return tuple(a for a in mesh.axis_names if a != "tensor" and mesh.shape[a] > 1)
+def _batch_axes(mesh) -> Optional[tuple[str, ...]]:
+    """Mesh axes the rows are split over (data x fsdp, as for training batches)."""
+    axes = tuple(a for a in sharding_lib.BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    return axes or None
 
 
 def _batch_multiple(mesh) -> int:
-    return int(np.prod([mesh.shape[a] for a in _batch_axes(mesh)])) if mesh is not None else 1
+    return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in _batch_axes(mesh) or ()]))
 
 
 def _constrain(state: State, mesh, cfg: model_lib.ModelConfig) -> State:
-    """Pins the batch axis of every per-row array (and kv heads on 'tensor' when they divide)."""
+    """Pins per-row arrays to the batch axes, and cache kv heads to 'tensor' when it divides them
+    (the same rule as the wk/wv params, so attention needs no resharding)."""
     if mesh is None:
         return state
-    b_axes = _batch_axes(mesh) or None
-    kv = "tensor" if "tensor" in mesh.axis_names and cfg.k % mesh.shape["tensor"] == 0 else None
+    b_axes = _batch_axes(mesh)
+    kv = "tensor" if mesh.shape.get("tensor", 1) > 1 and cfg.k % mesh.shape["tensor"] == 0 else None
 
     def pin(path, x):
-        name = path[-1].key if hasattr(path[-1], "key") else ""
-        if name in ("k", "v"):
-            spec = P(None, b_axes, None, kv, None)
-        else:
-            spec = P(b_axes, *([None] * (x.ndim - 1)))
+        name = getattr(path[-1], "key", "")
+        spec = P(None, b_axes, None, kv, None) if name in ("k", "v") else P(b_axes, *([None] * (x.ndim - 1)))
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
     return jax.tree_util.tree_map_with_path(pin, state)
@@ -465,7 +465,11 @@ def generate(
     p_len = min(bucket(longest), cache_len)
     t_max = max(max_new)
     t_buf = bucket(t_max)
-    q_buf = bucket(max_tool_output_tokens) if tools else 1
+    if max_tool_output_tokens < 3:
+        raise ValueError(f"generate: max_tool_output_tokens must be >= 3 (two delimiters and text), "
+                         f"got {max_tool_output_tokens}")
+    # Same buffer with or without tools, so turning tools on does not recompile.
+    q_buf = bucket(max_tool_output_tokens)
     n_rows = -(-n_real // _batch_multiple(mesh)) * _batch_multiple(mesh)
 
     tokens_bp = np.zeros((n_prompts, p_len), np.int32)
@@ -481,7 +485,8 @@ def generate(
     state = _prefill_state(params, tokens_bp, lengths_b, max_new_n, stop_ns, cfg=cfg, cache_len=cache_len,
                            n_samples=n_samples, n_rows=n_rows, mesh=mesh, t_buf=t_buf, q_buf=q_buf)
     tool_map = _tool_ids(tools, tokenizer) if tools else {}
-    tool_end_ids = jnp.asarray(sorted(tool_map) or [-1], jnp.int32)
+    # Padded with -1 (never a token) to a fixed size: the tool set does not change shapes.
+    tool_end_ids = jnp.asarray(sorted(tool_map) + [-1] * (bucket(len(tool_map), 4) - len(tool_map)), jnp.int32)
     knobs = sampling_cfg.knobs()
     run = functools.partial(_decode_chunk, cfg=cfg, static=sampling_cfg.static(), mesh=mesh)
     tool_calls: list[list[dict]] = [[] for _ in range(n_real)]
@@ -500,7 +505,7 @@ def generate(
             waiting = [r for r in range(n_real) if paused[r] and not done[r]]
             if waiting:
                 state = _serve_tools(state, waiting, toks, out_len, prompts, n_samples, tools, tool_map,
-                                     tokenizer, q_buf, tool_calls, on_tool_call)
+                                     tokenizer, max_tool_output_tokens, tool_calls, on_tool_call)
             elif done[:n_real].all():
                 break
 
@@ -518,7 +523,7 @@ def generate(
     )
 
 
-def _serve_tools(state, waiting, toks, out_len, prompts, n_samples, tools, tool_map, tokenizer, q_buf,
+def _serve_tools(state, waiting, toks, out_len, prompts, n_samples, tools, tool_map, tokenizer, limit,
                  tool_calls, on_tool_call) -> State:
     """Runs the closed tool call of every paused row and queues its output as forced tokens."""
     forced, forced_n, forced_pos, paused = jax.device_get(
@@ -533,7 +538,7 @@ def _serve_tools(state, waiting, toks, out_len, prompts, n_samples, tools, tool_
         src_ids = history[starts[-1] + 1:] if starts else []
         src = tokenizer.decode(src_ids)
         output = _run_tool(tools[name], src) if starts else f"error: no {name} call was opened"
-        out_ids = _render_output(tokenizer, output, q_buf)
+        out_ids = _render_output(tokenizer, output, limit)
         forced[r, : len(out_ids)] = out_ids
         forced_n[r], forced_pos[r], paused[r] = len(out_ids), 0, False
         call = {"name": name, "input": src, "output": output, "position": len(gen) - 1}

@@ -397,6 +397,7 @@ class Tokenizer:
         self._backend = None  # built lazily (and dropped on pickling)
         self._cache: dict = {}
         self._regex = None
+        self._special_splitter = None
 
     # ----- backends -------------------------------------------------------------------------
 
@@ -432,14 +433,26 @@ class Tokenizer:
         return self._get_backend()[0]
 
     def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_backend"] = None
-        state["_cache"] = {}
-        state["_regex"] = None
-        return state
+        # Only what the constructor needs: backends, caches and tables are rebuilt on arrival
+        # (grain ships tokenizers to worker processes).
+        return {
+            "mergeable_ranks": self.mergeable_ranks,
+            "pattern": self.pattern,
+            "special_tokens": self.special_tokens,
+            "name": self.name,
+            "merges": self.merges,
+            "_hf": self._hf,
+        }
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        self.__init__(
+            state["mergeable_ranks"],
+            state["pattern"],
+            state["special_tokens"],
+            name=state["name"],
+            merges=state["merges"],
+            _hf=state["_hf"],
+        )
 
     def __repr__(self):
         return (
@@ -515,7 +528,16 @@ class Tokenizer:
         workers = num_threads or os.cpu_count() or 1
         kind, impl = self._get_backend()
         if kind == "tiktoken":
-            return impl.encode_ordinary_batch(texts, num_threads=workers)
+            # tiktoken releases the GIL while encoding, so threads use all cores. One task per
+            # thread over a contiguous slice: per-document tasks cost more than short documents.
+            if workers < 2 or len(texts) < 2:
+                return [impl.encode_ordinary(t) for t in texts]
+            step = -(-len(texts) // workers)
+            slices = [texts[i : i + step] for i in range(0, len(texts), step)]
+            enc = impl.encode_ordinary
+            with concurrent.futures.ThreadPoolExecutor(len(slices)) as ex:
+                parts = list(ex.map(lambda ts: [enc(t) for t in ts], slices))
+            return [ids for part in parts for ids in part]
         if kind == "hf":
             return [e.ids for e in impl.encode_batch(texts, add_special_tokens=False)]
         total = sum(len(t) for t in texts)
@@ -534,10 +556,11 @@ class Tokenizer:
         """For TRUSTED template text only: spelled special tokens become their special ids."""
         if not self.special_tokens:
             return self.encode(text)
-        names = sorted(self.special_tokens, key=len, reverse=True)
-        splitter = "(" + "|".join(regex.escape(s) for s in names) + ")"
+        if self._special_splitter is None:
+            names = sorted(self.special_tokens, key=len, reverse=True)  # longest first
+            self._special_splitter = regex.compile("(" + "|".join(regex.escape(s) for s in names) + ")")
         out: list[int] = []
-        for i, part in enumerate(regex.split(splitter, text)):
+        for i, part in enumerate(self._special_splitter.split(text)):
             if i % 2:
                 out.append(self.special_tokens[part])
             elif part:
@@ -586,6 +609,8 @@ class Tokenizer:
             ids = ids.tolist()
         table = self._decode_table
         try:
+            if ids and min(ids) < 0:  # table[-1] would silently decode
+                raise IndexError
             return b"".join([table[i] for i in ids])
         except (IndexError, TypeError):
             bad = [i for i in ids if not (isinstance(i, (int, np.integer)) and 0 <= i < len(table))]
@@ -773,7 +798,9 @@ def _find_in_dir(d: pathlib.Path) -> pathlib.Path:
         return tk[0]
     if len(tk) > 1:
         raise ValueError(f"{d} holds several .tiktoken files; pass one: {[p.name for p in tk]}")
-    raise FileNotFoundError(f"no tokenizer in {d} (looked for {SAVE_FILENAME}, tokenizer.json, encoder.json, *.tiktoken)")
+    raise FileNotFoundError(
+        f"no tokenizer in {d} (looked for {SAVE_FILENAME}, tokenizer.json, encoder.json, *.tiktoken)"
+    )
 
 
 def _from_dict(d: dict, path) -> Tokenizer:
@@ -899,6 +926,11 @@ def _load_hf(d: dict, path) -> Tokenizer:
     model = d["model"]
     if model.get("type", "BPE") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise ValueError(f"{path}: only byte-level BPE models are supported, got model type {model.get('type')!r}")
+    for opt in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(opt):
+            raise ValueError(f"{path}: BPE option {opt}={model[opt]!r} is not byte-level BPE (unsupported)")
+    if model.get("dropout"):
+        raise ValueError(f"{path}: BPE dropout={model['dropout']} makes encoding random (unsupported)")
     pattern, add_prefix_space = _hf_pre_tokenizer(d.get("pre_tokenizer"), path)
     norm = d.get("normalizer")
     nfc = False
@@ -923,7 +955,9 @@ def _load_hf(d: dict, path) -> Tokenizer:
     for pri, m in enumerate(model.get("merges", [])):
         left, right = m.split(" ") if isinstance(m, str) else m
         try:
-            merges[(vocab[left], vocab[right])] = (pri, vocab[left + right])
+            merged = vocab[left + right]
+            if left + right not in added:  # a merge must never produce a special token
+                merges[(vocab[left], vocab[right])] = (pri, merged)
         except KeyError:
             raise ValueError(f"malformed {path}: merge {pri} {m!r} uses a token that is not in the vocab") from None
     byte_ids = tuple(ranks.get(bytes([x]), -1) for x in range(256))

@@ -327,13 +327,22 @@ def run(cfg: PretrainConfig) -> dict:
     fingerprint = cfg.resume_fingerprint(model_cfg)
     total = cfg.total_steps
 
-    mngr = ck.make_manager(ckpt_dir, max_to_keep=cfg.keep_checkpoints, save_interval_steps=cfg.ckpt_every,
-                           async_save=cfg.async_checkpoint)
-    start_step = ck.latest_step(mngr) if cfg.resume else None
-    if cfg.resume and start_step is not None:
-        # Reads only the small JSON record, so a mismatched run fails before building anything.
-        ck.check_meta(ck.read_meta(mngr, start_step), fingerprint,
-                      where=f"checkpoint {ckpt_dir}/{start_step}")
+    shardings = train_lib.state_shardings(model_cfg, optimizer, mesh)
+    start_step, state, data_state = None, None, None
+    if cfg.resume and has_ckpt:
+        with ck.make_manager(ckpt_dir, read_only=True) as ro:
+            start_step = ck.latest_step(ro)
+            if start_step is not None:
+                # The small JSON record first: a mismatched run fails before any array is read.
+                ck.check_meta(ck.read_meta(ro, start_step), fingerprint,
+                              where=f"checkpoint {ckpt_dir}/{start_step}")
+                target = ck.abstract_state(jax.eval_shape(
+                    lambda: train_lib.init_train_state(jax.random.PRNGKey(0), model_cfg, optimizer, mesh)),
+                    shardings)
+                state, data_state, _ = ck.restore(ro, target, step=start_step, expected_meta=fingerprint)
+                if data_state is None:
+                    raise ValueError(f"checkpoint {ckpt_dir}/{start_step} has no data-iterator state; "
+                                     f"cannot resume exactly")
 
     if jax.process_index() == 0:
         tokenizer.save(out_dir / common.TOKENIZER_FILE)
@@ -343,13 +352,7 @@ def run(cfg: PretrainConfig) -> dict:
     per_process_batch = cfg.batch_size // jax.process_count()
     it = pipeline.make_train_iterator(train_docs, tokenizer, cfg.seq_len, per_process_batch, seed=cfg.seed,
                                       num_workers=cfg.num_workers)
-    shardings = train_lib.state_shardings(model_cfg, optimizer, mesh)
     if start_step is not None:
-        target = ck.abstract_state(jax.eval_shape(
-            lambda: train_lib.init_train_state(jax.random.PRNGKey(0), model_cfg, optimizer, mesh)), shardings)
-        state, data_state, _ = ck.restore(mngr, target, step=start_step, expected_meta=fingerprint)
-        if data_state is None:
-            raise ValueError(f"checkpoint {ckpt_dir}/{start_step} has no data-iterator state; cannot resume exactly")
         it.set_state(data_state)
         common.say(f"resumed from {ckpt_dir}/{start_step}")
     else:
@@ -437,6 +440,8 @@ def run(cfg: PretrainConfig) -> dict:
         return rec
 
     last_rec: dict = {}
+    mngr = ck.make_manager(ckpt_dir, max_to_keep=cfg.keep_checkpoints, save_interval_steps=cfg.ckpt_every,
+                           async_save=cfg.async_checkpoint)
     try:
         while step < total:
             batch = sharding_lib.shard_batch(next(it), mesh)

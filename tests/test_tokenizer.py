@@ -265,9 +265,8 @@ def test_special_registry(tok):
         assert lengths[tok.encode(text)].sum() == len(text.encode("utf-8"))
 
 
-def test_with_special_tokens_extends_registry(official):
-    del official  # only for the skip when shared data is absent
-    tok = T.load(T.pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "r50k_base.tiktoken")
+def test_with_special_tokens_extends_registry(shared_data):
+    tok = T.load(shared_data / "tokenizers" / "r50k_base.tiktoken")
     chat = tok.with_special_tokens()
     assert chat.special_id("<|endoftext|>") == 50256
     assert chat.special_id("<|im_start|>") == 50257
@@ -292,6 +291,8 @@ def test_stream_decoder_never_splits_characters(tok):
 def test_decode_rejects_bad_ids(tok):
     with pytest.raises(ValueError, match="out of range"):
         tok.decode([1, tok.vocab_size + 5])
+    with pytest.raises(ValueError, match="out of range"):
+        tok.decode([-1])
     assert tok.decode(np.array(tok.encode("array ok"))) == "array ok"
 
 
@@ -376,6 +377,22 @@ def test_official_tiktoken_files(official, shared_data, name):
     assert tok.eot_id == ref.eot_token
 
 
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(max_size=80))
+def test_official_cl100k_python_fallback_parity(official, shared_data, text):
+    tok = _cl100k(shared_data)
+    assert tok.encode_python(text) == official["cl100k_base"].encode_ordinary(text)
+
+
+_CL100K = {}
+
+
+def _cl100k(shared_data):
+    if "tok" not in _CL100K:
+        _CL100K["tok"] = T.load(shared_data / "tokenizers" / "cl100k_base.tiktoken")
+    return _CL100K["tok"]
+
+
 def test_gpt2_files_equal_r50k(official, shared_data):
     gpt2 = T.load(shared_data / "tokenizers" / "encoder.json")
     r50k = T.load(shared_data / "tokenizers" / "r50k_base.tiktoken")
@@ -434,10 +451,19 @@ def hf_files(corpus, tmp_path_factory):
         path = d / f"{name}.json"
         path.write_text(hf.to_str())
         out[name] = (path, hf)
+    # Llama 3 style: a whole piece that is in the vocabulary is one token (ignore_merges).
+    import tokenizers
+
+    llama = json.loads(out["qwen_style"][0].read_text())
+    llama["model"]["ignore_merges"] = True
+    llama["normalizer"] = None
+    path = d / "llama3_style.json"
+    path.write_text(json.dumps(llama))
+    out["llama3_style"] = (path, tokenizers.Tokenizer.from_file(str(path)))
     return out
 
 
-@pytest.mark.parametrize("variant", ["gpt2_style", "qwen_style"])
+@pytest.mark.parametrize("variant", ["gpt2_style", "qwen_style", "llama3_style"])
 def test_hf_tokenizer_json_parity(hf_files, corpus, variant):
     import tokenizers
 
@@ -470,6 +496,40 @@ def test_hf_round_trip_through_our_format(hf_files, tmp_path):
     assert back.encode_python(text) == tok.encode(text)
 
 
+@pytest.mark.parametrize("ignore_merges", [False, True])
+def test_hf_hand_built_merge_priority(tmp_path, ignore_merges):
+    """Merge priority is by pair (Hugging Face), not by the merged bytes' rank (tiktoken)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    b2u = T.bytes_to_unicode()
+    vocab = {b2u[b]: b for b in range(256)}
+    vocab.update({"bc": 256, "ab": 257, "abc": 258, "Ġa": 259})
+    merges = [["b", "c"], ["a", "b"], ["ab", "c"], [b2u[32], "a"]]
+    d = {
+        "version": "1.0",
+        "added_tokens": [{"id": 260, "content": "<|endoftext|>", "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True}],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges},
+    }
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(d))
+    ref = tokenizers.Tokenizer.from_file(str(path))
+    tok = T.load(tmp_path)
+    # "abc": (b, c) merges first and (a, bc) is no merge -> [a, bc], unless ignore_merges.
+    want_abc = [258] if ignore_merges else [ord("a"), 256]
+    assert ref.encode("abc", add_special_tokens=False).ids == want_abc
+    for text in ["abc", "abcabc ab bc abc", " abc aab", "xabcx"]:
+        want = ref.encode(text, add_special_tokens=False).ids
+        assert tok.encode(text) == want
+        assert tok.encode_python(text) == want
+    assert tok.eot_id == 260
+
+
 def test_hf_malformed_vocab(tmp_path, hf_files):
     path, _ = hf_files["gpt2_style"]
     d = json.loads(path.read_text())
@@ -483,3 +543,44 @@ def test_hf_malformed_vocab(tmp_path, hf_files):
     bad.write_text(json.dumps(d))
     with pytest.raises(ValueError, match="only byte-level BPE"):
         T.load(bad)
+
+
+# ----- scripts ---------------------------------------------------------------------------------------------
+
+
+def test_train_tokenizer_script(tmp_path, corpus):
+    from experiments import train_tokenizer
+
+    text_file = tmp_path / "corpus.txt"
+    text_file.write_text("\n\n".join(corpus), encoding="utf-8")
+    other = T.train_bpe(corpus[:50], 300).save(tmp_path / "other")
+    report = train_tokenizer.run(files=[str(text_file)], vocab_size=400, out_dir=str(tmp_path / "out"),
+                                 compare=[str(other)], max_bytes=10**6, heldout_bytes=5000)
+    tok = T.load(tmp_path / "out")
+    assert tok.vocab_size == 400 == report["vocab_size"]
+    ours, cmp = report["compression"]
+    assert cmp["vocab_size"] == 300
+    # The held-out tail was not trained on, and the numbers are what the tokenizer gives.
+    docs = [d for d in "\n\n".join(corpus).split("\n\n") if d.strip()]
+    assert ours["tokens"] > 0 and ours["bytes_per_token"] > 1.0
+    assert report["train_bytes"] < sum(len(d.encode()) for d in docs)
+    with pytest.raises(ValueError, match="--files"):
+        train_tokenizer.run(files=[str(tmp_path / "missing.txt")], vocab_size=400, out_dir=str(tmp_path),
+                            compare=[], max_bytes=10**6, heldout_bytes=5000)
+    with pytest.raises(ValueError, match="--compare"):
+        train_tokenizer.run(files=[str(text_file)], vocab_size=400, out_dir=str(tmp_path),
+                            compare=[str(tmp_path / "nope.tiktoken")], max_bytes=10**6, heldout_bytes=5000)
+
+
+def test_bench_tokenizer_script(tmp_path, corpus):
+    pytest.importorskip("rustbpe")
+    pytest.importorskip("tokenizers")
+    from experiments import bench_tokenizer
+
+    f = tmp_path / "c.jsonl"
+    f.write_text("\n".join(json.dumps({"text": d}) for d in corpus), encoding="utf-8")
+    res = bench_tokenizer.run([str(f)], corpus_mb=0.2, vocab_size=400, python_encode_mb=0.05)
+    for key in ("train_s", "hf_train_s", "rustbpe_train_s", "encode_mb_s", "tiktoken_mb_s", "hf_encode_mb_s",
+                "corpus_mb", "vocab_size"):
+        assert res[key] > 0, key
+    assert res["merges_equal_rustbpe"] and res["encode_equals_tiktoken"] and res["python_equals_tiktoken"]

@@ -1,0 +1,266 @@
+"""Evaluates a trained base model. Mode `phenomena` measures what base models are known to do,
+on a model trained on the synthetic world (whose ground truth we know):
+
+  1. regurgitation: documents seen many times are continued verbatim, documents seen once are
+     not (greedy exact-match rate of a continuation, by number of copies in the corpus);
+  2. knowledge by frequency: a continuation about an entity states its true facts more often
+     when the entity was written about often (by tier: held out / once / few / popular / famous);
+  3. few-shot: prompts of k examples of a task the corpus never shows in that form
+     ('word -> word word') are followed far more often than the bare query (0-shot);
+  4. sampling: the same prompt gives different samples at temperature 1 (one at temperature 0).
+
+    python -m experiments.evaluate --out_dir=runs/tiny            # prints the table, writes phenomena.md
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import random
+import statistics
+from typing import Any, Optional, Sequence
+
+from absl import app, flags
+
+from experiments import common
+
+
+@dataclasses.dataclass(frozen=True)
+class PhenomenaConfig:
+    """docs_per_group: canonical documents per copies-group for regurgitation.
+    prompt_tokens / cont_tokens: tokens of the document given / compared.
+    entities_per_tier: entities whose article continuation is checked for facts.
+    fewshot_queries / shots: queries per task and examples per k-shot prompt.
+    diversity_prompts / diversity_samples: prompts and samples per prompt at temperature 1."""
+
+    out_dir: str
+    step: Optional[int] = None
+    docs_per_group: int = 32
+    prompt_tokens: int = 8
+    cont_tokens: int = 24
+    entities_per_tier: int = 40
+    fact_tokens: int = 64
+    fewshot_queries: int = 40
+    shots: int = 4
+    diversity_prompts: int = 4
+    diversity_samples: int = 8
+    seed: int = 0
+    mesh: str = "data:-1"
+
+
+Row = dict[str, Any]
+
+
+def _world_and_corpus(out_dir: pathlib.Path):
+    from data import readers
+
+    run_cfg = common.load_json(out_dir / common.RUN_CONFIG_FILE, "run config")
+    from experiments import pretrain
+
+    source = readers.open_source(pretrain.data_spec(run_cfg["data"]))
+    if getattr(source, "world", None) is None:
+        raise ValueError(f"{out_dir} was trained on --data={run_cfg['data']}; the phenomena need the "
+                         f"synthetic world's ground truth (train with --data=synthetic...)")
+    return source.world, source, run_cfg
+
+
+def passes_over_corpus(corpus, tokenizer, run_cfg: dict, sample_docs: int = 256) -> float:
+    """Approximate number of passes the run made over the corpus (tokens trained / corpus tokens)."""
+    n = len(corpus)
+    rng = random.Random(0)
+    idx = [rng.randrange(n) for _ in range(min(sample_docs, n))]
+    docs = [corpus[i] for i in idx]
+    toks = sum(len(t) + 1 for t in tokenizer.encode_batch(docs))
+    corpus_tokens = toks / len(docs) * n
+    trained = run_cfg["total_steps"] * run_cfg["batch_size"] * run_cfg["seq_len"]
+    return trained / corpus_tokens
+
+
+def regurgitation(model, world, cfg: PhenomenaConfig, passes: float) -> list[Row]:
+    """Greedy continuation of the first prompt_tokens of canonical articles, by copies."""
+    tokenizer, mcfg, params = model
+    eot = tokenizer.eot_id
+    groups: dict[int, list[int]] = {}
+    for d in world.edition:
+        if d.variant == 0 and d.copies > 0:
+            groups.setdefault(d.copies, []).append(d.doc_id)
+    rng = random.Random(cfg.seed)
+    rows = []
+    prompts, refs, keys = [], [], []
+    for copies in sorted(groups):
+        ids = groups[copies]
+        for doc_id in rng.sample(ids, min(cfg.docs_per_group, len(ids))):
+            toks = [eot] + tokenizer.encode(world.document(doc_id)) + [eot]
+            if len(toks) <= cfg.prompt_tokens + 2:
+                continue
+            prompts.append(toks[: cfg.prompt_tokens + 1])
+            refs.append(toks[cfg.prompt_tokens + 1: cfg.prompt_tokens + 1 + cfg.cont_tokens])
+            keys.append(copies)
+    outs = common.sample_tokens(params, mcfg, tokenizer, prompts, max_new_tokens=cfg.cont_tokens,
+                                temperature=0.0, keep_stop=True)
+    per: dict[int, list[tuple[bool, float]]] = {}
+    for key, ref, out in zip(keys, refs, outs):
+        gen = out[0][: len(ref)]
+        match = 0
+        while match < len(ref) and match < len(gen) and gen[match] == ref[match]:
+            match += 1
+        per.setdefault(key, []).append((match == len(ref), match / len(ref)))
+    for copies in sorted(per):
+        v = per[copies]
+        rows.append({"phenomenon": "regurgitation", "condition": f"article in {copies} cop{'y' if copies == 1 else 'ies'} "
+                     f"(seen ~{copies * passes:.0f}x)", "n": len(v),
+                     "metric": f"exact {cfg.cont_tokens}-token continuation",
+                     "value": sum(e for e, _ in v) / len(v),
+                     "extra": f"mean matched prefix {100 * statistics.mean(f for _, f in v):.0f}%"})
+    return rows
+
+
+def knowledge_by_frequency(model, world, cfg: PhenomenaConfig, passes: float) -> list[Row]:
+    """Continue '<name>\\n\\n' (how every canonical article opens); a fact counts as stated if
+    its value appears in the greedy continuation."""
+    from data import synthetic
+
+    tokenizer, mcfg, params = model
+    by_entity: dict[str, list[dict]] = {}
+    for f in synthetic.facts(world):
+        by_entity.setdefault(f["entity"], []).append(f)
+    rng = random.Random(cfg.seed + 1)
+    chosen = []
+    for tier in synthetic.TIERS:
+        ents = [e for e in world.entities if e.tier == tier]
+        chosen += rng.sample(ents, min(cfg.entities_per_tier, len(ents)))
+    outs = common.sample_texts(params, mcfg, tokenizer, [f"{e.name}\n\n" for e in chosen],
+                               max_new_tokens=cfg.fact_tokens, temperature=0.0)
+    per: dict[str, list[tuple[bool, int]]] = {}
+    for e, out in zip(chosen, outs):
+        for f in by_entity.get(e.name, []):
+            per.setdefault(e.tier, []).append((f["value"] in out[0], f["times_seen"]))
+    rows = []
+    for tier in synthetic.TIERS:
+        v = per.get(tier)
+        if not v:
+            continue
+        seen = statistics.median(t for _, t in v) * passes
+        rows.append({"phenomenon": "facts by frequency", "condition": f"{tier} entities (fact seen ~{seen:.0f}x)",
+                     "n": len(v), "metric": "true value stated", "value": sum(ok for ok, _ in v) / len(v),
+                     "extra": ""})
+    return rows
+
+
+def _fewshot_tasks(rng: random.Random, words: Sequence[str]):
+    def repeat(r):
+        w = r.choice(words)
+        return w, f"{w} {w}"
+
+    def swap(r):
+        a, b = r.sample(list(words), 2)
+        return f"{a} {b}", f"{b} {a}"
+
+    def upper(r):
+        w = r.choice(words)
+        return w, w.upper()
+
+    return {"repeat ('w -> w w')": repeat, "swap ('a b -> b a')": swap, "capitalise ('w -> W')": upper}
+
+
+def few_shot(model, cfg: PhenomenaConfig) -> list[Row]:
+    """k-shot vs 0-shot accuracy on formats absent from the corpus (no '->' appears in it)."""
+    from data import synthetic
+
+    tokenizer, mcfg, params = model
+    rng = random.Random(cfg.seed + 2)
+    words = [w for w in synthetic.WORDS if len(w) <= 8]
+    rows = []
+    for name, task in _fewshot_tasks(rng, words).items():
+        prompts0, promptsk, answers = [], [], []
+        for _ in range(cfg.fewshot_queries):
+            q, a = task(rng)
+            shots = [task(rng) for _ in range(cfg.shots)]
+            promptsk.append("".join(f"{x} -> {y}\n" for x, y in shots) + f"{q} ->")
+            prompts0.append(f"{q} ->")
+            answers.append(a)
+        n_new = max(len(tokenizer.encode(" " + a)) for a in answers) + 2
+        for label, prompts in (("0-shot", prompts0), (f"{cfg.shots}-shot", promptsk)):
+            outs = common.sample_texts(params, mcfg, tokenizer, prompts, max_new_tokens=n_new, temperature=0.0)
+            ok = [o[0].split("\n", 1)[0].strip() == a for o, a in zip(outs, answers)]
+            rows.append({"phenomenon": "few-shot", "condition": f"{name}, {label}", "n": len(ok),
+                         "metric": "exact answer", "value": sum(ok) / len(ok), "extra": ""})
+    return rows
+
+
+def diversity(model, world, cfg: PhenomenaConfig) -> list[Row]:
+    """Distinct samples among diversity_samples draws of one prompt, at temperature 1 and 0."""
+    tokenizer, mcfg, params = model
+    famous = [e.name for e in world.entities if e.tier == "famous"][: max(1, cfg.diversity_prompts - 2)]
+    prompts = (famous + ["Questions and answers about", "The word"])[: cfg.diversity_prompts]
+    rows = []
+    for temp in (1.0, 0.0):
+        outs = common.sample_texts(params, mcfg, tokenizer, prompts, n_samples=cfg.diversity_samples,
+                                   max_new_tokens=24, temperature=temp, seed=cfg.seed + 3)
+        distinct = [len(set(o)) for o in outs]
+        rows.append({"phenomenon": "sampling", "condition": f"temperature {temp:g}, {len(prompts)} prompts",
+                     "n": len(prompts) * cfg.diversity_samples,
+                     "metric": f"distinct samples of {cfg.diversity_samples}",
+                     "value": statistics.mean(distinct), "extra": f"per prompt {distinct}"})
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """A markdown table (readable as plain text too)."""
+    head = ["phenomenon", "condition", "n", "metric", "value", "notes"]
+    body = []
+    for r in rows:
+        v = r["value"]
+        val = f"{v:.2f}" if r["metric"].startswith("distinct") else f"{100 * v:.0f}%"
+        body.append([r["phenomenon"], r["condition"], str(r["n"]), r["metric"], val, r.get("extra", "")])
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body])
+
+
+def run(cfg: PhenomenaConfig, loaded=None, verbose: bool = True) -> list[Row]:
+    """Measures all four phenomena; prints the table and writes out_dir/phenomena.{md,json}."""
+    from core import sharding as sharding_lib
+
+    out_dir = pathlib.Path(cfg.out_dir)
+    world, corpus, run_cfg = _world_and_corpus(out_dir)
+    mesh = sharding_lib.make_mesh(cfg.mesh)
+    tokenizer, mcfg, params, step = loaded or common.load_model(out_dir, mesh=mesh, step=cfg.step)
+    model = (tokenizer, mcfg, params)
+    passes = passes_over_corpus(corpus, tokenizer, run_cfg)
+    rows = (regurgitation(model, world, cfg, passes) + knowledge_by_frequency(model, world, cfg, passes)
+            + few_shot(model, cfg) + diversity(model, world, cfg))
+    table = format_table(rows)
+    header = (f"Base-model phenomena: {out_dir} step {step}, {len(world.entities)} entities, "
+              f"~{passes:.1f} passes over the corpus")
+    (out_dir / "phenomena.md").write_text(f"{header}\n\n{table}\n")
+    (out_dir / "phenomena.json").write_text(json.dumps({"step": step, "passes": passes, "rows": rows}, indent=1))
+    if verbose:
+        common.say(header)
+        common.say(table)
+    return rows
+
+
+def define_flags() -> None:
+    common.define_common_flags()
+    flags.DEFINE_enum("mode", "phenomena", ["phenomena"], "what to evaluate")
+    flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+    flags.DEFINE_integer("docs_per_group", 32, "documents per copies-group (regurgitation)")
+    flags.DEFINE_integer("entities_per_tier", 40, "entities per tier (facts)")
+    flags.DEFINE_integer("fewshot_queries", 40, "queries per few-shot task")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.quiet_logging()
+    F = flags.FLAGS
+    common.require_out_dir(F.out_dir)
+    run(PhenomenaConfig(out_dir=F.out_dir, step=F.step, docs_per_group=F.docs_per_group,
+                        entities_per_tier=F.entities_per_tier, fewshot_queries=F.fewshot_queries,
+                        seed=F.seed, mesh=F.mesh))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,351 @@
+"""The inference engine: cached decode == full forward, sampling distributions, stop/length rules,
+tool outputs spliced into one row, sharded params == unsharded."""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from core import model as model_lib
+from core import sampling
+from core import sharding as sharding_lib
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A float32 GQA model with every optional piece on, so parity covers all paths."""
+    cfg = model_lib.ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                                max_seq_len=64, qkv_bias=True, qk_norm=True, logit_softcap=30.0,
+                                zero_init_out=False, init_std=0.2)
+    return cfg, jax.jit(model_lib.init_params, static_argnums=1)(jax.random.PRNGKey(0), cfg)
+
+
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4]]
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_forward(cfg):
+    return jax.jit(lambda p, t: model_lib.forward(p, t, cfg)[0])
+
+
+def full_logits(params, cfg, seqs: list[list[int]]) -> np.ndarray:
+    """Reference logits [N, 32, V] of the full forward (no cache) on right-padded rows: causal, so
+    the padding after a row cannot change its logits; one fixed shape, one compile."""
+    tokens = np.zeros((len(seqs), 32), np.int32)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = s
+    return np.asarray(_jit_forward(cfg)(params, jnp.asarray(tokens)))
+
+
+def bigram_model(next_of: dict[int, int], vocab: int):
+    """A real transformer whose blocks are the identity and whose head is a bigram table, so the
+    greedy continuation of any token is known: logits(next_of[t]) = 10 * sqrt(V), others 0."""
+    cfg = model_lib.ModelConfig(vocab_size=vocab, d_model=vocab, n_layers=1, n_heads=1, head_dim=8, d_ff=8,
+                                max_seq_len=128, mlp="relu2", zero_init_out=True)
+    params = jax.jit(model_lib.init_params, static_argnums=1)(jax.random.PRNGKey(1), cfg)
+    params["embed"]["tokens"] = jnp.eye(vocab, dtype=jnp.float32)
+    table = np.zeros((vocab, vocab), np.float32)
+    for a, b in next_of.items():
+        table[a, b] = 10.0
+    params["lm_head"] = jnp.asarray(table)
+    return cfg, params
+
+
+# ----------------------------------------------------------------------------- cache parity
+
+
+def test_cached_decode_matches_full_forward_every_step(tiny):
+    """prefill + decode_step (right-padded rows of different lengths) vs one full forward."""
+    cfg, params = tiny
+    n_steps = 6
+    fed = np.random.default_rng(0).integers(0, cfg.vocab_size, (len(PROMPTS), n_steps)).astype(np.int32)
+    lens = np.asarray([len(p) for p in PROMPTS], np.int32)
+    padded = np.zeros((len(PROMPTS), 8), np.int32)
+    for i, p in enumerate(PROMPTS):
+        padded[i, : len(p)] = p
+    padded[2, 1:] = 63  # garbage in the padding must not matter
+
+    pre = jax.jit(sampling.prefill, static_argnums=(1, 4))
+    step = jax.jit(sampling.decode_step, static_argnums=1)
+    cache, logits_bv = pre(params, cfg, padded, lens, 32)
+    got = [logits_bv]
+    for t in range(n_steps):
+        cache, logits_bv = step(params, cfg, cache, jnp.asarray(fed[:, t]))
+        got.append(logits_bv)
+    np.testing.assert_array_equal(np.asarray(cache["lengths"]), lens + n_steps)
+
+    # Reference: each row's prompt followed by the fed tokens, right-padded (causal, so the
+    # padding at the end cannot change earlier logits).
+    ref_btv = full_logits(params, cfg, [p + fed[i].tolist() for i, p in enumerate(PROMPTS)])
+    for i, p in enumerate(PROMPTS):
+        for t in range(n_steps + 1):
+            np.testing.assert_allclose(got[t][i], ref_btv[i, len(p) - 1 + t], atol=2e-5, rtol=1e-5,
+                                       err_msg=f"row {i} step {t}")
+
+
+def test_generate_logprobs_match_full_forward(tiny):
+    """End to end: padding, n_samples sharing a prefill, per-row lengths; every returned log-prob
+    equals the full forward's log-softmax at that position."""
+    cfg, params = tiny
+    sc = sampling.SamplingConfig(temperature=1.3, max_new_tokens=8)
+    res = sampling.generate(params, cfg, PROMPTS, sc, jax.random.PRNGKey(3), n_samples=2,
+                            max_new_tokens=[8, 5, 7])
+    np.testing.assert_array_equal(res.prompt_index, [0, 0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(res.lengths, [8, 8, 5, 5, 7, 7])
+    assert res.finish_reason == ["length"] * 6
+    assert not np.array_equal(res.tokens[0], res.tokens[1]), "two samples of one prompt should differ"
+    ref_ntv = jax.nn.log_softmax(full_logits(params, cfg, [PROMPTS[r // 2] + res.row_tokens(r) for r in range(6)]))
+    for r in range(6):
+        prompt, gen = PROMPTS[r // 2], res.row_tokens(r)
+        logp_tv = ref_ntv[r]
+        ref = np.asarray([logp_tv[len(prompt) - 1 + t, tok] for t, tok in enumerate(gen)])
+        np.testing.assert_allclose(res.logprobs[r, : len(gen)], ref, atol=1e-4)
+        assert (res.tokens[r, len(gen):] == 0).all() and (res.sampled_mask[r, len(gen):] == 0).all()
+        assert (res.sampled_mask[r, : len(gen)] == 1).all()
+        assert (res.sample_logprobs[r, : len(gen)] < 0).all()
+
+
+def test_greedy_is_deterministic_and_argmax(tiny):
+    cfg, params = tiny
+    sc = sampling.SamplingConfig(temperature=0.0, max_new_tokens=8)
+    a = sampling.generate(params, cfg, PROMPTS, sc, jax.random.PRNGKey(0))
+    b = sampling.generate(params, cfg, PROMPTS, sc, jax.random.PRNGKey(99))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    ref_ntv = full_logits(params, cfg, [p + a.row_tokens(r) for r, p in enumerate(PROMPTS)])
+    for r, prompt in enumerate(PROMPTS):
+        n = len(a.row_tokens(r))
+        np.testing.assert_array_equal(np.argmax(ref_ntv[r, len(prompt) - 1: len(prompt) - 1 + n], -1),
+                                      a.row_tokens(r))
+    assert (a.sample_logprobs == 0).all()
+
+
+def test_seeded_sampling_reproducible(tiny):
+    cfg, params = tiny
+    sc = sampling.SamplingConfig(temperature=1.0, top_k=20, top_p=0.9, max_new_tokens=8)
+    a = sampling.generate(params, cfg, PROMPTS, sc, jax.random.PRNGKey(5))
+    b = sampling.generate(params, cfg, PROMPTS, sc, jax.random.PRNGKey(5))
+    c = sampling.generate(params, cfg, PROMPTS, sc, jax.random.PRNGKey(6))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.logprobs, b.logprobs)
+    assert not np.array_equal(a.tokens, c.tokens)
+
+
+# ----------------------------------------------------------------------------- distributions
+
+LOGITS = np.asarray([2.0, 1.5, 1.2, 1.0, 0.5, 0.3, 0.0, -0.5, -1.0, -2.0], np.float32)
+N_DRAWS = 40_000
+
+
+def _draw(sc: sampling.SamplingConfig, seed: int = 0) -> np.ndarray:
+    logits_bv = jnp.broadcast_to(jnp.asarray(np.random.default_rng(seed).permutation(LOGITS)), (N_DRAWS, 10))
+    toks, logp = sampling.sample_logits(logits_bv, jax.random.PRNGKey(seed), sc)
+    return np.asarray(logits_bv[0]), np.asarray(toks), np.asarray(logp)
+
+
+def _expected(logits: np.ndarray, temperature: float, keep) -> np.ndarray:
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p = np.where(keep, p, 0.0)
+    return p / p.sum()
+
+
+def _check(tokens: np.ndarray, want: np.ndarray, logp: np.ndarray):
+    counts = np.bincount(tokens, minlength=len(want))
+    assert (counts[want == 0] == 0).all(), f"sampled a filtered token: counts {counts}, want {want}"
+    keep = want > 0
+    expected = want[keep].astype(np.float64) / want[keep].sum() * counts.sum()
+    pval = stats.chisquare(counts[keep], expected).pvalue
+    assert pval > 1e-3, f"chi-square p={pval:.2e}; counts {counts}, expected {np.round(want * N_DRAWS)}"
+    np.testing.assert_allclose(logp, np.log(want[tokens]), atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [
+    (1.0, 0, 1.0, 0.0),
+    (0.7, 4, 1.0, 0.0),
+    (1.0, 0, 0.8, 0.0),
+    (1.5, 6, 0.75, 0.0),
+    (1.0, 0, 1.0, 0.3),
+])
+def test_filters_match_renormalised_truncated_distribution(temperature, top_k, top_p, min_p):
+    sc = sampling.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    logits, toks, logp = _draw(sc, seed=top_k + int(10 * top_p))
+    order = np.argsort(-logits)
+    keep = np.ones(10, bool)
+    if top_k:
+        keep[order[top_k:]] = False
+    p = _expected(logits, temperature, keep)
+    if top_p < 1:
+        # The smallest prefix of the sorted distribution whose mass reaches top_p.
+        cum = np.cumsum(p[order])
+        n_keep = int(np.searchsorted(cum, top_p) + 1)
+        keep[order[n_keep:]] = False
+    if min_p:
+        keep &= p >= min_p * p.max()
+    want = _expected(logits, temperature, keep)
+    assert 1 < (want > 0).sum() < 10 or (top_k, top_p, min_p) == (0, 1.0, 0.0)
+    _check(toks, want, logp)
+
+
+# ----------------------------------------------------------------------------- stop, length, tools
+
+
+class CharTokenizer:
+    """One id per character plus the tool specials; enough tokenizer for the engine."""
+
+    CHARS = "0123456789+QabcdZ!?"
+    SPECIALS = ("<|endoftext|>", "<|calculator_start|>", "<|calculator_end|>",
+                "<|output_start|>", "<|output_end|>")
+
+    def __init__(self):
+        self.special_tokens = {s: len(self.CHARS) + i for i, s in enumerate(self.SPECIALS)}
+        self.vocab_size = len(self.CHARS) + len(self.SPECIALS)
+
+    def special_id(self, name):
+        return self.special_tokens[name]
+
+    def encode(self, text):
+        return [self.CHARS.index(c) if c in self.CHARS else self.CHARS.index("?") for c in text]
+
+    def decode(self, ids):
+        inv = {v: k for k, v in self.special_tokens.items()}
+        return "".join(inv.get(i, self.CHARS[i] if i < len(self.CHARS) else "?") for i in ids)
+
+
+TOK = CharTokenizer()
+C, S = TOK.encode, TOK.special_id
+EOT, CALL, CALL_END = S("<|endoftext|>"), S("<|calculator_start|>"), S("<|calculator_end|>")
+OUT, OUT_END = S("<|output_start|>"), S("<|output_end|>")
+# Every bigram test runs 4 rows of 1-token prompts, greedy, 20 new tokens: one compile for all.
+GREEDY_20 = sampling.SamplingConfig(temperature=0.0, max_new_tokens=20, stop_ids=(EOT,))
+
+
+@pytest.fixture(scope="module")
+def bigram():
+    """Chains: 1 -> 2 -> ... -> 7 -> 1 (cycle);  a -> b -> c -> d -> eot;
+    Q -> <calc> 8 + 9 </calc>, and after any tool output:  </output> -> ! -> Z -> eot."""
+    nxt = {C(str(i))[0]: C(str(i % 7 + 1))[0] for i in range(1, 8)}
+    nxt.update(zip(C("abcd"), C("bcd") + [EOT]))
+    call = [C("Q")[0], CALL, *C("8+9"), CALL_END]
+    nxt.update(zip(call, call[1:]))
+    nxt.update({OUT_END: C("!")[0], C("!")[0]: C("Z")[0], C("Z")[0]: EOT})
+    return bigram_model(nxt, TOK.vocab_size)
+
+
+def test_stop_tokens_and_max_lengths_per_row(bigram):
+    cfg, params = bigram
+    res = sampling.generate(params, cfg, [C("1"), C("1"), C("6"), C("2")], GREEDY_20, jax.random.PRNGKey(0),
+                            max_new_tokens=[20, 2, 20, 10], stop_ids=[C("5"), C("5"), C("34"), []])
+    assert res.row_tokens(0) == C("2345")  # stop token kept
+    assert res.row_tokens(1) == C("23")  # its own length cap
+    assert res.row_tokens(2) == C("7123")  # its own stop set
+    assert res.row_tokens(3) == C("3456712345")  # no stops: runs to its cap
+    assert res.finish_reason == ["stop", "length", "stop", "length"]
+    np.testing.assert_array_equal(res.lengths, [4, 2, 4, 10])
+    assert res.tokens.shape == (4, 20)
+    assert (res.tokens[0, 4:] == 0).all() and (res.sampled_mask[0, 4:] == 0).all()
+
+
+def _calculator(expr):
+    a, b = expr.split("+")
+    return str(int(a) + int(b))
+
+
+def test_calculator_output_spliced_into_one_row(bigram):
+    cfg, params = bigram
+    calls = []
+    prompts = [C("a"), C("Q"), C("b"), C("1")]
+    res = sampling.generate(params, cfg, prompts, GREEDY_20, jax.random.PRNGKey(0), tools={"calculator": _calculator},
+                            tokenizer=TOK, chunk_size=3, on_tool_call=lambda r, call: calls.append((r, call)))
+    want = [CALL, *C("8+9"), CALL_END, OUT, *C("17"), OUT_END, *C("!Z"), EOT]
+    assert res.row_tokens(1) == want, TOK.decode(res.row_tokens(1))
+    np.testing.assert_array_equal(res.sampled_mask[1, : len(want)], [1] * 5 + [0] * 4 + [1] * 3)
+    assert res.finish_reason == ["stop", "stop", "stop", "length"]  # the config's stop set
+    assert [r for r, _ in calls] == [1]
+    assert res.tool_calls[1] == [{"name": "calculator", "input": "8+9", "output": "17", "position": 4}]
+    assert res.tool_calls[0] == res.tool_calls[2] == res.tool_calls[3] == []
+    assert np.isfinite(res.logprobs[1, : len(want)]).all()
+    # Without tools the end token is an ordinary token: nothing is spliced into row 1, and the
+    # other rows are exactly what they are with the tool row calling.
+    plain = sampling.generate(params, cfg, prompts, GREEDY_20, jax.random.PRNGKey(0))
+    assert plain.row_tokens(1)[:5] == want[:5] and OUT not in plain.row_tokens(1)
+    for r in (0, 2, 3):
+        assert res.row_tokens(r) == plain.row_tokens(r), r
+    assert res.row_tokens(0) == C("bcd") + [EOT] and res.row_tokens(2) == C("cd") + [EOT]
+
+
+def test_tool_output_cut_to_budget_and_errors_reported(bigram):
+    cfg, params = bigram
+    prompts = [C("Q"), C("a"), C("Q"), C("1")]
+    res = sampling.generate(params, cfg, prompts, GREEDY_20, jax.random.PRNGKey(0), tokenizer=TOK,
+                            tools={"calculator": lambda _: "1234567890" * 3}, max_tool_output_tokens=8)
+    for r in (0, 2):  # two rows calling at the same step
+        # 8 slots: the delimiters and the first 6 characters.
+        assert res.row_tokens(r)[5:13] == [OUT, *C("123456"), OUT_END]
+        assert res.row_tokens(r)[13:] == [*C("!Z"), EOT]
+
+    def boom(_):
+        raise ZeroDivisionError("nope")
+
+    res = sampling.generate(params, cfg, prompts, GREEDY_20, jax.random.PRNGKey(0), tokenizer=TOK,
+                            tools={"calculator": boom})
+    assert res.tool_calls[0][0]["output"] == "error: ZeroDivisionError: nope"
+    assert res.row_tokens(0)[-3:] == [*C("!Z"), EOT]  # the row went on after the error
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def test_sharded_params_match_unsharded(tiny):
+    cfg, params = tiny
+    mesh = sharding_lib.make_mesh("data:2,tensor:4")
+    shard = jax.device_put(params, sharding_lib.model_shardings(cfg, mesh))
+    assert shard["layers"]["attn"]["wq"].sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
+    sc = sampling.SamplingConfig(temperature=1.0, top_k=20, top_p=0.9, max_new_tokens=8)
+    ref = sampling.generate(params, cfg, PROMPTS, sc, jax.random.PRNGKey(4))
+    got = sampling.generate(shard, cfg, PROMPTS, sc, jax.random.PRNGKey(4), mesh=mesh)
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- streaming and errors
+
+
+def test_streaming_chunks_reassemble_to_result(tiny):
+    cfg, params = tiny
+    sc = sampling.SamplingConfig(temperature=1.0, top_k=20, top_p=0.9, max_new_tokens=8)
+    pieces = [[] for _ in PROMPTS]
+
+    def on_tokens(new):
+        for r, toks in enumerate(new):
+            pieces[r].extend(toks)
+
+    res = sampling.generate(params, cfg, PROMPTS, sc, jax.random.PRNGKey(2), on_tokens=on_tokens, chunk_size=4)
+    full = sampling.generate(params, cfg, PROMPTS, sc, jax.random.PRNGKey(2))
+    for r in range(len(PROMPTS)):
+        assert pieces[r] == res.row_tokens(r) == full.row_tokens(r)
+
+
+def test_bad_inputs_raise_clear_errors(tiny):
+    cfg, params = tiny
+    sc = sampling.SamplingConfig(max_new_tokens=8)
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        sampling.generate(params, cfg, [[1] * 60], sc, key)
+    with pytest.raises(ValueError, match="empty"):
+        sampling.generate(params, cfg, [[1], []], sc, key)
+    with pytest.raises(ValueError, match="outside"):
+        sampling.generate(params, cfg, [[64]], sc, key)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sampling.generate(params, cfg, [[1], [2]], sc, key, max_new_tokens=[3, 4, 5])
+    with pytest.raises(ValueError, match="tokenizer"):
+        sampling.generate(params, cfg, [[1]], sc, key, tools={"calculator": str})
+    with pytest.raises(ValueError, match="top_p"):
+        sampling.SamplingConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        sampling.SamplingConfig(temperature=-1.0)
+    assert [sampling.bucket(n) for n in (1, 8, 9, 100, 128)] == [8, 8, 16, 128, 128]
