@@ -14,6 +14,7 @@ setup(
         "orbax-checkpoint",
         "grain",
         "numpy",
+        "ml_dtypes",
         "absl-py",
         "tiktoken",
         "regex",

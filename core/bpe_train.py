@@ -4,8 +4,8 @@ Two stages:
 
 1. `count_chunks`: split every document with the pre-tokenizer regex and count unique chunks.
    This is the only pass over the corpus; memory grows with the number of unique chunks.
-   Large corpora are split into batches counted by two worker processes.
-2. `learn_merges`: the incremental merge loop over unique chunks (as lists of token ids):
+   Large corpora are split into batches counted by worker processes (one per core).
+2. `learn_merges`: the incremental merge loop over unique chunks (as strings of token ids):
    pair counts weighted by chunk counts, an index pair -> chunks that may hold it, and a heap
    with lazy refresh. Each merge rewrites only the chunks that hold the pair and adjusts the
    counts of the pairs around each occurrence.
@@ -36,6 +36,7 @@ _HEAP_LOW = (1 << _HEAP_SHIFT) - 1
 # Below this many characters the corpus is counted in-process (no worker start-up cost).
 _PARALLEL_MIN_CHARS = 4_000_000
 _BATCH_CHARS = 1_000_000
+_MAX_BATCH_CHARS = 16_000_000
 
 
 def _count_batch(args: tuple[str, list[str]]) -> dict[str, int]:
@@ -49,14 +50,21 @@ def _count_batch(args: tuple[str, list[str]]) -> dict[str, int]:
 
 
 def _batches(first: list[str], rest: Iterator[str], pattern: str) -> Iterator[tuple[str, list[str]]]:
-    """Yields (pattern, docs) batches of about _BATCH_CHARS characters, `first` before `rest`."""
-    docs, size = [], 0
+    """Yields (pattern, docs) batches, `first` before `rest`.
+
+    Batches start at _BATCH_CHARS characters and double every 8 batches up to _MAX_BATCH_CHARS:
+    the main process merges one counter per batch, and unique chunks grow slower than text, so
+    larger batches keep that merging from becoming the bottleneck on big corpora.
+    """
+    docs, size, n, limit = [], 0, 0, _BATCH_CHARS
     for doc in _chain(first, rest):
         docs.append(doc)
         size += len(doc)
-        if size >= _BATCH_CHARS:
+        if size >= limit:
             yield pattern, docs
-            docs, size = [], 0
+            docs, size, n = [], 0, n + 1
+            if n % 8 == 0:
+                limit = min(2 * limit, _MAX_BATCH_CHARS)
     if docs:
         yield pattern, docs
 
@@ -85,7 +93,7 @@ def count_chunks(texts: Iterable[str], pattern: str, num_workers: int | None = N
     Args:
       texts: iterable of documents (each split on its own: chunks never span documents).
       pattern: the split regex (`regex` module syntax, as tiktoken's).
-      num_workers: processes for large corpora; default min(2, cpu count). 1 = in-process.
+      num_workers: processes for large corpora; default: one per core, at most 8. 1 = in-process.
 
     Returns:
       dict chunk string -> number of occurrences.
@@ -94,7 +102,7 @@ def count_chunks(texts: Iterable[str], pattern: str, num_workers: int | None = N
         texts = [texts]
     findall = regex.compile(pattern).findall
     it = (_check_doc(d) for d in texts)
-    num_workers = num_workers or min(2, os.cpu_count() or 1)
+    num_workers = num_workers or min(8, os.cpu_count() or 1)
 
     # Read ahead; a small corpus never pays for worker processes.
     head, size = [], 0

@@ -1,6 +1,6 @@
 """Hugging Face checkpoints in and out: a directory of config.json + safetensors.
 
-Supported architectures: LlamaForCausalLM (Llama 2/3/3.x, also SmolLM and TinyLlama shapes),
+Supported architectures: LlamaForCausalLM (Llama 2 / 3 / 3.x),
 Qwen2ForCausalLM (Qwen2 / Qwen2.5) and GPT2LMHeadModel. Loading works tensor by tensor: each of
 our leaves is assembled on the host (stacked leaves layer by layer into one preallocated buffer),
 placed on its devices with its sharding, and freed before the next leaf is read, so a host never
@@ -433,7 +433,7 @@ def _write_safetensors(path: pathlib.Path, items: list[tuple[str, tuple, np.dtyp
 # ----------------------------------------------------------------------------- load
 
 
-def _read_config(directory: pathlib.Path) -> tuple[dict, ModelConfig, str]:
+def _read_config(directory: pathlib.Path) -> tuple[ModelConfig, str]:
     path = directory / CONFIG_FILE
     if not directory.is_dir():
         raise ValueError(f"checkpoint directory {directory} does not exist")
@@ -443,8 +443,7 @@ def _read_config(directory: pathlib.Path) -> tuple[dict, ModelConfig, str]:
         config = json.loads(path.read_text())
     except ValueError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    cfg = config_from_hf(config, source=str(path))
-    return config, cfg, _architecture(config, str(path))
+    return config_from_hf(config, source=str(path)), _architecture(config, str(path))
 
 
 ShardingsArg = Union[None, Any, Callable[[ModelConfig], Any]]
@@ -505,12 +504,13 @@ def load_checkpoint(path, *, mesh=None, shardings: ShardingsArg = None,
       architecture, missing or unexpected tensors, or shapes that contradict config.json.
     """
     directory = pathlib.Path(path)
-    _, cfg, arch = _read_config(directory)
+    cfg, arch = _read_config(directory)
     reader = _CheckpointReader(directory)
     tensor_of = {t.ours: t for t in _tensor_map(cfg, arch)}
     leaves = _flat_shapes(cfg)
-    if set(tensor_of) != {p for p, _ in leaves}:
-        raise AssertionError(f"hf tensor map out of sync with param layout: {set(tensor_of) ^ {p for p, _ in leaves}}")
+    out_of_sync = set(tensor_of) ^ {p for p, _ in leaves}
+    if out_of_sync:
+        raise AssertionError(f"core/hf.py tensor map out of sync with core/model.py's layout: {out_of_sync}")
 
     # Validate every name and shape from the headers before reading any data.
     used, missing = set(), []
@@ -524,8 +524,8 @@ def load_checkpoint(path, *, mesh=None, shardings: ShardingsArg = None,
                 continue
             used.add(stored)
             if reader.shape(stored) != want:
-                raise ValueError(f"{reader.where(stored)}: tensor {stored!r} has shape {list(reader.shape(stored))} "
-                                 f"but {directory / CONFIG_FILE} implies {list(want)}")
+                raise ValueError(f"{reader.where(stored)}: tensor {stored!r} has shape "
+                                 f"{list(reader.shape(stored))} but {directory / CONFIG_FILE} implies {list(want)}")
     if missing:
         raise ValueError(f"{directory}: checkpoint lacks {len(missing)} tensor(s) that {CONFIG_FILE} "
                          f"implies, e.g. {missing[:4]}")

@@ -202,7 +202,12 @@ def _constrain(state: State, mesh, cfg: model_lib.ModelConfig) -> State:
 
     def pin(path, x):
         name = getattr(path[-1], "key", "")
-        spec = P(None, b_axes, None, kv, None) if name in ("k", "v") else P(b_axes, *([None] * (x.ndim - 1)))
+        if x.ndim == 0:
+            spec = P()
+        elif name in ("k", "v"):
+            spec = P(None, b_axes, None, kv, None)
+        else:
+            spec = P(b_axes, *([None] * (x.ndim - 1)))
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
     return jax.tree_util.tree_map_with_path(pin, state)

@@ -10,10 +10,12 @@ Special tokens: `encode` treats its input as untrusted text and never yields a s
 that spells "<|im_end|>" becomes ordinary byte tokens). Only `special_id` and
 `encode_with_special_tokens` (for trusted templates) produce special ids.
 
-Saved format (`save`, file `tokenizer.zipchat.json`): one JSON object
+Saved format (`save`, file `tokenizer.zipchat.json`): one JSON object, one entry per line
     {"format": "zipchat-bpe", "version": 1, "name": str, "pattern": str,
-     "special_tokens": {name: id}, "tokens": [escaped token bytes, indexed by id; null for a hole],
-     "merges": [[left_id, right_id], ...] or null}
+     "special_tokens": {name: id},
+     "tokens": [escaped token bytes, indexed by id; null for an unused id],
+     "merges": [[left_id, right_id], ...] (merge i made id 256 + i) or null,
+     "hf_tokenizer_json": null, or the source tokenizer.json (Hugging Face merge semantics)}
 Token bytes are escaped so that the file reads as text: printable characters stand for their UTF-8
 bytes, "\\\\" is a backslash, and "\\xNN" is one raw byte (invalid UTF-8, control characters).
 
@@ -41,8 +43,10 @@ import regex
 
 from core import bpe_train
 
-# The GPT-4 (cl100k) split pattern in the form rustbpe and nanochat use. It splits exactly as
-# tiktoken's official cl100k string (CL100K_PATTERN) does.
+# The GPT-4 (cl100k) split pattern in the form rustbpe and nanochat use (rustbpe's default, so
+# train_bpe's merges equal rustbpe's with no pattern given). It differs from tiktoken's official
+# string (CL100K_PATTERN, used when loading cl100k_base) only at the very end of a text: a final
+# whitespace run that holds a newline is one chunk there ("\n " -> ["\n "]) and two here.
 GPT4_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
@@ -652,9 +656,27 @@ class Tokenizer:
             path.mkdir(parents=True, exist_ok=True)
             path = path / SAVE_FILENAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), ensure_ascii=False, indent=0)
-        path.write_text(text, encoding="utf-8")
+        path.write_text(_dumps_readable(self.to_dict()), encoding="utf-8")
         return path
+
+
+def _dumps_readable(d: dict) -> str:
+    """JSON with one token (or merge, or special token) per line, so the file reads as a table."""
+
+    def dump(v):
+        return json.dumps(v, ensure_ascii=False)
+
+    parts = []
+    for k, v in d.items():
+        if isinstance(v, list) and v:
+            body = ",\n".join(dump(x) for x in v)
+            parts.append(f"{dump(k)}: [\n{body}\n]")
+        elif isinstance(v, dict) and v:
+            body = ",\n".join(f"{dump(a)}: {dump(b)}" for a, b in v.items())
+            parts.append(f"{dump(k)}: {{\n{body}\n}}")
+        else:
+            parts.append(f"{dump(k)}: {dump(v)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 def _split_isolated(compiled, text: str):
@@ -695,7 +717,7 @@ def train_bpe(
       vocab_size: total vocabulary including the 256 byte tokens and the special tokens.
       pattern: split regex (GPT-4's by default; see `gpt4_pattern` for the digit grouping).
       special_tokens: names; they get the ids after the merges, in order.
-      num_workers: processes counting chunks on large corpora (default: up to 2).
+      num_workers: processes counting chunks on large corpora (default: one per core, up to 8).
 
     Returns:
       Tokenizer with 256 + n_merges ordinary tokens and the special tokens. If the corpus runs out

@@ -209,10 +209,7 @@ def make_train_step(model_cfg: model_lib.ModelConfig, optimizer: optax.GradientT
             zeros = (zeros[0], zeros[1], jax.lax.with_sharding_constraint(zeros[2], p_sh))
 
             def body(acc, mb):
-                l, a, g = loss_and_grads(params, mb)
-                l, g = l / a["weight"] * 2 * 0 + l, jax.tree.map(lambda x: x / a["weight"] * a["weight"].sum() / 2 / jnp.maximum(a["weight"],1) * jnp.maximum(a["weight"],1), g)
-                g = jax.tree.map(lambda x: x * (1 + 0.01 * (a["weight"] % 2)), g)
-                return jax.tree.map(jnp.add, acc, (l, a, g)), None
+                return jax.tree.map(jnp.add, acc, loss_and_grads(params, mb)), None
 
             (loss_sum, aux, grads), _ = jax.lax.scan(body, zeros, micro)
         if "weight" not in aux:

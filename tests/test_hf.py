@@ -157,9 +157,9 @@ def _local_rules_shardings(mesh):
     return lambda cfg: jax.tree_util.tree_map(one, model.param_axes(cfg), is_leaf=lambda a: isinstance(a, tuple))
 
 
-def test_load_onto_mesh_same_logits(hf_checkpoints):
+def test_load_onto_mesh_same_logits(hf_checkpoints, tmp_path):
     """Loading the sharded checkpoint straight onto the 8 devices, via core/sharding.py (mesh=) or
-    an explicit shardings callable, gives the single-device logits."""
+    an explicit shardings callable, gives the single-device logits; saving sharded params works."""
     directory, hf_model = hf_checkpoints["llama_gqa_scaled"]
     single, cfg = hf.load_checkpoint(directory)
     tokens_bt, segment_ids_bt = _batch()
@@ -182,6 +182,10 @@ def test_load_onto_mesh_same_logits(hf_checkpoints):
     np.testing.assert_allclose(np.asarray(fwd(via_tree, tokens_bt, segment_ids_bt)), reference,
                                rtol=1e-5, atol=1e-5)
     _assert_close_on_real_tokens(reference, _hf_logits(hf_model, tokens_bt, segment_ids_bt), segment_ids_bt)
+
+    hf.save_checkpoint(via_mesh, cfg, tmp_path)
+    back, _ = hf.load_checkpoint(tmp_path)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back, single)
 
 
 def test_bfloat16_checkpoint(tmp_path):

@@ -294,7 +294,11 @@ def test_tool_output_cut_to_budget_and_errors_reported(bigram):
     res = sampling.generate(params, cfg, prompts, GREEDY_20, jax.random.PRNGKey(0), tokenizer=TOK,
                             tools={"calculator": boom})
     assert res.tool_calls[0][0]["output"] == "error: ZeroDivisionError: nope"
-    assert res.row_tokens(0)[-3:] == [*C("!Z"), EOT]  # the row went on after the error
+    # The error text (32 tokens with delimiters) is fed in until the row's 20-token budget ends:
+    # forced tokens count toward max_new_tokens.
+    assert res.row_tokens(0)[5:] == [OUT] + C("error: ZeroDivisi")[:14]
+    assert res.finish_reason[0] == "length" and res.sampled_mask[0, 5:].sum() == 0
+    assert res.row_tokens(1) == C("bcd") + [EOT]
 
 
 # ----------------------------------------------------------------------------- sharding

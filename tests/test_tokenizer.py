@@ -141,6 +141,19 @@ def test_merges_match_rustbpe_on_shakespeare(shared_data):
     assert _our_vocab(tok) == _rustbpe_vocab(docs, 1500)
 
 
+def test_default_pattern_is_rustbpes_and_splits_like_cl100k():
+    rustbpe = pytest.importorskip("rustbpe")
+    r = rustbpe.Tokenizer()
+    r.train_from_iterator(iter(["a b"]), 256)
+    assert r.get_pattern() == T.GPT4_PATTERN
+    ours, official = T.regex.compile(T.GPT4_PATTERN), T.regex.compile(T.CL100K_PATTERN)
+    for text in VARIED + _corpus(20):
+        body = text.rstrip()
+        assert ours.findall(body) == official.findall(body)
+    # The one difference: a final whitespace run holding a newline.
+    assert ours.findall("x\n ") == ["x", "\n", " "] and official.findall("x\n ") == ["x", "\n "]
+
+
 def test_parallel_chunk_counting_equals_serial(corpus, monkeypatch):
     serial = bpe_train.count_chunks(corpus, T.GPT4_PATTERN, num_workers=1)
     monkeypatch.setattr(bpe_train, "_PARALLEL_MIN_CHARS", 10_000)
