@@ -534,7 +534,7 @@ class Tokenizer:
         if kind == "tiktoken":
             # tiktoken releases the GIL while encoding, so threads use all cores. One task per
             # thread over a contiguous slice: per-document tasks cost more than short documents.
-            if workers < 2 or len(texts) < 2:
+            if workers < 2 or len(texts) < 2 or sum(map(len, texts)) < 100_000:
                 return [impl.encode_ordinary(t) for t in texts]
             step = -(-len(texts) // workers)
             slices = [texts[i : i + step] for i in range(0, len(texts), step)]

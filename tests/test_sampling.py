@@ -268,7 +268,11 @@ def test_calculator_output_spliced_into_one_row(bigram):
     assert [r for r, _ in calls] == [1]
     assert res.tool_calls[1] == [{"name": "calculator", "input": "8+9", "output": "17", "position": 4}]
     assert res.tool_calls[0] == res.tool_calls[2] == res.tool_calls[3] == []
-    assert np.isfinite(res.logprobs[1, : len(want)]).all()
+    # Every token's log-prob, forced ones included, is the full forward's at its position.
+    for r, prompt in enumerate(prompts):
+        ref_tv = jax.nn.log_softmax(full_logits(params, cfg, [prompt + res.row_tokens(r)])[0], -1)
+        gen = res.row_tokens(r)
+        np.testing.assert_allclose(res.logprobs[r, : len(gen)], ref_tv[np.arange(len(gen)), gen], atol=1e-4)
     # Without tools the end token is an ordinary token: nothing is spliced into row 1, and the
     # other rows are exactly what they are with the tool row calling.
     plain = sampling.generate(params, cfg, prompts, GREEDY_20, jax.random.PRNGKey(0))

@@ -205,8 +205,10 @@ def test_round_trip_bytes(tok, text):
 
 
 def test_encode_batch_equals_encode(tok, corpus):
-    texts = corpus[:100] + VARIED
+    texts = corpus * 3 + VARIED  # > 100k characters: the threaded path
+    assert sum(map(len, texts)) > 100_000
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+    assert tok.encode_batch(texts[:3]) == [tok.encode(t) for t in texts[:3]]
     assert tok.encode_batch([]) == []
 
 
