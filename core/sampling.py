@@ -233,7 +233,7 @@ def prefill(params: Params, cfg: model_lib.ModelConfig, tokens_bp: jax.Array, le
     x_bpd, cache = model_lib.forward_hidden(params, tokens_bp, cfg, cache=cache)
     # Only the last real token's logits are needed: [B, D] through the head, not [B, P, V].
     x_bd = jnp.take_along_axis(x_bpd, (lengths_b - 1)[:, None, None], axis=1)[:, 0]
-    cache = dict(cache)
+    cache = dict(cache, lengths=lengths_b.astype(jnp.int32))
     return cache, model_lib.logits_from_hidden(params, x_bd, cfg)
 
 

@@ -78,7 +78,7 @@ def passes_over_corpus(corpus, tokenizer, run_cfg: dict, sample_docs: int = 256)
 
 def regurgitation(model, world, cfg: PhenomenaConfig, passes: float) -> list[Row]:
     """Greedy continuation of the first prompt_tokens of canonical articles, by copies."""
-    tokenizer, mcfg, params = model
+    tokenizer, mcfg, params, mesh = model
     eot = tokenizer.eot_id
     groups: dict[int, list[int]] = {}
     for d in world.edition:
@@ -97,7 +97,7 @@ def regurgitation(model, world, cfg: PhenomenaConfig, passes: float) -> list[Row
             refs.append(toks[cfg.prompt_tokens + 1: cfg.prompt_tokens + 1 + cfg.cont_tokens])
             keys.append(copies)
     outs = common.sample_tokens(params, mcfg, tokenizer, prompts, max_new_tokens=cfg.cont_tokens,
-                                temperature=0.0, keep_stop=True)
+                                temperature=0.0, keep_stop=True, mesh=mesh)
     per: dict[int, list[tuple[bool, float]]] = {}
     for key, ref, out in zip(keys, refs, outs):
         gen = out[0][: len(ref)]
@@ -120,7 +120,7 @@ def knowledge_by_frequency(model, world, cfg: PhenomenaConfig, passes: float) ->
     its value appears in the greedy continuation."""
     from data import synthetic
 
-    tokenizer, mcfg, params = model
+    tokenizer, mcfg, params, mesh = model
     by_entity: dict[str, list[dict]] = {}
     for f in synthetic.facts(world):
         by_entity.setdefault(f["entity"], []).append(f)
@@ -130,7 +130,7 @@ def knowledge_by_frequency(model, world, cfg: PhenomenaConfig, passes: float) ->
         ents = [e for e in world.entities if e.tier == tier]
         chosen += rng.sample(ents, min(cfg.entities_per_tier, len(ents)))
     outs = common.sample_texts(params, mcfg, tokenizer, [f"{e.name}\n\n" for e in chosen],
-                               max_new_tokens=cfg.fact_tokens, temperature=0.0)
+                               max_new_tokens=cfg.fact_tokens, temperature=0.0, mesh=mesh)
     per: dict[str, list[tuple[bool, int]]] = {}
     for e, out in zip(chosen, outs):
         for f in by_entity.get(e.name, []):
@@ -164,39 +164,45 @@ def _fewshot_tasks(rng: random.Random, words: Sequence[str]):
 
 
 def few_shot(model, cfg: PhenomenaConfig) -> list[Row]:
-    """k-shot vs 0-shot accuracy on formats absent from the corpus (no '->' appears in it)."""
+    """k-shot vs 0-shot accuracy on formats absent from the corpus (no '->' appears in it).
+    All tasks share one generate call per prompt style (fewer compiled shapes)."""
     from data import synthetic
 
-    tokenizer, mcfg, params = model
+    tokenizer, mcfg, params, mesh = model
     rng = random.Random(cfg.seed + 2)
     words = [w for w in synthetic.WORDS if len(w) <= 8]
-    rows = []
+    names, prompts0, promptsk, answers = [], [], [], []
     for name, task in _fewshot_tasks(rng, words).items():
-        prompts0, promptsk, answers = [], [], []
         for _ in range(cfg.fewshot_queries):
             q, a = task(rng)
             shots = [task(rng) for _ in range(cfg.shots)]
             promptsk.append("".join(f"{x} -> {y}\n" for x, y in shots) + f"{q} ->")
             prompts0.append(f"{q} ->")
             answers.append(a)
-        n_new = max(len(tokenizer.encode(" " + a)) for a in answers) + 2
-        for label, prompts in (("0-shot", prompts0), (f"{cfg.shots}-shot", promptsk)):
-            outs = common.sample_texts(params, mcfg, tokenizer, prompts, max_new_tokens=n_new, temperature=0.0)
-            ok = [o[0].split("\n", 1)[0].strip() == a for o, a in zip(outs, answers)]
-            rows.append({"phenomenon": "few-shot", "condition": f"{name}, {label}", "n": len(ok),
-                         "metric": "exact answer", "value": sum(ok) / len(ok), "extra": ""})
-    return rows
+            names.append(name)
+    n_new = max(len(tokenizer.encode(" " + a)) for a in answers) + 2
+    rows = []
+    for label, prompts in (("0-shot", prompts0), (f"{cfg.shots}-shot", promptsk)):
+        outs = common.sample_texts(params, mcfg, tokenizer, prompts, max_new_tokens=n_new, temperature=0.0,
+                                   mesh=mesh)
+        ok = [o[0].split("\n", 1)[0].strip() == a for o, a in zip(outs, answers)]
+        for name in dict.fromkeys(names):
+            v = [k for k, n in zip(ok, names) if n == name]
+            rows.append({"phenomenon": "few-shot", "condition": f"{name}, {label}", "n": len(v),
+                         "metric": "exact answer", "value": sum(v) / len(v), "extra": ""})
+    order = {n: i for i, n in enumerate(dict.fromkeys(names))}
+    return sorted(rows, key=lambda r: order[r["condition"].rsplit(", ", 1)[0]])
 
 
 def diversity(model, world, cfg: PhenomenaConfig) -> list[Row]:
     """Distinct samples among diversity_samples draws of one prompt, at temperature 1 and 0."""
-    tokenizer, mcfg, params = model
+    tokenizer, mcfg, params, mesh = model
     famous = [e.name for e in world.entities if e.tier == "famous"][: max(1, cfg.diversity_prompts - 2)]
     prompts = (famous + ["Questions and answers about", "The word"])[: cfg.diversity_prompts]
     rows = []
     for temp in (1.0, 0.0):
         outs = common.sample_texts(params, mcfg, tokenizer, prompts, n_samples=cfg.diversity_samples,
-                                   max_new_tokens=24, temperature=temp, seed=cfg.seed + 3)
+                                   max_new_tokens=24, temperature=temp, seed=cfg.seed + 3, mesh=mesh)
         distinct = [len(set(o)) for o in outs]
         rows.append({"phenomenon": "sampling", "condition": f"temperature {temp:g}, {len(prompts)} prompts",
                      "n": len(prompts) * cfg.diversity_samples,
@@ -226,7 +232,7 @@ def run(cfg: PhenomenaConfig, loaded=None, verbose: bool = True) -> list[Row]:
     world, corpus, run_cfg = _world_and_corpus(out_dir)
     mesh = sharding_lib.make_mesh(cfg.mesh)
     tokenizer, mcfg, params, step = loaded or common.load_model(out_dir, mesh=mesh, step=cfg.step)
-    model = (tokenizer, mcfg, params)
+    model = (tokenizer, mcfg, params, mesh)
     passes = passes_over_corpus(corpus, tokenizer, run_cfg)
     rows = (regurgitation(model, world, cfg, passes) + knowledge_by_frequency(model, world, cfg, passes)
             + few_shot(model, cfg) + diversity(model, world, cfg))

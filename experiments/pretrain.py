@@ -289,9 +289,9 @@ def _log_record(step: int, m: dict, progress: common.Progress, t0: float) -> dic
 
 
 def run(cfg: PretrainConfig) -> dict:
-    """Trains per `cfg`; returns a summary {step, loss, val_bpb, wall_s, tokens_per_s, out_dir}."""
+    """Trains per `cfg`; returns a summary {step, loss, val_bpb, wall_s, train_s, tokens_per_s, mfu,
+    out_dir, n_params}."""
     import jax
-    import numpy as np
 
     from core import checkpoint as ck
     from core import model as model_lib
@@ -395,7 +395,7 @@ def run(cfg: PretrainConfig) -> dict:
                "val_loss_per_byte_nats": nats / max(nbytes, 1.0)}
         samples = []
         if prompts:
-            samples = common.sample_texts(state["params"], model_cfg, tokenizer, prompts, mesh=None,
+            samples = common.sample_texts(state["params"], model_cfg, tokenizer, prompts, mesh=mesh,
                                           max_new_tokens=cfg.sample_tokens, temperature=1.0, top_k=50,
                                           seed=cfg.seed * 1000 + step)
             if is_main:
@@ -420,8 +420,11 @@ def run(cfg: PretrainConfig) -> dict:
         common.plot_metric(common.read_jsonl(out_dir / common.EVALS_FILE), "val_bpb",
                            out_dir / "plots" / "bpb.png", title="validation bits per byte")
 
+    saved_steps = [start_step]
+
     def save(step: int, force: bool = False):
-        ck.save(mngr, step, state, data_state=it.get_state(), meta=fingerprint, force=force)
+        if ck.save(mngr, step, state, data_state=it.get_state(), meta=fingerprint, force=force):
+            saved_steps.append(step)
         progress.pause()
 
     # --- the loop. Step s's metrics are fetched after step s+1 is dispatched (the host never
@@ -470,7 +473,7 @@ def run(cfg: PretrainConfig) -> dict:
                 os.kill(os.getpid(), signal.SIGKILL)
         if pending is not None:
             last_rec = flush(pending)
-        if mngr.latest_step() != total and start_step != total:
+        if saved_steps[-1] != total:
             save(total, force=True)
         last_eval = evaluate(total)
         mngr.wait_until_finished()
@@ -484,7 +487,8 @@ def run(cfg: PretrainConfig) -> dict:
     train_s = time.time() - t_loop
     summary = {"step": step, "loss": last_rec.get("loss"), "val_bpb": last_eval.get("val_bpb"),
                "wall_s": wall, "train_s": train_s,
-               "tokens_per_s": (step - start_step) * cfg.batch_size * cfg.seq_len / max(train_s, 1e-9),
+               # steady-state training rate (compiles, evals and saves excluded)
+               "tokens_per_s": progress.tokens_per_s, "mfu": progress.mfu,
                "out_dir": str(out_dir), "n_params": n_params}
     common.say(f"done: step {step}, loss {summary['loss']}, val bits/byte {summary['val_bpb']:.4f}, "
                f"{common.format_duration(wall)} wall")

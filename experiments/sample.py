@@ -52,7 +52,7 @@ def run(cfg: SampleConfig, loaded=None, verbose: bool = True) -> list[list[str]]
     tokenizer, model_cfg, params, step = loaded or common.load_model(cfg.out_dir, mesh=mesh, step=cfg.step)
     outs = common.sample_texts(params, model_cfg, tokenizer, list(cfg.prompts), n_samples=cfg.n_samples,
                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                               top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed)
+                               top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, mesh=mesh)
     if verbose:
         knobs = f"temperature {cfg.temperature}, top_k {cfg.top_k or 'off'}, top_p {cfg.top_p}"
         common.say(f"checkpoint {cfg.out_dir} step {step} | {knobs}")

@@ -199,3 +199,18 @@ def test_metrics_jsonl_truncation_and_torn_lines(tmp_path):
     assert [r["step"] for r in common.read_jsonl(p)] == [1, 2, 3, 4, 5, 6]
     common.truncate_jsonl(p, 4)
     assert [r["step"] for r in common.read_jsonl(p)] == [1, 2, 3, 4]
+
+
+def test_phenomena_table_on_the_micro_run(runs):
+    from experiments import evaluate
+
+    cfg = evaluate.PhenomenaConfig(out_dir=str(runs["a"]), docs_per_group=2, entities_per_tier=2,
+                                   fewshot_queries=2, shots=2, diversity_prompts=2, diversity_samples=4)
+    rows = evaluate.run(cfg, verbose=False)
+    assert {r["phenomenon"] for r in rows} == {"regurgitation", "facts by frequency", "few-shot", "sampling"}
+    temp = {r["condition"].split(",")[0]: r["value"] for r in rows if r["phenomenon"] == "sampling"}
+    assert temp["temperature 0"] == 1.0  # greedy: all samples of a prompt agree
+    assert temp["temperature 1"] > 2.0   # an untrained-ish model at T=1 almost never repeats itself
+    assert all(0.0 <= r["value"] <= 1.0 for r in rows if r["phenomenon"] != "sampling")
+    table = (runs["a"] / "phenomena.md").read_text()
+    assert table.count("\n| regurgitation") >= 1 and "exact answer" in table

@@ -44,14 +44,14 @@ def full_logits(params, cfg, seqs: list[list[int]]) -> np.ndarray:
 
 def bigram_model(next_of: dict[int, int], vocab: int):
     """A real transformer whose blocks are the identity and whose head is a bigram table, so the
-    greedy continuation of any token is known: logits(next_of[t]) = 10 * sqrt(V), others 0."""
+    greedy continuation of any token is known: logits(next_of[t]) ~ 10 * sqrt(V), others 0."""
     cfg = model_lib.ModelConfig(vocab_size=vocab, d_model=vocab, n_layers=1, n_heads=1, head_dim=8, d_ff=8,
                                 max_seq_len=128, mlp="relu2", zero_init_out=True)
     params = jax.jit(model_lib.init_params, static_argnums=1)(jax.random.PRNGKey(1), cfg)
     params["embed"]["tokens"] = jnp.eye(vocab, dtype=jnp.float32)
     table = np.zeros((vocab, vocab), np.float32)
     for a, b in next_of.items():
-        table[a, b] = 10.0
+        table[a, b] = 8.0 + a % 7  # unequal strengths: each row's distribution is its own
     params["lm_head"] = jnp.asarray(table)
     return cfg, params
 
@@ -227,12 +227,12 @@ GREEDY_20 = sampling.SamplingConfig(temperature=0.0, max_new_tokens=20, stop_ids
 @pytest.fixture(scope="module")
 def bigram():
     """Chains: 1 -> 2 -> ... -> 7 -> 1 (cycle);  a -> b -> c -> d -> eot;
-    Q -> <calc> 8 + 9 </calc>, and after any tool output:  </output> -> ! -> Z -> eot."""
+    Q -> <calc> 8 + 9 </calc> -> Z, and after any tool output:  </output> -> ! -> Z -> eot."""
     nxt = {C(str(i))[0]: C(str(i % 7 + 1))[0] for i in range(1, 8)}
     nxt.update(zip(C("abcd"), C("bcd") + [EOT]))
     call = [C("Q")[0], CALL, *C("8+9"), CALL_END]
     nxt.update(zip(call, call[1:]))
-    nxt.update({OUT_END: C("!")[0], C("!")[0]: C("Z")[0], C("Z")[0]: EOT})
+    nxt.update({OUT_END: C("!")[0], C("!")[0]: C("Z")[0], C("Z")[0]: EOT, CALL_END: C("Z")[0]})
     return bigram_model(nxt, TOK.vocab_size)
 
 
