@@ -309,6 +309,16 @@ def _rope(x_bthe: jax.Array, cos_bte: jax.Array, sin_bte: jax.Array) -> jax.Arra
     return out.astype(x_bthe.dtype)
 
 
+def _matmul(x, w, n_contract: int = 1):
+    """Contracts the last n_contract dims of x with the first n_contract dims of w as ONE 2-D
+    matmul [rows, K] @ [K, N], then restores the shapes. Same math as the einsum; on XLA:CPU the
+    gradient of a batched 'btd,df->btf' einsum materialises transposes that this avoids (about a
+    third of a width-256 train step)."""
+    k = math.prod(w.shape[:n_contract])
+    lead = x.shape[: x.ndim - n_contract]
+    return (x.reshape(-1, k) @ w.reshape(k, -1)).reshape(lead + w.shape[n_contract:])
+
+
 def _attention(q_bthe, k_bske, v_bske, mask_bts, cfg: ModelConfig) -> jax.Array:
     """Grouped-query attention through jax.nn.dot_product_attention (cuDNN flash on GPU when
     the mask allows, XLA elsewhere). mask_bts: True where query t may see key s."""
@@ -331,9 +341,9 @@ def _block(x_btd, lp, cfg: ModelConfig, cos_bte, sin_bte, mask_bts, kv_cache, st
     dt = cfg.dtype
     h = _norm(x_btd, lp["attn_norm"], cfg).astype(dt)
     a = lp["attn"]
-    q = jnp.einsum("btd,dhe->bthe", h, a["wq"].astype(dt))
-    k = jnp.einsum("btd,dke->btke", h, a["wk"].astype(dt))
-    v = jnp.einsum("btd,dke->btke", h, a["wv"].astype(dt))
+    q = _matmul(h, a["wq"].astype(dt))  # [B, T, H, E]
+    k = _matmul(h, a["wk"].astype(dt))  # [B, T, K, E]
+    v = _matmul(h, a["wv"].astype(dt))
     if cfg.qkv_bias:
         q, k, v = q + a["bq"].astype(dt), k + a["bk"].astype(dt), v + a["bv"].astype(dt)
     if cfg.qk_norm:
@@ -350,23 +360,23 @@ def _block(x_btd, lp, cfg: ModelConfig, cos_bte, sin_bte, mask_bts, kv_cache, st
         new_kv = (ck, cv)
         k, v = ck.astype(dt), cv.astype(dt)
     o = _attention(q, k, v, mask_bts, cfg)
-    o = jnp.einsum("bthe,hed->btd", o, a["wo"].astype(dt)).astype(cfg.acc_dtype)
+    o = _matmul(o, a["wo"].astype(dt), 2).astype(cfg.acc_dtype)  # [B, T, H, E] x [H, E, D]
     if cfg.attn_out_bias:
         o = o + a["bo"]
     x_btd = x_btd + o
 
     h = _norm(x_btd, lp["mlp_norm"], cfg).astype(dt)
     m = lp["mlp"]
-    up = jnp.einsum("btd,df->btf", h, m["w_in"].astype(dt))
+    up = _matmul(h, m["w_in"].astype(dt))
     if cfg.mlp_bias:
         up = up + m["b_in"].astype(dt)
     if cfg.mlp == "swiglu":
-        act = jax.nn.silu(jnp.einsum("btd,df->btf", h, m["w_gate"].astype(dt))) * up
+        act = jax.nn.silu(_matmul(h, m["w_gate"].astype(dt))) * up
     elif cfg.mlp == "gelu":
         act = jax.nn.gelu(up, approximate=True)
     else:
         act = jnp.square(jax.nn.relu(up))
-    y = jnp.einsum("btf,fd->btd", act, m["w_out"].astype(dt)).astype(cfg.acc_dtype)
+    y = _matmul(act, m["w_out"].astype(dt)).astype(cfg.acc_dtype)
     if cfg.mlp_bias:
         y = y + m["b_out"]
     return x_btd + y, new_kv
@@ -426,9 +436,9 @@ def logits_from_hidden(params: Params, x_btd: jax.Array, cfg: ModelConfig) -> ja
     """LM head (tied or untied) and optional tanh soft-cap; returns float32 logits [..., V]."""
     dt = cfg.dtype
     if cfg.tie_embeddings:
-        logits = jnp.einsum("...d,vd->...v", x_btd.astype(dt), params["embed"]["tokens"].astype(dt))
+        logits = _matmul(x_btd.astype(dt), params["embed"]["tokens"].astype(dt).T)
     else:
-        logits = jnp.einsum("...d,dv->...v", x_btd.astype(dt), params["lm_head"].astype(dt))
+        logits = _matmul(x_btd.astype(dt), params["lm_head"].astype(dt))
     logits = logits.astype(cfg.acc_dtype)
     if cfg.logit_softcap:
         logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)

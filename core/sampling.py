@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -114,6 +115,8 @@ class GenerateResult:
     prompt_index: int32 [N] which prompt each row continues (r // n_samples).
     tool_calls: per row, a list of {'name', 'input', 'output', 'position'} in call order;
       position is the index in `tokens` of the tool's end token.
+    prefill_s, decode_s: wall-clock seconds of the prefill (compile included on a first call)
+      and of the decode loop (tool runs included).
     """
 
     tokens: np.ndarray
@@ -124,6 +127,8 @@ class GenerateResult:
     finish_reason: list[str]
     prompt_index: np.ndarray
     tool_calls: list[list[dict]]
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
 
     def row_tokens(self, r: int) -> list[int]:
         """The generated tokens of row r without padding."""
@@ -487,8 +492,11 @@ def generate(
     for r, s in enumerate(stops):
         stop_ns[r, : len(s)] = list(s)
 
+    t0 = time.perf_counter()
     state = _prefill_state(params, tokens_bp, lengths_b, max_new_n, stop_ns, cfg=cfg, cache_len=cache_len,
                            n_samples=n_samples, n_rows=n_rows, mesh=mesh, t_buf=t_buf, q_buf=q_buf)
+    jax.block_until_ready(state["logits"])
+    t1 = time.perf_counter()
     tool_map = _tool_ids(tools, tokenizer) if tools else {}
     # Padded with -1 (never a token) to a fixed size: the tool set does not change shapes.
     tool_end_ids = jnp.asarray(sorted(tool_map) + [-1] * (bucket(len(tool_map), 4) - len(tool_map)), jnp.int32)
@@ -516,6 +524,7 @@ def generate(
 
     out = jax.device_get({k: state[k] for k in ("tokens", "logprobs", "sample_logprobs", "sampled",
                                                 "out_len", "reason")})
+    t2 = time.perf_counter()
     return GenerateResult(
         tokens=out["tokens"][:n_real, :t_max],
         logprobs=out["logprobs"][:n_real, :t_max],
@@ -525,6 +534,8 @@ def generate(
         finish_reason=[FINISH_REASONS[int(c)] for c in out["reason"][:n_real]],
         prompt_index=np.arange(n_real, dtype=np.int32) // n_samples,
         tool_calls=tool_calls,
+        prefill_s=t1 - t0,
+        decode_s=t2 - t1,
     )
 
 

@@ -1,16 +1,21 @@
 """Train-step throughput: our jit-compiled JAX step vs the same model and optimizer in PyTorch.
 
-    python -m experiments.bench_train                      # tiny family at width 256, CPU
-    python -m experiments.bench_train --preset=gpt2-124m --bf16 --batch=16 --seq_len=1024  # GPU
+    python -m experiments.bench_train                     # tiny family at width 256, CPU, ~3 min
+    python -m experiments.bench_train --preset=gpt2-124m --width=0 --depth=0 --bf16 \
+        --batch=16 --seq_len=1024                         # GPU: the preset's own sizes
 
 Measures, in one process:
-- peak: the best float32 (bfloat16 with --bf16) matmul rate of this machine through jnp;
+- peak: the best float32 (bfloat16 with --bf16) n x n x n matmul rate through jnp;
 - JAX: tokens/s of `core.train.make_train_step` (AdamW, clipping, masked loss) and MFU =
   model FLOPs/token (core.model.flops_per_token) x tokens/s / peak;
-- PyTorch (CPU only): an independent implementation of the same architecture and AdamW with
-  the same decay mask, eager and torch.compile'd, same batch and sequence length;
+- PyTorch (CPU backend only): an independent implementation of the same architecture and AdamW
+  with the same decay groups, eager and torch.compile'd, same batch and sequence length;
 - the compile time of the JAX step at depth 4 and depth 24 (layers run under lax.scan, so it
   should stay flat).
+All contenders are built and warmed up first, then timed round-robin one step at a time, so
+load from other processes on a shared machine hits them alike; the headline numbers use each
+one's best step (like the peak, a best-of), medians are printed next to them. The 'cores'
+column is CPU time / wall time: below the core count means the machine was busy elsewhere.
 Prints a table, then one JSON line.
 """
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 
 from absl import app, flags
@@ -29,27 +35,24 @@ flags.DEFINE_integer("head_dim", 64, "head size when --width overrides the prese
 flags.DEFINE_integer("vocab_size", 0, "vocabulary size (0 = the preset's)")
 flags.DEFINE_integer("batch", 8, "sequences per step")
 flags.DEFINE_integer("seq_len", 256, "tokens per sequence")
-flags.DEFINE_integer("steps", 6, "timed steps per implementation (after 2 warm-up steps)")
+flags.DEFINE_integer("steps", 8, "timed steps per implementation, after warm-up")
 flags.DEFINE_string("mesh", "data:-1", "device mesh for the JAX step (core.sharding spec)")
 flags.DEFINE_bool("bf16", False, "bfloat16 matmuls (JAX compute_dtype; peak measured in bfloat16)")
 flags.DEFINE_bool("torch", True, "also time the PyTorch reference (CPU backend only)")
 flags.DEFINE_bool("torch_compile", True, "also time torch.compile (needs a C++ compiler)")
 flags.DEFINE_string("compile_depths", "4,24", "depths whose JAX step compile time is measured ('' = skip)")
-flags.DEFINE_bool("tune_cpu", True, "on CPU, start XLA with flags that help small training steps "
-                  "(set before JAX starts; see CPU_XLA_FLAGS)")
+flags.DEFINE_bool("tune_malloc", True, "re-exec with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (see below)")
 FLAGS = flags.FLAGS
-
-# See the lab notes in this file's report: on XLA:CPU these cut the step time of the width-256
-# model without changing its numerics beyond float reassociation.
-CPU_XLA_FLAGS: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------- JAX side
 
 
 def model_config(model_lib):
-    over = {"max_seq_len": max(FLAGS.seq_len, 1)}
+    """The --preset with --width/--depth/--vocab_size applied (heads of --head_dim, same MLP ratio)."""
     base = model_lib.get_config(FLAGS.preset)
+    over = {"compute_dtype": "bfloat16" if FLAGS.bf16 else "float32",
+            "max_seq_len": max(base.max_seq_len if base.pos == "learned" else 0, FLAGS.seq_len)}
     if FLAGS.width:
         if FLAGS.width % FLAGS.head_dim:
             raise ValueError(f"--head_dim={FLAGS.head_dim} does not divide --width={FLAGS.width}")
@@ -61,58 +64,49 @@ def model_config(model_lib):
         over["n_layers"] = FLAGS.depth
     if FLAGS.vocab_size:
         over["vocab_size"] = FLAGS.vocab_size
-    over["compute_dtype"] = "bfloat16" if FLAGS.bf16 else "float32"
-    over["max_seq_len"] = max(base.max_seq_len if base.pos == "learned" else 0, FLAGS.seq_len)
     return model_lib.get_config(FLAGS.preset, **over)
 
 
-def matmul_peak_gflops(jax, jnp, dtype, n=None, reps=8) -> float:
-    """Best-of-reps rate of one n x n x n matmul (n = 2048 on CPU, 8192 on accelerators)."""
-    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
-    a = jnp.asarray(jax.random.normal(jax.random.key(0), (n, n)), dtype)
-    b = jnp.asarray(jax.random.normal(jax.random.key(1), (n, n)), dtype)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, b).block_until_ready()
-    best = math.inf
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+class matmul_runner:
+    """One n x n x n matmul per call (n = 2048 on CPU, 8192 on accelerators): the peak."""
+
+    def __init__(self, jax, jnp, dtype):
+        n = 2048 if jax.default_backend() == "cpu" else 8192
+        self.a = jnp.asarray(jax.random.normal(jax.random.key(0), (n, n)), dtype)
+        self.b = jnp.asarray(jax.random.normal(jax.random.key(1), (n, n)), dtype)
+        self.f = jax.jit(lambda x, y: x @ y)
+        self.flops = 2.0 * n ** 3
+        for _ in range(2):
+            self()
+
+    def __call__(self):
+        self.f(self.a, self.b).block_until_ready()
 
 
-def time_steps(fn, n_warm: int, n: int) -> float:
-    """Seconds per call of fn() (fn blocks until its step is done), median of n after warm-up."""
-    for _ in range(n_warm):
-        fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2]
+class jax_runner:
+    """core.train.make_train_step with AdamW (clipping, decay mask) on --mesh; one step per call."""
 
+    def __init__(self, cfg, tokens_np):
+        import jax
 
-def jax_bench(cfg, tokens_np):
-    import jax
-    import numpy as np
+        from core import optim, sharding, train
 
-    from core import optim, sharding, train
+        self.jax = jax
+        opt = optim.make_optimizer(optim.OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant"))
+        mesh = sharding.make_mesh(FLAGS.mesh)
+        self.state = train.init_train_state(jax.random.key(0), cfg, opt, mesh)
+        self.step = train.make_train_step(cfg, opt, mesh)
+        self.batch = sharding.shard_batch({"tokens": tokens_np}, mesh)
+        self.metrics = None
+        for _ in range(2):
+            self()
 
-    opt = optim.make_optimizer(optim.OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant"))
-    mesh = sharding.make_mesh(FLAGS.mesh)
-    state = train.init_train_state(jax.random.key(0), cfg, opt, mesh)
-    step = train.make_train_step(cfg, opt, mesh)
-    batch = sharding.shard_batch({"tokens": tokens_np}, mesh)
-    box = {"state": state, "m": None}
+    def __call__(self):
+        self.state, self.metrics = self.step(self.state, self.batch)
+        self.jax.block_until_ready(self.metrics)
 
-    def run():
-        box["state"], box["m"] = step(box["state"], batch)
-        jax.block_until_ready(box["m"])
-
-    dt = time_steps(run, 2, FLAGS.steps)
-    return dt, float(np.asarray(box["m"]["loss"]))
+    def loss(self) -> float:
+        return float(self.metrics["loss"])
 
 
 def compile_seconds(cfg, depth: int) -> float:
@@ -145,8 +139,8 @@ def torch_model_and_opt(cfg, torch):
     nn, F = torch.nn, torch.nn.functional
     d, h, k, e, f, v = cfg.d_model, cfg.n_heads, cfg.k, cfg.e, cfg.f, cfg.vocab_size
     if cfg.norm != "rmsnorm" or cfg.pos != "rope" or cfg.qkv_bias or cfg.mlp_bias or cfg.attn_out_bias:
-        raise ValueError(f"--preset={FLAGS.preset}: the PyTorch reference covers the RMSNorm/RoPE "
-                         "bias-free family only; pass --notorch")
+        raise NotImplementedError(f"PyTorch reference skipped: it covers the RMSNorm/RoPE bias-free family "
+                                  f"(tiny, d20), not --preset={FLAGS.preset}")
 
     def rms(x, w):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
@@ -169,8 +163,11 @@ def torch_model_and_opt(cfg, torch):
             self.qn, self.kn = nn.Parameter(torch.ones(e)), nn.Parameter(torch.ones(e))
             self.w_in = nn.Linear(d, f * (2 if cfg.mlp == "swiglu" else 1), bias=False)
             self.w_out = nn.Linear(f, d, bias=False)
-            for lin in (self.wq, self.wkv, self.wo, self.w_in, self.w_out):
+            out_std = 0.0 if cfg.zero_init_out else cfg.init_std / math.sqrt(2 * cfg.n_layers)
+            for lin in (self.wq, self.wkv, self.w_in):
                 nn.init.normal_(lin.weight, std=cfg.init_std)
+            for lin in (self.wo, self.w_out):
+                nn.init.normal_(lin.weight, std=out_std)
 
         def forward(self, x):
             b, t, _ = x.shape
@@ -222,41 +219,63 @@ def torch_model_and_opt(cfg, torch):
     return net, opt
 
 
-def torch_bench(cfg, tokens_np, compiled: bool):
-    import torch
+class torch_runner:
+    """The PyTorch reference: forward, backward, clip, AdamW step per call (eager or compiled)."""
 
-    torch.manual_seed(0)
-    net, opt = torch_model_and_opt(cfg, torch)
-    tokens = torch.from_numpy(tokens_np).long()
+    def __init__(self, cfg, tokens_np, compiled: bool):
+        import torch
 
-    def step():
-        loss = net(tokens)
-        opt.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        self.net, self.opt = torch_model_and_opt(cfg, torch)
+        self.tokens = torch.from_numpy(tokens_np).long()
+        self.torch = torch
+        self.fn = torch.compile(self._step) if compiled else self._step
+        self.last = None
+        for _ in range(2):  # the first call compiles when torch.compile'd
+            self()
+
+    def _step(self):
+        loss = self.net(self.tokens)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        return loss
+        self.torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+        self.opt.step()
+        return loss.detach()
 
-    if compiled:
-        step = torch.compile(step)
-    box = {}
+    def __call__(self):
+        self.last = self.fn()
 
-    def run():
-        box["loss"] = float(step())
-
-    t = time.perf_counter()
-    run()  # compiles when torch.compile'd
-    first = time.perf_counter() - t
-    return time_steps(run, 1, FLAGS.steps), box["loss"], first
+    def loss(self) -> float:
+        return float(self.last)
 
 
 # ----------------------------------------------------------------------------- main
 
 
+def _maybe_reexec_with_tuned_malloc() -> None:
+    """Re-runs this process with glibc's malloc backing large blocks by transparent huge pages.
+
+    XLA:CPU (and PyTorch's CPU allocator) get every large step buffer from mmap, so each step
+    page-faults in hundreds of MB afresh: ~100k faults and a quarter of the CPU time of the
+    width-256 step. glibc.malloc.hugetlb=1 cuts that to ~1k faults. glibc reads the tunable only
+    at process start, hence the exec; both frameworks run in this same process, so the
+    comparison stays fair.
+    """
+    tun = os.environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" in tun or os.environ.get("ZIPCHAT_BENCH_REEXEC"):
+        return
+    env = dict(os.environ, ZIPCHAT_BENCH_REEXEC="1",
+               GLIBC_TUNABLES=":".join(x for x in (tun, "glibc.malloc.hugetlb=1") if x))
+    args = [sys.executable, "-m", "experiments.bench_train", *sys.argv[1:]]
+    print("re-running with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (--notune_malloc to skip)", flush=True)
+    sys.stdout.flush()
+    os.execve(sys.executable, args, env)
+
+
 def main(argv):
     del argv
-    if FLAGS.tune_cpu and CPU_XLA_FLAGS and os.environ.get("JAX_PLATFORMS", "cpu") in ("", "cpu"):
-        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *CPU_XLA_FLAGS]).strip()
+    if FLAGS.tune_malloc:
+        _maybe_reexec_with_tuned_malloc()
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -269,43 +288,77 @@ def main(argv):
     tokens_np = np.random.default_rng(0).integers(0, cfg.vocab_size, (FLAGS.batch, FLAGS.seq_len + 1)).astype(np.int32)
     tok_per_step = FLAGS.batch * FLAGS.seq_len
     fpt = model_lib.flops_per_token(cfg, FLAGS.seq_len)
+    flops_step = fpt * tok_per_step
     n_params = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(model_lib.param_shapes(cfg)))
     print(f"backend={backend} devices={n_dev} cores={os.cpu_count()} preset={FLAGS.preset} d_model={cfg.d_model} "
           f"layers={cfg.n_layers} heads={cfg.n_heads} d_ff={cfg.f} vocab={cfg.vocab_size} params={n_params / 1e6:.2f}M "
           f"batch={FLAGS.batch}x{FLAGS.seq_len} dtype={cfg.compute_dtype} flops/token={fpt / 1e6:.1f}M", flush=True)
 
-    peak = matmul_peak_gflops(jax, jnp, jnp.bfloat16 if FLAGS.bf16 else jnp.float32) * n_dev
-    dt, loss = jax_bench(cfg, tokens_np)
-    rows = [("jax jit (ours)", dt, loss, None)]
-    out = {"tokens_per_s": tok_per_step / dt, "step_s": dt, "mfu": fpt * tok_per_step / dt / (peak * 1e9),
-           "peak_gflops": peak, "model_gflops": fpt * tok_per_step / dt / 1e9,
-           "torch_eager_tokens_per_s": None, "torch_compile_tokens_per_s": None}
+    # Every contender is built and warmed up first, then timed round-robin, one step each per
+    # round, so that load from other processes hits all of them alike.
+    runners = {"peak matmul": matmul_runner(jax, jnp, jnp.bfloat16 if FLAGS.bf16 else jnp.float32)}
+    runners["jax jit (ours)"] = jax_runner(cfg, tokens_np)
+    first_s = {}
+    torch_note = None
     if FLAGS.torch and backend == "cpu":
         import torch
 
-        t_dt, t_loss, _ = torch_bench(cfg, tokens_np, compiled=False)
-        rows.append(("torch eager", t_dt, t_loss, None))
-        out["torch_eager_tokens_per_s"] = tok_per_step / t_dt
-        if FLAGS.torch_compile:
-            try:
-                c_dt, c_loss, c_first = torch_bench(cfg, tokens_np, compiled=True)
-                rows.append(("torch.compile", c_dt, c_loss, c_first))
-                out["torch_compile_tokens_per_s"] = tok_per_step / c_dt
-            except Exception as exc:  # a missing compiler should not lose the other numbers
-                print(f"torch.compile failed: {type(exc).__name__}: {exc}")
-        out["torch_threads"] = torch.get_num_threads()
+        try:
+            runners["torch eager"] = torch_runner(cfg, tokens_np, compiled=False)
+            if FLAGS.torch_compile:
+                t = time.perf_counter()
+                try:
+                    runners["torch.compile"] = torch_runner(cfg, tokens_np, compiled=True)
+                    first_s["torch.compile"] = time.perf_counter() - t
+                except Exception as exc:  # a missing C++ compiler must not lose the other numbers
+                    torch_note = f"torch.compile failed: {type(exc).__name__}: {exc}"
+        except NotImplementedError as exc:
+            torch_note = str(exc)
+    elif FLAGS.torch:
+        torch_note = f"PyTorch reference skipped on backend {backend!r} (CPU only)"
+    if torch_note:
+        print(torch_note)
+
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    cpu: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(FLAGS.steps):
+        for name, run in runners.items():
+            t, c = time.perf_counter(), time.process_time()
+            run()
+            times[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+    best = {k: min(v) for k, v in times.items()}
+    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    peak = runners["peak matmul"].flops / best["peak matmul"] / 1e9 * n_dev
+    losses = {k: r.loss() for k, r in runners.items() if hasattr(r, "loss")}
+
+    out = {"tokens_per_s": tok_per_step / best["jax jit (ours)"],
+           "tokens_per_s_median": tok_per_step / median["jax jit (ours)"],
+           "mfu": flops_step / best["jax jit (ours)"] / (peak * 1e9),
+           "mfu_median": flops_step / median["jax jit (ours)"] / (peak * 1e9),
+           "peak_gflops": peak, "step_s": best["jax jit (ours)"],
+           "torch_eager_tokens_per_s": tok_per_step / best["torch eager"] if "torch eager" in best else None,
+           "torch_compile_tokens_per_s": tok_per_step / best["torch.compile"] if "torch.compile" in best else None}
     for d in [int(x) for x in FLAGS.compile_depths.split(",") if x.strip()]:
         out[f"compile_s_depth{d}"] = compile_seconds(cfg, d)
 
-    print(f"\npeak matmul: {peak:.1f} GFLOP/s ({'bf16' if FLAGS.bf16 else 'f32'}, {n_dev} device(s))")
-    print(f"{'implementation':<18}{'step ms':>10}{'tokens/s':>12}{'GFLOP/s':>10}{'MFU':>8}{'loss':>9}{'1st step s':>12}")
-    for name, s, l, first in rows:
-        gf = fpt * tok_per_step / s / 1e9
-        print(f"{name:<18}{s * 1e3:>10.1f}{tok_per_step / s:>12.0f}{gf:>10.1f}{gf / peak:>8.1%}{l:>9.3f}"
-              f"{'' if first is None else f'{first:.1f}':>12}")
+    print(f"\npeak matmul: {peak:.1f} GFLOP/s ({'bf16' if FLAGS.bf16 else 'f32'}, best of {FLAGS.steps}, "
+          f"{n_dev} device(s)); steps timed round-robin, best (median) of {FLAGS.steps}")
+    print(f"{'implementation':<16}{'step ms':>16}{'tokens/s':>16}{'GFLOP/s':>9}{'MFU':>7}{'cores':>7}{'loss':>8}"
+          f"{'compile s':>11}")
+    for name in runners:
+        if name == "peak matmul":
+            continue
+        b, m = best[name], median[name]
+        gf = flops_step / b / 1e9
+        cores = sorted(c / w for c, w in zip(cpu[name], times[name]))[len(times[name]) // 2]
+        print(f"{name:<16}{f'{b * 1e3:.0f} ({m * 1e3:.0f})':>16}{f'{tok_per_step / b:.0f} ({tok_per_step / m:.0f})':>16}"
+              f"{gf:>9.1f}{gf / peak:>7.1%}{cores:>7.2f}{losses[name]:>8.3f}"
+              f"{(f'{first_s[name]:.1f}' if name in first_s else ''):>11}")
     if out["torch_eager_tokens_per_s"]:
         out["speedup_vs_torch_eager"] = out["tokens_per_s"] / out["torch_eager_tokens_per_s"]
-        print(f"jax / torch eager: {out['speedup_vs_torch_eager']:.2f}x")
+        out["speedup_vs_torch_eager_median"] = median["torch eager"] / median["jax jit (ours)"]
+        print(f"jax / torch eager: {out['speedup_vs_torch_eager']:.2f}x (median {out['speedup_vs_torch_eager_median']:.2f}x)")
     if out["torch_compile_tokens_per_s"]:
         out["speedup_vs_torch_compile"] = out["tokens_per_s"] / out["torch_compile_tokens_per_s"]
         print(f"jax / torch.compile: {out['speedup_vs_torch_compile']:.2f}x")
@@ -313,7 +366,8 @@ def main(argv):
     if comp:
         print("jit compile of the train step: " + ", ".join(f"depth {k[15:]}: {v:.1f}s" for k, v in comp.items()))
     out.update(preset=FLAGS.preset, d_model=cfg.d_model, n_layers=cfg.n_layers, batch=FLAGS.batch,
-               seq_len=FLAGS.seq_len, backend=backend, dtype=cfg.compute_dtype, flops_per_token=fpt)
+               seq_len=FLAGS.seq_len, backend=backend, dtype=cfg.compute_dtype, flops_per_token=fpt,
+               malloc_hugetlb="glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""))
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}))
 
 

@@ -76,7 +76,8 @@ def define_flags() -> None:
 
 
 def _read_prompts(prompts: Sequence[str], prompts_file: Optional[str]) -> tuple[str, ...]:
-    out = list(prompts)
+    # A literal backslash-n in a prompt stands for a newline (shells make real ones awkward).
+    out = [p.replace("\\n", "\n") for p in prompts]
     if prompts_file:
         p = pathlib.Path(prompts_file)
         if not p.is_file():

@@ -1,0 +1,330 @@
+"""Decode throughput of the inference engine (core/sampling.py) on this machine.
+
+    python -m experiments.bench_decode                       # the default table (~3-5 min on 2 CPU cores)
+    python -m experiments.bench_decode --batch_sizes=1 --contexts=512 --hf=false
+
+For every batch size and context length, three ways to decode the same greedy tokens from the
+same random Llama-shaped weights:
+  kv cache  our engine: one prefill, then a jitted on-device loop over a static KV cache;
+  no cache  the same jitted loop but recomputing the full forward over the whole (static) window
+            every step, the baseline a KV cache exists to beat;
+  HF        Hugging Face transformers `generate` (PyTorch, DynamicCache, same CPU threads) on the
+            same weights, exported with core/hf.save_checkpoint.
+
+"Context" is the number of tokens in the window when the last token is produced: the prompt holds
+context - new_tokens tokens. Decode tokens/s counts only the decode phase (batch x tokens /
+seconds after the prefill): our engine times its prefill separately; transformers is timed with a
+streamer from its first generated token to its last. Prefill and compile are excluded everywhere.
+
+Prints a table, then one JSON line with tokens_per_s_b1, tokens_per_s_b64 (at --headline_context),
+speedup_vs_nocache_512 (batch 1), speedup_vs_hf_b1 and speedup_vs_hf_b64, plus every cell.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import tempfile
+import time
+from typing import Optional
+
+from absl import app, flags
+
+from experiments import common
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    batch_sizes: tuple[int, ...] = (1, 64)
+    contexts: tuple[int, ...] = (128, 256, 512, 1024)
+    new_tokens: int = 32
+    nocache_tokens: int = 8
+    nocache_max_batch: int = 1
+    headline_context: int = 512
+    hf: bool = True
+    repeats: int = 1
+    arch: str = "llama"
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    d_ff: int = 768
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError(f"--batch_sizes must be positive integers, got {self.batch_sizes}")
+        if not self.contexts:
+            raise ValueError("--contexts is empty")
+        if self.new_tokens < 2 or self.nocache_tokens < 1:
+            raise ValueError("--new_tokens must be >= 2 and --nocache_tokens >= 1")
+        if min(self.contexts) <= self.new_tokens:
+            raise ValueError(f"--contexts must exceed --new_tokens={self.new_tokens} (the prompt is "
+                             f"context - new_tokens), got {self.contexts}")
+        if self.arch not in ("llama", "qwen2"):
+            raise ValueError(f"--arch must be llama or qwen2, got {self.arch!r}")
+        if self.repeats < 1:
+            raise ValueError(f"--repeats must be >= 1, got {self.repeats}")
+
+    def model_config(self):
+        from core import model as model_lib
+
+        return model_lib.ModelConfig(
+            vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads, d_ff=self.d_ff, max_seq_len=max(2048, max(self.contexts)),
+            norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=self.arch == "qwen2",
+            tie_embeddings=False, zero_init_out=False, rope_theta=10000.0 if self.arch == "llama" else 1e6)
+
+
+# ----------------------------------------------------------------------------- the three decoders
+
+
+def _prompts(rng, batch: int, length: int, vocab: int) -> list[list[int]]:
+    return rng.integers(1, vocab, (batch, length)).tolist()
+
+
+def bench_kv_cache(params, cfg, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
+    """(decode tokens/s, generated tokens) of core.sampling.generate, greedy, no stop tokens."""
+    import jax
+
+    from core import sampling
+
+    sc = sampling.SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)
+    res = sampling.generate(params, cfg, prompts, sc, jax.random.PRNGKey(0))
+    return len(prompts) * new_tokens / res.decode_s, [res.row_tokens(r) for r in range(len(prompts))]
+
+
+@functools.lru_cache(maxsize=None)
+def _nocache_loop(cfg):
+    """Greedy decode that re-runs the whole window [B, S] through the model every step."""
+    import jax
+    import jax.numpy as jnp
+
+    from core import model as model_lib
+
+    @jax.jit
+    def loop(params, window_bs, start, n_steps):
+        b = window_bs.shape[0]
+
+        def body(i, win):
+            pos = start + i  # the slot the next token goes to
+            x_bsd, _ = model_lib.forward_hidden(params, win, cfg)
+            logits_bv = model_lib.logits_from_hidden(params, x_bsd[:, pos - 1], cfg)
+            tok_b = jnp.argmax(logits_bv, -1).astype(win.dtype)
+            return jax.lax.dynamic_update_slice(win, tok_b[:, None], (jnp.zeros((), pos.dtype), pos))
+
+        del b
+        return jax.lax.fori_loop(0, n_steps, body, window_bs)
+
+    return loop
+
+
+def bench_no_cache(params, cfg, prompts, context: int, steps: int) -> float:
+    """Decode tokens/s recomputing the full forward over the static window of `context` slots
+    (causal: the empty slots after the current token do not change its logits)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    loop = _nocache_loop(cfg)
+    p = len(prompts[0])
+    window = np.zeros((len(prompts), context), np.int32)
+    window[:, :p] = prompts
+    window = jnp.asarray(window)
+    jax.block_until_ready(loop(params, window, jnp.int32(p), jnp.int32(1)))  # compile
+    t0 = time.perf_counter()
+    jax.block_until_ready(loop(params, window, jnp.int32(p), jnp.int32(steps)))
+    return len(prompts) * steps / (time.perf_counter() - t0)
+
+
+def load_hf(params, cfg, directory: str):
+    """Exports through core/hf.py and loads it back with transformers (float32, eval mode)."""
+    import torch
+    import transformers
+
+    from core import hf
+
+    hf.save_checkpoint(params, cfg, directory)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    return model.eval()
+
+
+def bench_hf(model, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
+    """(decode tokens/s, generated tokens) of transformers' greedy `generate`, timed from the
+    first generated token to the last (the prefill is excluded, as for our engine)."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    ids = torch.tensor(prompts, dtype=torch.long)
+    clock = Clock()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None, streamer=clock)
+    # times[0]: the prompt is pushed; times[1]: first new token (after the prefill); times[-1]: last.
+    if len(clock.times) != new_tokens + 1:
+        raise RuntimeError(f"transformers streamer saw {len(clock.times)} pushes, expected {new_tokens + 1}")
+    seconds = clock.times[-1] - clock.times[1]
+    return len(prompts) * (new_tokens - 1) / seconds, out[:, ids.shape[1]:].tolist()
+
+
+def hf_logit_gap(params, cfg, model, tokens: list[int]) -> float:
+    """Largest |our logits - transformers' logits| on one sequence: the weights are the same."""
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from core import model as model_lib
+
+    ours = np.asarray(model_lib.forward(params, jnp.asarray([tokens]), cfg)[0][0])
+    with torch.inference_mode():
+        theirs = model(torch.tensor([tokens])).logits[0].numpy()
+    return float(np.abs(ours - theirs).max())
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def run(bc: BenchConfig) -> dict:
+    """Runs the table; returns the summary dict that is printed as the final JSON line."""
+    import jax
+    import numpy as np
+
+    from core import model as model_lib
+
+    cfg = bc.model_config()
+    params = jax.jit(model_lib.init_params, static_argnums=1)(jax.random.PRNGKey(bc.seed), cfg)
+    n_params = model_lib.count_params(params)
+    common.say(f"model: {bc.arch}-shaped, {n_params / 1e6:.2f}M params (d_model {cfg.d_model}, layers "
+               f"{cfg.n_layers}, heads {cfg.n_heads}/{cfg.k} kv, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}), "
+               f"float32 | jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}")
+    rng = np.random.default_rng(bc.seed)
+    hf_model, tmp = None, None
+    if bc.hf:
+        import torch
+        import transformers
+
+        tmp = tempfile.TemporaryDirectory(prefix="bench_decode_hf_")
+        transformers.utils.logging.disable_progress_bar()
+        hf_model = load_hf(params, cfg, tmp.name)
+        gap = hf_logit_gap(params, cfg, hf_model, _prompts(rng, 1, 64, cfg.vocab_size)[0])
+        common.say(f"transformers {transformers.__version__} (torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads): same weights via core/hf.py, max |logit diff| {gap:.2e}")
+
+    cells = []
+    header = (f"{'batch':>5} {'context':>7} | {'kv cache tok/s':>14} {'no cache tok/s':>14} {'HF tok/s':>10} | "
+              f"{'x no-cache':>10} {'x HF':>6} {'same tokens':>11}")
+    common.say(header)
+    common.say("-" * len(header))
+    for b in bc.batch_sizes:
+        for ctx in bc.contexts:
+            prompts = _prompts(rng, b, ctx - bc.new_tokens, cfg.vocab_size)
+            bench_kv_cache(params, cfg, prompts, bc.new_tokens)  # compile
+            ours, toks = max(bench_kv_cache(params, cfg, prompts, bc.new_tokens) for _ in range(bc.repeats))
+            nocache = None
+            if b <= bc.nocache_max_batch:
+                nocache = max(bench_no_cache(params, cfg, prompts, ctx, bc.nocache_tokens) for _ in range(bc.repeats))
+            theirs, same = None, None
+            if hf_model is not None:
+                theirs, hf_toks = max(bench_hf(hf_model, prompts, bc.new_tokens) for _ in range(bc.repeats))
+                # Greedy on random weights has near-ties; report agreement, do not require it.
+                same = float(np.mean([a == h for a, h in zip(toks[0], hf_toks[0])]))
+            cell = {"batch": b, "context": ctx, "kv_cache": ours, "no_cache": nocache, "hf": theirs,
+                    "speedup_vs_nocache": ours / nocache if nocache else None,
+                    "speedup_vs_hf": ours / theirs if theirs else None, "first_row_token_agreement": same}
+            cells.append(cell)
+            common.say(f"{b:>5} {ctx:>7} | {_fmt(ours):>14} {_fmt(nocache):>14} {_fmt(theirs):>10} | "
+                       f"{(f'{ours / nocache:.1f}x' if nocache else '-'):>10} "
+                       f"{(f'{ours / theirs:.2f}x' if theirs else '-'):>6} "
+                       f"{('-' if same is None else f'{100 * same:.0f}%'):>11}")
+    if tmp is not None:
+        tmp.cleanup()
+
+    def pick(batch, key, context=bc.headline_context):
+        for c in cells:
+            if c["batch"] == batch and c["context"] == context:
+                return c[key]
+        return None
+
+    summary = {
+        "tokens_per_s_b1": pick(1, "kv_cache"),
+        "tokens_per_s_b64": pick(64, "kv_cache"),
+        "speedup_vs_nocache_512": pick(1, "speedup_vs_nocache", 512),
+        "speedup_vs_hf_b1": pick(1, "speedup_vs_hf"),
+        "speedup_vs_hf_b64": pick(64, "speedup_vs_hf"),
+        "headline_context": bc.headline_context,
+        "new_tokens": bc.new_tokens,
+        "n_params": n_params,
+        "cells": cells,
+    }
+    targets = [("kv cache >= 10x no cache at 512 (batch 1)", summary["speedup_vs_nocache_512"], 10.0),
+               ("kv cache >= 1x transformers at batch 1", summary["speedup_vs_hf_b1"], 1.0),
+               ("kv cache >= 2x transformers at batch 64", summary["speedup_vs_hf_b64"], 2.0)]
+    for name, got, want in targets:
+        verdict = "not measured" if got is None else ("met" if got >= want else "MISSED")
+        common.say(f"target: {name}: {verdict}" + ("" if got is None else f" ({got:.2f}x)"))
+    summary["targets_met"] = all(got is not None and got >= want for _, got, want in targets)
+    return summary
+
+
+def define_flags() -> None:
+    flags.DEFINE_list("batch_sizes", ["1", "64"], "batch sizes")
+    flags.DEFINE_list("contexts", ["128", "256", "512", "1024"], "window lengths at the last token")
+    flags.DEFINE_integer("new_tokens", 32, "tokens decoded per measurement")
+    flags.DEFINE_integer("nocache_tokens", 8, "tokens decoded by the (slow) no-cache baseline")
+    flags.DEFINE_integer("nocache_max_batch", 1, "run the no-cache baseline only up to this batch size")
+    flags.DEFINE_integer("headline_context", 512, "context of the tokens_per_s / speedup_vs_hf numbers")
+    flags.DEFINE_bool("hf", True, "also time transformers generate on the same weights")
+    flags.DEFINE_integer("repeats", 1, "timed runs per cell (the best is kept)")
+    flags.DEFINE_enum("arch", "llama", ["llama", "qwen2"], "model family shape (both export to HF)")
+    flags.DEFINE_integer("vocab_size", 4096, "vocabulary size")
+    flags.DEFINE_integer("d_model", 256, "model width")
+    flags.DEFINE_integer("n_layers", 4, "layers")
+    flags.DEFINE_integer("n_heads", 4, "query heads")
+    flags.DEFINE_integer("n_kv_heads", 2, "key/value heads")
+    flags.DEFINE_integer("d_ff", 768, "MLP width")
+    flags.DEFINE_integer("seed", 0, "seed for weights and prompts")
+
+
+def _ints(values, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise ValueError(f"--{flag} must be a comma-separated list of integers, got {values}") from None
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.quiet_logging()
+    F = flags.FLAGS
+    bc = BenchConfig(batch_sizes=_ints(F.batch_sizes, "batch_sizes"), contexts=_ints(F.contexts, "contexts"),
+                     new_tokens=F.new_tokens, nocache_tokens=F.nocache_tokens, nocache_max_batch=F.nocache_max_batch,
+                     headline_context=F.headline_context, hf=F.hf, repeats=F.repeats, arch=F.arch,
+                     vocab_size=F.vocab_size, d_model=F.d_model, n_layers=F.n_layers, n_heads=F.n_heads,
+                     n_kv_heads=F.n_kv_heads, d_ff=F.d_ff, seed=F.seed)
+    t0 = time.time()
+    summary = run(bc)
+    summary["wall_s"] = round(time.time() - t0, 1)
+    print(json.dumps(summary, default=lambda x: None if isinstance(x, float) and not math.isfinite(x) else x),
+          flush=True)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
