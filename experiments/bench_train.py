@@ -35,7 +35,7 @@ flags.DEFINE_integer("head_dim", 64, "head size when --width overrides the prese
 flags.DEFINE_integer("vocab_size", 0, "vocabulary size (0 = the preset's)")
 flags.DEFINE_integer("batch", 8, "sequences per step")
 flags.DEFINE_integer("seq_len", 256, "tokens per sequence")
-flags.DEFINE_integer("steps", 8, "timed steps per implementation, after warm-up")
+flags.DEFINE_integer("steps", 10, "timed steps per implementation, after warm-up")
 flags.DEFINE_string("mesh", "data:-1", "device mesh for the JAX step (core.sharding spec)")
 flags.DEFINE_bool("bf16", False, "bfloat16 matmuls (JAX compute_dtype; peak measured in bfloat16)")
 flags.DEFINE_bool("torch", True, "also time the PyTorch reference (CPU backend only)")
@@ -132,21 +132,24 @@ def compile_seconds(cfg, depth: int) -> float:
 # ----------------------------------------------------------------------------- PyTorch side
 
 
-def torch_model_and_opt(cfg, torch):
+def torch_model_and_opt(cfg, torch, seq_len: int, params=None, lr: float = 1e-3, eps: float = 1e-8,
+                        weight_decay: float = 0.1):
     """The same network as core.model for the switches the CPU presets use (RMSNorm, RoPE
     rotate-half, QK-norm, ReLU^2 / GELU / SwiGLU MLP, soft-capped untied or tied head), written
-    independently in PyTorch, plus AdamW with the same no-decay groups and clipping."""
+    independently in PyTorch, plus AdamW (betas 0.9, 0.95) with the same no-decay groups as
+    core.optim (decay on matrices, not on embeddings, norms or biases). `params`, a core.model
+    params tree (numpy), sets the weights; else torch's own init with the same stds."""
     nn, F = torch.nn, torch.nn.functional
     d, h, k, e, f, v = cfg.d_model, cfg.n_heads, cfg.k, cfg.e, cfg.f, cfg.vocab_size
     if cfg.norm != "rmsnorm" or cfg.pos != "rope" or cfg.qkv_bias or cfg.mlp_bias or cfg.attn_out_bias:
         raise NotImplementedError(f"PyTorch reference skipped: it covers the RMSNorm/RoPE bias-free family "
-                                  f"(tiny, d20), not --preset={FLAGS.preset}")
+                                  f"(tiny, d20), not this config ({cfg.norm}, {cfg.pos} positions)")
 
     def rms(x, w):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
 
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, e, 2, dtype=torch.float32) / e))
-    ang = torch.arange(FLAGS.seq_len, dtype=torch.float32)[:, None] * inv[None]
+    ang = torch.arange(seq_len, dtype=torch.float32)[:, None] * inv[None]
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)  # [T, E]
 
     def rope(x):  # x [B, H, T, E]
@@ -212,11 +215,40 @@ def torch_model_and_opt(cfg, torch):
             return F.cross_entropy(logits.reshape(-1, v), tokens[:, 1:].reshape(-1))
 
     net = Model()
+    if params is not None:
+        load_params(net, params, cfg, torch)
     decay = [p for n, p in net.named_parameters() if p.ndim >= 2 and "embed" not in n]
     rest = [p for n, p in net.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95), eps=eps)
     return net, opt
+
+
+def load_params(net, params, cfg, torch) -> None:
+    """Copies a core.model params tree (numpy arrays) into the PyTorch reference."""
+    import numpy as np
+
+    d = cfg.d_model
+    t = lambda x: torch.from_numpy(np.array(x, np.float32))  # noqa: E731  (copy: writable)
+    lay, at, ml = params["layers"], params["layers"]["attn"], params["layers"]["mlp"]
+    with torch.no_grad():
+        net.embed.weight.copy_(t(params["embed"]["tokens"]))
+        if net.head is not None:
+            net.head.weight.copy_(t(params["lm_head"]).T)
+        net.nf.copy_(t(params["final_norm"]["scale"]))
+        for i, blk in enumerate(net.blocks):
+            blk.n1.copy_(t(lay["attn_norm"]["scale"][i]))
+            blk.n2.copy_(t(lay["mlp_norm"]["scale"][i]))
+            blk.wq.weight.copy_(t(at["wq"][i].reshape(d, -1)).T)
+            kv = np.concatenate([at["wk"][i].reshape(d, -1), at["wv"][i].reshape(d, -1)], 1)
+            blk.wkv.weight.copy_(t(kv).T)
+            blk.wo.weight.copy_(t(at["wo"][i].reshape(-1, d)).T)
+            if cfg.qk_norm:
+                blk.qn.copy_(t(at["q_norm"][i]))
+                blk.kn.copy_(t(at["k_norm"][i]))
+            w_in = ml["w_in"][i] if cfg.mlp != "swiglu" else np.concatenate([ml["w_in"][i], ml["w_gate"][i]], 1)
+            blk.w_in.weight.copy_(t(w_in).T)
+            blk.w_out.weight.copy_(t(ml["w_out"][i]).T)
 
 
 class torch_runner:
@@ -225,8 +257,14 @@ class torch_runner:
     def __init__(self, cfg, tokens_np, compiled: bool):
         import torch
 
-        torch.manual_seed(0)
-        self.net, self.opt = torch_model_and_opt(cfg, torch)
+        import jax
+        import numpy as np
+
+        from core import model as model_lib
+
+        # Same initial weights as the JAX run (key 0), so the loss columns are comparable.
+        params = jax.tree.map(np.asarray, model_lib.init_params(jax.random.key(0), cfg))
+        self.net, self.opt = torch_model_and_opt(cfg, torch, tokens_np.shape[1] - 1, params)
         self.tokens = torch.from_numpy(tokens_np).long()
         self.torch = torch
         self.fn = torch.compile(self._step) if compiled else self._step

@@ -511,6 +511,7 @@ def define_flags() -> None:
     for name in _MODEL_FLAGS:
         f.DEFINE_integer(name, 0, f"override the preset's {name} (0 = keep)")
     f.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"], "override the preset's matmul dtype")
+    f.DEFINE_string("model_overrides", "", "more ModelConfig overrides, e.g. 'qk_norm=false,logit_softcap=none'")
     f.DEFINE_integer("seq_len", 256, "tokens per training row")
     f.DEFINE_integer("batch_size", 32, "global batch (rows)")
     f.DEFINE_integer("steps", 0, "optimizer steps (or use --tokens)")
@@ -539,12 +540,47 @@ def define_flags() -> None:
                      "(during its checkpoint write if N is a checkpoint step)")
 
 
+def parse_model_overrides(text: str) -> tuple[tuple[str, Any], ...]:
+    """'qk_norm=false,logit_softcap=none,rope_theta=1e4' -> typed (field, value) pairs; values are
+    parsed by the type of the ModelConfig field's default (none/null -> None)."""
+    from core import model as model_lib
+
+    defaults = {f.name: f.default for f in dataclasses.fields(model_lib.ModelConfig)}
+    out = []
+    for item in (t.strip() for t in (text or "").split(",")):
+        if not item:
+            continue
+        key, eq, val = item.partition("=")
+        key, val = key.strip(), val.strip()
+        if not eq or key not in defaults:
+            raise ValueError(f"--model_overrides: {item!r} is not FIELD=VALUE with FIELD one of {sorted(defaults)}")
+        if val.lower() in ("none", "null"):
+            out.append((key, None))
+        elif isinstance(defaults[key], bool):
+            if val.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--model_overrides: {key} takes true/false, got {val!r}")
+            out.append((key, val.lower() in ("true", "1")))
+        elif isinstance(defaults[key], int):
+            out.append((key, int(val)))
+        elif isinstance(defaults[key], float):
+            out.append((key, float(val)))
+        elif defaults[key] is None:  # Optional numbers (n_kv_heads, head_dim, d_ff, logit_softcap)
+            try:
+                out.append((key, int(val)))
+            except ValueError:
+                out.append((key, float(val)))
+        else:
+            out.append((key, val))
+    return tuple(out)
+
+
 def config_from_flags(FLAGS) -> PretrainConfig:
     from data import readers
 
     overrides = tuple((n, getattr(FLAGS, n)) for n in _MODEL_FLAGS if getattr(FLAGS, n))
     if FLAGS.compute_dtype:
         overrides += (("compute_dtype", FLAGS.compute_dtype),)
+    overrides += parse_model_overrides(FLAGS.model_overrides)
     return PretrainConfig(
         out_dir=FLAGS.out_dir, preset=FLAGS.preset, model_overrides=overrides, data=FLAGS.data,
         tokenizer=FLAGS.tokenizer, vocab_size=FLAGS.vocab_size,

@@ -160,7 +160,7 @@ def reference():
     for seed in (1, 2):
         state, m = step(state, sh.shard_batch(_batch(seed), mesh1))
         metrics.append(jax.device_get(m))
-    return init, metrics, jax.device_get(state)
+    return init, metrics, jax.device_get(state), (step, mesh1)
 
 
 def _assert_trees_close(a, b, atol, rtol=1e-5):
@@ -170,7 +170,7 @@ def _assert_trees_close(a, b, atol, rtol=1e-5):
 
 
 def test_reference_run_is_sane(reference):
-    init, metrics, final = reference
+    init, metrics, final, _ = reference
     m = metrics[0]
     assert float(m["loss"]) == pytest.approx(math.log(CFG.vocab_size), rel=0.05)
     assert float(m["lr"]) == pytest.approx(1e-2) and float(metrics[1]["lr"]) == pytest.approx(1e-2)
@@ -186,7 +186,7 @@ def test_reference_run_is_sane(reference):
 def test_eight_devices_match_one(reference, spec, grad_accum):
     """Same losses, gradient norms and updated params (and Adam moments) as the 1-device run,
     with the state placed by the mesh's shardings and optionally 2 microbatches per step."""
-    init, ref_metrics, ref_final = reference
+    init, ref_metrics, ref_final, _ = reference
     mesh = sh.make_mesh(spec)
     shardings = train.state_shardings(CFG, OPT, mesh)
     state = jax.device_put(init, shardings)
@@ -203,7 +203,7 @@ def test_eight_devices_match_one(reference, spec, grad_accum):
 
 
 def test_init_train_state_is_sharded_and_mesh_independent(reference):
-    init, _, _ = reference
+    init = reference[0]
     mesh = sh.make_mesh("fsdp:2,tensor:4")
     state = train.init_train_state(jax.random.key(0), CFG, OPT, mesh)
     assert state["params"]["lm_head"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
@@ -247,3 +247,38 @@ def test_custom_loss_fn_plugs_in():
     assert float(m["loss"]) == pytest.approx(float(((before - 1) ** 2).sum()), rel=1e-5)
     np.testing.assert_allclose(state["params"]["lm_head"], before - 2 * (before - 1), rtol=1e-5, atol=1e-6)
     assert np.isnan(float(m["lr"]))  # plain optax optimizer: no recorded learning rate
+
+
+def test_two_steps_match_pytorch_adamw(reference):
+    """Model, masked loss, clipping, decay groups and AdamW against an independent PyTorch
+    implementation (the one experiments/bench_train.py times), from the same weights."""
+    torch = pytest.importorskip("torch")
+    from experiments.bench_train import torch_model_and_opt
+
+    init, _, _, (step, mesh1) = reference
+    net, opt = torch_model_and_opt(CFG, torch, T, init["params"], lr=1e-2, eps=1e-4, weight_decay=0.1)
+    state = jax.device_put(init, train.state_shardings(CFG, OPT, mesh1))
+    rng = np.random.default_rng(5)
+    for _ in range(2):
+        tokens = rng.integers(0, CFG.vocab_size, (B, T + 1)).astype(np.int32)
+        batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens),  # one document per row
+                 "positions": np.tile(np.arange(T + 1, dtype=np.int32), (B, 1))}
+        state, m = step(state, sh.shard_batch(batch, mesh1))
+        loss = net(torch.from_numpy(tokens).long())
+        opt.zero_grad()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        assert float(m["loss"]) == pytest.approx(float(loss.detach()), rel=1e-5)
+        assert float(m["grad_norm"]) == pytest.approx(float(grad_norm), rel=1e-4)
+    p = jax.device_get(state["params"])
+    blk = net.blocks[1]
+    pairs = [(p["lm_head"], net.head.weight.detach().numpy().T),
+             (p["embed"]["tokens"], net.embed.weight.detach().numpy()),
+             (p["layers"]["mlp"]["w_in"][1], blk.w_in.weight.detach().numpy().T),
+             (p["layers"]["attn"]["wq"][1].reshape(CFG.d_model, -1), blk.wq.weight.detach().numpy().T),
+             (p["layers"]["attn"]["k_norm"][1], blk.kn.detach().numpy()),
+             (p["final_norm"]["scale"], net.nf.detach().numpy())]
+    for ours, theirs in pairs:
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=2e-6)
+    assert not np.allclose(p["lm_head"], init["params"]["lm_head"])

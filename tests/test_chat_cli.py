@@ -1,0 +1,162 @@
+"""experiments/chat.py: a tiny run directory (tokenizer trained here + random model saved through
+core/checkpoint.py), the non-interactive CLI, and the interactive commands driven in-process."""
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from core import chat as chat_lib
+from core import checkpoint as ck
+from core import model as model_lib
+from core import sampling
+from core import tokenizer as tok_lib
+from experiments import chat as chat_cli
+from experiments import common
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TEXT = ("The cat sat on the mat. The dog ate the bone. What is two plus two? Two plus two is four. "
+        "Hello there, how are you today? I am fine, thank you. ") * 20
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory laid out like experiments/pretrain.py writes it, with random weights."""
+    out = tmp_path_factory.mktemp("chat_run")
+    tok = tok_lib.train_bpe([TEXT], vocab_size=300)
+    cfg = model_lib.ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, d_ff=64,
+                                max_seq_len=256, zero_init_out=False, init_std=0.5)
+    params = jax.jit(model_lib.init_params, static_argnums=1)(jax.random.PRNGKey(0), cfg)
+    tok.save(out / common.TOKENIZER_FILE)
+    common.save_json(out / common.MODEL_CONFIG_FILE, common.model_config_to_json(cfg))
+    with ck.make_manager(out / common.CHECKPOINT_DIR, async_save=False) as mngr:
+        ck.save(mngr, 7, {"params": params}, meta={"model_config": common.model_config_to_json(cfg)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dir):
+    return common.load_model(run_dir)
+
+
+def _expected_reply(loaded, messages, seed=0, turn=0, max_new=24):
+    """What the engine itself produces for this conversation (greedy): the CLI must match it."""
+    tok, cfg, params, _ = loaded
+    ids = chat_lib.render_for_completion(tok, messages)
+    sc = sampling.SamplingConfig(temperature=0.0, max_new_tokens=max_new, stop_ids=chat_lib.assistant_stop_ids(tok))
+    res = sampling.generate(params, cfg, [ids], sc, jax.random.fold_in(jax.random.PRNGKey(seed), turn))
+    return res.row_tokens(0)
+
+
+def test_prompt_mode_answers_from_checkpoint(run_dir, loaded, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS="")
+    cmd = [sys.executable, "-m", "experiments.chat", f"--out_dir={run_dir}", "--prompt=What is two plus two?",
+           "--temperature=0", "--max_new_tokens=24", "--tools=", f"--memory_file={tmp_path / 'mem.json'}",
+           "--system=Be brief."]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want_ids = _expected_reply(loaded, [{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "What is two plus two?"}])
+    assert want_ids, "the model produced nothing"
+    shown = io.StringIO()
+    printer = chat_cli.StreamPrinter(loaded[0], shown)
+    printer.push(want_ids)
+    printer.finish()
+    assert proc.stdout == shown.getvalue(), (proc.stdout, shown.getvalue())
+    assert "tokens in context" in proc.stderr and "tok/s" in proc.stderr
+
+
+def _session(loaded, tmp_path, **kw):
+    cfg = chat_cli.ChatConfig(out_dir="unused", temperature=0.0, max_new_tokens=24, tools=(),
+                              memory_file=str(tmp_path / "memory.json"), **kw)
+    out, status = io.StringIO(), io.StringIO()
+    return chat_cli.ChatSession(loaded, cfg, out=out, status=status), out, status
+
+
+def test_memory_new_and_context(loaded, tmp_path):
+    session, out, status = _session(loaded, tmp_path, system="Be kind.")
+    lines = iter(["/remember my name is Ada", "/remember I like cats", "/memory", "hello", "/new", "hi", "/quit",
+                  "never read"])
+    chat_cli.interactive(session, read=lambda _: next(lines))
+    mem = json.loads((tmp_path / "memory.json").read_text())
+    assert mem == {"memories": ["my name is Ada", "I like cats"]}
+    assert "1. my name is Ada\n2. I like cats" in out.getvalue()
+    # Memories join the system message of the *new* chat; the first chat had none yet.
+    system = session.messages[0]
+    assert system["role"] == "system"
+    assert system["content"] == "Be kind.\n\nThings to remember about the user:\n- my name is Ada\n- I like cats"
+    assert [m["role"] for m in session.messages] == ["system", "user", "assistant"]  # /new wiped "hello"
+    assert session.messages[1]["content"] == "hi"
+    # The reply is the engine's greedy answer for exactly that conversation (turn 1 of the session).
+    want = _expected_reply(loaded, session.messages[:2], turn=1)
+    assert session.messages[2] == chat_lib.parse_assistant(loaded[0], want)
+    assert status.getvalue().count("tokens in context") == 2
+    # A fresh session reads the bank back from the file and forgets on request.
+    session2, out2, _ = _session(loaded, tmp_path)
+    assert session2.memory.items == ["my name is Ada", "I like cats"]
+    session2.command("/forget 1")
+    assert json.loads((tmp_path / "memory.json").read_text()) == {"memories": ["I like cats"]}
+
+
+def test_preset_few_shot_and_context_trimming(loaded, tmp_path):
+    preset = tmp_path / "tutor.json"
+    preset.write_text(json.dumps({"name": "tutor", "instructions": "You teach.",
+                                  "examples": [{"user": "2+2?", "assistant": "4."}]}))
+    session, out, status = _session(loaded, tmp_path, preset_file=str(preset))
+    assert session.messages == [{"role": "system", "content": "You teach."}, {"role": "user", "content": "2+2?"},
+                                {"role": "assistant", "content": "4."}]
+    # Long turns overflow the 256-token context: old turns are dropped, the preset never is.
+    for i in range(4):
+        stats = session.ask("The cat sat on the mat. " * 6 + f"turn {i}")
+        assert stats["context_tokens"] <= 256
+    assert session.messages[:3][0]["content"] == "You teach." and session.messages[1]["content"] == "2+2?"
+    assert "old messages dropped" in status.getvalue()
+    assert session.messages[-2]["content"].endswith("turn 3")
+    with pytest.raises(ValueError, match="does not fit"):
+        session.ask("cat " * 400)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"examples": [{"user": "x"}]}))
+    with pytest.raises(ValueError, match="preset_file"):
+        chat_cli.load_preset(bad)
+
+
+def test_tool_calls_show_inline(loaded, tmp_path):
+    """The printer renders a calculator call and its output the way the engine feeds them."""
+    tok = loaded[0]
+    out = io.StringIO()
+    printer = chat_cli.StreamPrinter(tok, out)
+    ids = (tok.encode("Let me see.") + chat_lib.render_tool_call(tok, "calculator", "17*23")
+           + chat_lib.render_tool_output(tok, "391") + tok.encode(" It is 391.") + [tok.special_id("<|im_end|>")])
+    for i in range(0, len(ids), 3):  # chunks, as generate's on_tokens delivers them
+        printer.push(ids[i:i + 3])
+    printer.finish()
+    assert out.getvalue() == "Let me see.[calculator: 17*23 -> 391] It is 391.\n"
+
+
+def test_session_runs_a_calculator_call(loaded, tmp_path):
+    """A scripted model (bigram table) that answers every question with <calc>2+3</calc>: the
+    session runs core/tools' calculator, streams the call and its output, and stores the reply
+    as tool_call + tool_output parts."""
+    from tests.test_sampling import bigram_model
+
+    tok = loaded[0]
+    t = chat_lib.chat_tokens(tok)
+    call = [t.im_sep, t.tool_start["calculator"], *tok.encode("2+3"), t.tool_end["calculator"]]
+    assert len(call) == 6, "2+3 should be three tokens"
+    nxt = dict(zip(call, call[1:]))
+    nxt[t.output_end] = t.im_end
+    cfg, params = bigram_model(nxt, tok.vocab_size)
+    cfg_chat = chat_cli.ChatConfig(out_dir="unused", temperature=0.0, max_new_tokens=24, tools=("calculator",),
+                                   memory_file=str(tmp_path / "memory.json"))
+    out, status = io.StringIO(), io.StringIO()
+    session = chat_cli.ChatSession((tok, cfg, params, 0), cfg_chat, out=out, status=status)
+    stats = session.ask("What is 2+3?")
+    assert out.getvalue() == "[calculator: 2+3 -> 5]\n"
+    assert stats["tool_calls"] == [{"name": "calculator", "input": "2+3", "output": "5", "position": 4}]
+    assert stats["finish_reason"] == "stop"
+    assert session.messages[-1] == {"role": "assistant", "content": [
+        {"type": "tool_call", "tool": "calculator", "text": "2+3"}, {"type": "tool_output", "text": "5"}]}
