@@ -3,7 +3,7 @@ data-iterator state of every host, and a JSON `meta` record (model config and ru
 
 A checkpoint directory holds one sub-directory per step. Orbax writes each step into a temporary
 directory and renames it only when every item is on disk, so a run killed mid-save leaves a
-`<step>.orbax-checkpoint-tmp-*` directory that is never listed as a step: resuming always starts
+`<step>.orbax-checkpoint-tmp*` directory that is never listed as a step: resuming always starts
 from the last complete checkpoint.
 
 Typical use::

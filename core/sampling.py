@@ -197,6 +197,15 @@ def _batch_multiple(mesh) -> int:
     return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in _batch_axes(mesh) or ()]))
 
 
+@functools.lru_cache(maxsize=None)
+def _kv_heads_axis(cfg: model_lib.ModelConfig) -> int:
+    """Which axis of the cache's k/v holds the kv heads ([L, B, S, K, E] today); read from
+    init_cache's shapes so a layout change in core/model.py cannot silently mis-shard."""
+    n_slots = cfg.k + 3  # differs from K and from the batch of 2
+    shape = jax.eval_shape(lambda: model_lib.init_cache(cfg, 2, n_slots))["k"].shape
+    return [i for i in (2, 3) if shape[i] == cfg.k][0]
+
+
 def _constrain(state: State, mesh, cfg: model_lib.ModelConfig) -> State:
     """Pins per-row arrays to the batch axes, and cache kv heads to 'tensor' when it divides them
     (the same rule as the wk/wv params, so attention needs no resharding)."""
@@ -204,13 +213,15 @@ def _constrain(state: State, mesh, cfg: model_lib.ModelConfig) -> State:
         return state
     b_axes = _batch_axes(mesh)
     kv = "tensor" if mesh.shape.get("tensor", 1) > 1 and cfg.k % mesh.shape["tensor"] == 0 else None
+    kv_spec = [None, b_axes, None, None, None]
+    kv_spec[_kv_heads_axis(cfg)] = kv
 
     def pin(path, x):
         name = getattr(path[-1], "key", "")
         if x.ndim == 0:
             spec = P()
         elif name in ("k", "v"):
-            spec = P(None, b_axes, None, kv, None)
+            spec = P(*kv_spec)
         else:
             spec = P(b_axes, *([None] * (x.ndim - 1)))
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

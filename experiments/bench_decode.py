@@ -106,8 +106,6 @@ def _nocache_loop(cfg):
 
     @jax.jit
     def loop(params, window_bs, start, n_steps):
-        b = window_bs.shape[0]
-
         def body(i, win):
             pos = start + i  # the slot the next token goes to
             x_bsd, _ = model_lib.forward_hidden(params, win, cfg)
@@ -115,7 +113,6 @@ def _nocache_loop(cfg):
             tok_b = jnp.argmax(logits_bv, -1).astype(win.dtype)
             return jax.lax.dynamic_update_slice(win, tok_b[:, None], (jnp.zeros((), pos.dtype), pos))
 
-        del b
         return jax.lax.fori_loop(0, n_steps, body, window_bs)
 
     return loop

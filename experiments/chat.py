@@ -32,7 +32,8 @@ import json
 import os
 import pathlib
 import sys
-from typing import Any, Callable, Optional, Sequence, TextIO
+import time
+from typing import Callable, Optional, Sequence, TextIO
 
 from absl import app, flags
 
@@ -135,6 +136,11 @@ class StreamPrinter:
         from core import chat as chat_lib
 
         self.tok, self.out = tokenizer, out
+        # Streaming rate: tokens after the first delivery over the time since it (the first
+        # chunk carries the compile of a new shape, which is not decode speed).
+        self.t_first: Optional[float] = None
+        self.t_last = 0.0
+        self.n_after_first = 0
         t = chat_lib.chat_tokens(tokenizer)
         self.show = {t.output_start: " -> ", t.output_end: "]", t.im_end: "", t.bos: ""}
         self.show.update({i: f"[{name}: " for name, i in t.tool_start.items()})
@@ -142,6 +148,12 @@ class StreamPrinter:
         self.decoder = tokenizer.stream_decoder()
 
     def push(self, ids: Sequence[int]) -> None:
+        now = time.perf_counter()
+        if self.t_first is None:
+            self.t_first = now
+        else:
+            self.n_after_first += len(ids)
+            self.t_last = now
         text = []
         for i in ids:
             if i in self.show or self.tok.is_special(i):
@@ -151,6 +163,12 @@ class StreamPrinter:
                 text.append(self.decoder.push(i))
         self.out.write("".join(text))
         self.out.flush()
+
+    def tokens_per_s(self) -> Optional[float]:
+        """Decode rate seen by the reader; None when everything came in one chunk."""
+        if self.t_first is None or self.n_after_first == 0 or self.t_last <= self.t_first:
+            return None
+        return self.n_after_first / (self.t_last - self.t_first)
 
     def finish(self) -> None:
         self.out.write(self.decoder.flush() + "\n")
@@ -256,7 +274,7 @@ class ChatSession:
         self.messages = self.messages + [{"role": "user", "content": text}, reply]
         self.turn += 1
         stats = {"context_tokens": len(ids) + len(gen), "max_seq_len": self.model_cfg.max_seq_len,
-                 "new_tokens": len(gen), "tokens_per_s": len(gen) / max(res.decode_s, 1e-9),
+                 "new_tokens": len(gen), "tokens_per_s": printer.tokens_per_s() or len(gen) / max(res.decode_s, 1e-9),
                  "finish_reason": res.finish_reason[0], "tool_calls": res.tool_calls[0],
                  "dropped_messages": dropped, "reply": reply}
         note = f", {dropped} old messages dropped to fit" if dropped else ""

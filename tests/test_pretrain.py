@@ -207,7 +207,8 @@ def test_phenomena_table_on_the_micro_run(runs):
     cfg = evaluate.PhenomenaConfig(out_dir=str(runs["a"]), docs_per_group=2, entities_per_tier=2,
                                    fewshot_queries=2, shots=2, diversity_prompts=2, diversity_samples=4)
     rows = evaluate.run(cfg, verbose=False)
-    assert {r["phenomenon"] for r in rows} == {"regurgitation", "facts by frequency", "few-shot", "sampling"}
+    assert {r["phenomenon"] for r in rows} == {"regurgitation", "facts by frequency", "few-shot",
+                                                "in-context copying", "sampling"}
     temp = {r["condition"].split(",")[0]: r["value"] for r in rows if r["phenomenon"] == "sampling"}
     assert temp["temperature 0"] == 1.0  # greedy: all samples of a prompt agree
     assert temp["temperature 1"] > 2.0   # an untrained-ish model at T=1 almost never repeats itself

@@ -1,6 +1,5 @@
 """The inference engine: cached decode == full forward, sampling distributions, stop/length rules,
 tool outputs spliced into one row, sharded params == unsharded."""
-import dataclasses
 import functools
 
 import jax
@@ -310,9 +309,10 @@ def test_tool_output_cut_to_budget_and_errors_reported(bigram):
 
 def test_sharded_params_match_unsharded(tiny):
     cfg, params = tiny
-    mesh = sharding_lib.make_mesh("data:2,tensor:4")
+    # 3 rows over data x fsdp = 4 (one padding row); 2 kv heads split over tensor:2.
+    mesh = sharding_lib.make_mesh("data:2,fsdp:2,tensor:2")
     shard = jax.device_put(params, sharding_lib.model_shardings(cfg, mesh))
-    assert shard["layers"]["attn"]["wq"].sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
+    assert shard["layers"]["attn"]["wk"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     sc = sampling.SamplingConfig(temperature=1.0, top_k=20, top_p=0.9, max_new_tokens=8)
     ref = sampling.generate(params, cfg, PROMPTS, sc, jax.random.PRNGKey(4))
     got = sampling.generate(shard, cfg, PROMPTS, sc, jax.random.PRNGKey(4), mesh=mesh)
