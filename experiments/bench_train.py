@@ -143,9 +143,10 @@ def torch_model_and_opt(cfg, torch, seq_len: int, params=None, lr: float = 1e-3,
     params tree (numpy), sets the weights; else torch's own init with the same stds."""
     nn, F = torch.nn, torch.nn.functional
     d, h, k, e, f, v = cfg.d_model, cfg.n_heads, cfg.k, cfg.e, cfg.f, cfg.vocab_size
-    unsupported = [name for name, bad in (("layernorm", cfg.norm != "rmsnorm"), ("learned positions", cfg.pos != "rope"),
-                                          ("biases", cfg.qkv_bias or cfg.mlp_bias or cfg.attn_out_bias),
-                                          ("rope scaling", cfg.rope_scaling is not None)) if bad]
+    checks = (("layernorm", cfg.norm != "rmsnorm"), ("learned positions", cfg.pos != "rope"),
+              ("biases", cfg.qkv_bias or cfg.mlp_bias or cfg.attn_out_bias),
+              ("rope scaling", cfg.rope_scaling is not None))
+    unsupported = [name for name, bad in checks if bad]
     if unsupported:
         raise NotImplementedError(f"PyTorch reference skipped: it covers the RMSNorm/RoPE bias-free family "
                                   f"(tiny, d20), and this config has {', '.join(unsupported)}")
@@ -397,13 +398,16 @@ def main(argv):
             continue
         b, m = best[name], median[name]
         gf = flops_step / b / 1e9
-        print(f"{name:<16}{f'{b * 1e3:.0f} ({m * 1e3:.0f})':>16}{f'{tok_per_step / b:.0f} ({tok_per_step / m:.0f})':>16}"
+        step_ms = f"{b * 1e3:.0f} ({m * 1e3:.0f})"
+        tok_s = f"{tok_per_step / b:.0f} ({tok_per_step / m:.0f})"
+        print(f"{name:<16}{step_ms:>16}{tok_s:>16}"
               f"{gf:>9.1f}{gf / peak:>7.1%}{cores[name]:>7.2f}{losses[name]:>8.3f}"
               f"{(f'{first_s[name]:.1f}' if name in first_s else ''):>11}")
     if out["torch_eager_tokens_per_s"]:
         out["speedup_vs_torch_eager"] = out["tokens_per_s"] / out["torch_eager_tokens_per_s"]
         out["speedup_vs_torch_eager_median"] = median["torch eager"] / median["jax jit (ours)"]
-        print(f"jax / torch eager: {out['speedup_vs_torch_eager']:.2f}x (median {out['speedup_vs_torch_eager_median']:.2f}x)")
+        print(f"jax / torch eager: {out['speedup_vs_torch_eager']:.2f}x "
+              f"(median {out['speedup_vs_torch_eager_median']:.2f}x)")
     if out["torch_compile_tokens_per_s"]:
         out["speedup_vs_torch_compile"] = out["tokens_per_s"] / out["torch_compile_tokens_per_s"]
         print(f"jax / torch.compile: {out['speedup_vs_torch_compile']:.2f}x")

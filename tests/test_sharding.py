@@ -39,7 +39,8 @@ def test_bad_mesh_specs_raise(spec, msg):
 def test_rules_and_divisibility_fallback():
     mesh = sh.make_mesh("fsdp:2,tensor:4")
     # Divisible dims follow the table; size-1 mesh axes (data) never appear.
-    assert sh.logical_to_spec(("layers", "embed", "heads", "head_dim"), (2, 64, 8, 8), mesh) == P(None, "fsdp", "tensor")
+    wq_axes = ("layers", "embed", "heads", "head_dim")
+    assert sh.logical_to_spec(wq_axes, (2, 64, 8, 8), mesh) == P(None, "fsdp", "tensor")
     assert sh.logical_to_spec(("vocab", "embed"), (100, 64), mesh) == P("tensor", "fsdp")
     # 2 kv heads cannot split 4 ways -> replicated; 3 (odd) embed cannot split 2 ways either.
     assert sh.logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), (2, 64, 2, 8), mesh) == P(None, "fsdp")
