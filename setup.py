@@ -27,6 +27,7 @@ setup(
         "test": [
             "pytest",
             "hypothesis",
+            "scipy",
             "rustbpe",
             "tokenizers",
             "transformers",
