@@ -15,11 +15,7 @@ Four kinds of text are generated:
   calculator annotations, final line `#### 13`), with a test split of unseen templates and
   unseen numbers that never appears in the corpus;
 * arithmetic drills of graded difficulty (levels 1-8, up to 3x3-digit multiplication);
-* text about the spelling and letters of common English words;
-* copying drills: freshly invented words, codes and numbers (new in every document, lowercase
-  or all-caps so no entity name can occur in them) listed and then restated or looked up
-  within the same document. Nothing in them repeats across documents, so only in-context
-  copying (induction heads) predicts the second occurrence, never memorisation.
+* text about the spelling and letters of common English words.
 
 Typical use::
 
@@ -30,7 +26,7 @@ Typical use::
     test = math_problems(seed=0, split="test", n=500)      # held-out problems for rewards
 
 A corpus holds each encyclopedia document exactly `copies` times (one pass = one epoch);
-the rest of its bytes are math, arithmetic, spelling and copying documents in the ratio `mix`.
+the rest of its bytes are math, arithmetic and spelling documents in the ratio `mix`.
 """
 
 from __future__ import annotations
@@ -58,7 +54,7 @@ _TIER_DOCS = {
     "famous": ((16, 32), 12),
 }
 _STYLES = ("article", "infobox", "qa", "list", "narrative")
-_FILLER_KINDS = ("math", "arithmetic", "spelling", "copying")
+_FILLER_KINDS = ("math", "arithmetic", "spelling")
 
 # ----------------------------------------------------------------------------------------------
 # Names. Fictional words from syllables; every word is used for one purpose only, so a held-out
@@ -942,85 +938,10 @@ def spelling_problems(seed: int, n: int = 100) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Copying drills. Content is drawn fresh for every document and shown two or more times inside
-# it, which rewards in-context copying over memorisation. Invented words are lowercase and codes
-# all-caps, while every entity name is capitalised, so held-out names cannot appear here.
-
-_SYLLABLES = tuple(sorted({(o + v + c) for o in _ONSETS for v in _VOWELS for c in _CODAS if o + v + c}))
-_CODE_CHARS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
-
-
-def _invented(rng: random.Random, n: int) -> list[str]:
-    """n lowercase pseudo-words of 1-3 syllables (one rng.choices call: generation stays fast)."""
-    syl = rng.choices(_SYLLABLES, k=3 * n)
-    lens = rng.choices((1, 2, 2, 3), k=n)
-    return ["".join(syl[3 * i: 3 * i + k]) for i, k in enumerate(lens)]
-
-
-def _codes(rng: random.Random, n: int) -> list[str]:
-    letters = rng.choices(_CODE_CHARS, k=2 * n)
-    return [f"{letters[2 * i]}{letters[2 * i + 1]}-{rng.randrange(100, 1000)}" for i in range(n)]
-
-
-def _tokens(rng: random.Random, n: int) -> list[str]:
-    """A random sequence mixing invented words, common words, numbers and codes."""
-    pools = (_invented(rng, n), rng.choices(WORDS, k=n), [str(rng.randrange(10, 10000)) for _ in range(n)],
-             _codes(rng, n))
-    picks = rng.choices(range(4), weights=(4, 3, 2, 1), k=n)
-    return [pools[p][i] for i, p in enumerate(picks)]
-
-
-def _copy_list(rng: random.Random) -> str:
-    items = _invented(rng, rng.randint(6, 16))
-    sep = rng.choice((", ", " ", "; "))
-    head = rng.choice(("New words for today:", "Word list:", "Memorise these words:", "Vocabulary drill:"))
-    out = [head] + [f"{k + 1}. {w}" for k, w in enumerate(items)]
-    for again in rng.sample(("Repeat after me:", "Once more:", "Say them again:", "Recall:"), rng.randint(1, 2)):
-        out.append(f"{again} {sep.join(items)}")
-    return "\n".join(out)
-
-
-def _copy_records(rng: random.Random) -> str:
-    n = rng.randint(5, 12)
-    keys = _invented(rng, n)
-    kind = rng.random()
-    vals = (_codes(rng, n) if kind < 0.35 else [str(rng.randrange(10, 10000)) for _ in range(n)] if kind < 0.7
-            else rng.choices(WORDS, k=n))
-    out = [rng.choice(("Records:", "Registry entries:", "Inventory:", "Lookup table:"))]
-    out += [f"{k}: {v}" for k, v in zip(keys, vals)]
-    out.append(rng.choice(("Queries:", "Lookups:", "Check:")))
-    for i in rng.sample(range(n), rng.randint(3, n)):
-        out.append(f"{keys[i]}: {vals[i]}")
-    return "\n".join(out)
-
-
-def _copy_sequence(rng: random.Random) -> str:
-    seq = " ".join(_tokens(rng, rng.randint(12, 40)))
-    first, second = rng.choice((("Sequence:", "Sequence again:"), ("Original:", "Copy:"),
-                                ("Message:", "The message once more:"), ("Line:", "Same line:")))
-    return f"{first} {seq}\n{second} {seq}"
-
-
-def _copy_table(rng: random.Random) -> str:
-    n = rng.randint(4, 9)
-    names, codes, words = _invented(rng, n), _codes(rng, n), rng.choices(WORDS, k=n)
-    out = ["Catalogue " + _codes(rng, 1)[0]] + [f"{a} | {c} | {w}" for a, c, w in zip(names, codes, words)]
-    out.append("See also: " + ", ".join(f"{a} ({c})" for a, c in zip(names, codes)))
-    return "\n".join(out)
-
-
-_COPY_SECTIONS = (_copy_list, _copy_records, _copy_sequence, _copy_table)
-
-
-def _copying_document(rng: random.Random) -> str:
-    return "\n\n".join(rng.choice(_COPY_SECTIONS)(rng) for _ in range(rng.randint(2, 4))) + "\n"
-
-
-# ----------------------------------------------------------------------------------------------
 # The corpus: a random-access, deterministic mixture sized in bytes.
 
 _FILLER_GENERATORS = {"math": _math_document, "arithmetic": _arithmetic_document,
-                      "spelling": _spelling_document, "copying": _copying_document}
+                      "spelling": _spelling_document}
 
 
 class Corpus(Sequence):
@@ -1028,25 +949,21 @@ class Corpus(Sequence):
 
     Slot i is either an encyclopedia document (each edition document appears exactly `copies`
     times, spread evenly through the sequence in a seeded order) or a filler document (math,
-    arithmetic, spelling, copying in the ratio `mix`), each generated on demand from (seed, i):
-    nothing is held in memory but one int32 per encyclopedia copy.
+    arithmetic, spelling in the ratio `mix`), each generated on demand from (seed, i): nothing is
+    held in memory but one int32 per encyclopedia copy.
 
     Args:
       world: from make_world.
       seed: seeds the order of encyclopedia copies and all filler text.
       max_bytes: target UTF-8 size; the result lands within about 1% of it (filler document
         count is set from the mean size of a 4096-document sample).
-      mix: relative weights (by document count) of (math, arithmetic, spelling, copying) filler
-        documents; three weights mean no copying drills. Copying documents run ~2x the bytes of
-        the others, so the default's 0.1 is roughly a sixth of the corpus's bytes.
+      mix: relative weights of (math, arithmetic, spelling) filler documents.
     """
 
     def __init__(self, world: World, seed: int, max_bytes: int,
-                 mix: tuple[float, ...] = (0.45, 0.2225, 0.2225, 0.105)):
-        if len(mix) not in (3, 4) or min(mix) < 0 or sum(mix) <= 0:
-            raise ValueError(f"mix must be 3 or 4 non-negative weights (math, arithmetic, spelling[, copying]), "
-                             f"got {mix}")
-        mix = tuple(mix) + (0.0,) * (4 - len(mix))
+                 mix: tuple[float, float, float] = (0.5, 0.25, 0.25)):
+        if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
+            raise ValueError(f"mix must be three non-negative weights (math, arithmetic, spelling), got {mix}")
         enc_bytes = world.encyclopedia_bytes
         if max_bytes < enc_bytes:
             raise ValueError(
@@ -1075,7 +992,7 @@ class Corpus(Sequence):
         return (hi > lo, lo) if hi > lo else (False, i - lo)
 
     def kind(self, i: int) -> str:
-        """'encyclopedia' | 'math' | 'arithmetic' | 'spelling' | 'copying' for slot i."""
+        """'encyclopedia' | 'math' | 'arithmetic' | 'spelling' for slot i."""
         is_enc, j = self._locate(self._check(i))
         return "encyclopedia" if is_enc else self._filler_kind(_rng(self.seed, _TAG_FILL, j))
 

@@ -24,10 +24,10 @@ from absl import app, flags
 
 from experiments import common
 
-# Tuned for a 2-core CPU (~4-5k tokens/s for `tiny`): ~2.7M training tokens, ~8 passes over a 1 MB
+# Tuned for a 2-core CPU (~4-5k tokens/s for `tiny`): ~2M training tokens, ~6 passes over a 1 MB
 # corpus whose encyclopedia (300 entities) is a quarter of it.
 _DEFAULTS = dict(entities=300, corpus_bytes="1M", vocab_size=2048, tokenizer_bytes="1M", seq_len=256,
-                 batch_size=16, steps=650, lr=3e-3, warmup_steps=50)
+                 batch_size=16, steps=500, lr=3e-3, warmup_steps=50)
 
 
 def define_flags() -> None:

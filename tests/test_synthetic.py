@@ -42,49 +42,12 @@ def test_corpus_size_and_mixture(corpus, corpus_docs):
     total = sum(len(d.encode()) for d in corpus_docs)
     assert abs(total - MB) / MB < 0.03, total
     kinds = collections.Counter(corpus.kind(i) for i in range(len(corpus)))
-    assert set(kinds) == {"encyclopedia", "math", "arithmetic", "spelling", "copying"}
+    assert set(kinds) == {"encyclopedia", "math", "arithmetic", "spelling"}
     assert kinds["math"] > kinds["arithmetic"] > 0
     with pytest.raises(ValueError, match="max_bytes"):
         synthetic.Corpus(corpus.world, seed=0, max_bytes=1000)
     with pytest.raises(IndexError):
         corpus[len(corpus)]
-
-
-def test_copying_documents_repeat_fresh_content_within_not_across_documents(world, corpus, corpus_docs):
-    copy_docs = [d for i, d in enumerate(corpus_docs) if corpus.kind(i) == "copying"]
-    share = sum(len(d.encode()) for d in copy_docs) / sum(len(d.encode()) for d in corpus_docs)
-    assert 0.08 < share < 0.25, share
-    # Deterministic from (seed, i), independent of the order documents are generated in.
-    again = synthetic.Corpus(world, seed=3, max_bytes=MB)
-    idx = [i for i in range(len(corpus)) if corpus.kind(i) == "copying"][:20]
-    assert [again[i] for i in reversed(idx)] == [corpus_docs[i] for i in reversed(idx)]
-    # Every section states its fresh content at least twice inside the document.
-    token = re.compile(r"(?<![A-Za-z])[a-z]{5,}\b|\b[A-Z]{2}-\d{3}\b")
-    per_doc = [collections.Counter(token.findall(d)) for d in copy_docs]
-    in_docs = collections.Counter(t for c in per_doc for t in c)
-    # Fixed labels ('words', 'again') and common words are in many documents; the rest is fresh.
-    common = set(synthetic.WORDS) | {t for t, c in in_docs.items() if c > 0.02 * len(copy_docs)}
-    seen_in: collections.Counter = collections.Counter()
-    repeated = 0
-    for d, counts in zip(copy_docs, per_doc):
-        fresh = [t for t in counts if t not in common]
-        assert sum(counts[t] >= 2 for t in fresh) >= 3, d
-        repeated += sum(counts[t] >= 2 for t in fresh)
-        seen_in.update(fresh)
-    assert repeated > 0.6 * len(seen_in), (repeated, len(seen_in))
-    # ...and almost never in another document (only short codes may collide by chance).
-    words_elsewhere = [t for t, c in seen_in.items() if c > 1 and "-" not in t and len(t) >= 8]
-    assert len(words_elsewhere) < 0.02 * len(seen_in), words_elsewhere[:20]
-    # Entity names are capitalised, copying text never is outside fixed labels: no entity can occur.
-    names = [e.name for e in world.entities]
-    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
-    assert pattern.findall("\n".join(copy_docs)) == []
-    # The few-shot formats of experiments/evaluate.py stay unseen.
-    assert not any("->" in d for d in corpus_docs)
-    with pytest.raises(ValueError, match="mix"):
-        synthetic.Corpus(world, seed=3, max_bytes=MB, mix=(1.0, 1.0))
-    no_copy = synthetic.Corpus(world, seed=3, max_bytes=MB, mix=(0.5, 0.25, 0.25))
-    assert "copying" not in {no_copy.kind(i) for i in range(0, len(no_copy), 7)}
 
 
 def test_held_out_entities_never_appear_in_training_text(world, corpus_docs):
