@@ -157,7 +157,7 @@ def config_from_hf(config: dict, *, source: str = CONFIG_FILE) -> ModelConfig:
 
 def hf_architecture(cfg: ModelConfig) -> str:
     """The Hugging Face architecture that computes exactly what `cfg` computes; ValueError if none."""
-    plain = not cfg.qk_norm and cfg.logit_softcap is None
+    plain = not cfg.qk_norm and cfg.logit_softcap is None and not cfg.smear_keys
     if plain and (cfg.norm, cfg.mlp, cfg.pos) == ("rmsnorm", "swiglu", "rope") and not cfg.mlp_bias:
         if cfg.qkv_bias and not cfg.attn_out_bias:
             return QWEN2
@@ -170,7 +170,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
     raise ValueError(
         "no Hugging Face architecture matches this ModelConfig "
         f"(norm={cfg.norm}, mlp={cfg.mlp}, pos={cfg.pos}, qk_norm={cfg.qk_norm}, "
-        f"logit_softcap={cfg.logit_softcap}, qkv_bias={cfg.qkv_bias}, attn_out_bias={cfg.attn_out_bias}, "
+        f"logit_softcap={cfg.logit_softcap}, smear_keys={cfg.smear_keys}, qkv_bias={cfg.qkv_bias}, attn_out_bias={cfg.attn_out_bias}, "
         f"mlp_bias={cfg.mlp_bias}); exportable are Llama/Qwen2 (rmsnorm, swiglu, rope, no qk_norm or "
         "softcap, no mlp bias) and GPT-2 (layernorm, gelu, learned positions, all biases, no GQA)")
 

@@ -28,6 +28,8 @@ class ModelConfig:
     head_dim defaults to d_model // n_heads. `rope_scaling` is None or a tuple of
     (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings) for
     Llama 3's frequency scaling (a tuple, not a dict, so the config stays hashable for jit).
+    `smear_keys` mixes each key with its predecessor's through a learned per-head gate (see
+    `_smear`); `tiny` uses it so that in-context copying forms within a CPU-sized budget.
     """
 
     vocab_size: int = 4096
@@ -50,6 +52,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     qk_norm: bool = False
     logit_softcap: Optional[float] = None
+    smear_keys: bool = False
     zero_init_out: bool = False
     init_std: float = 0.02
     compute_dtype: str = "float32"  # matmul dtype: 'float32' | 'bfloat16' | 'float64' (numerics tests, needs x64)
@@ -117,7 +120,7 @@ _MODERN = dict(
 PRESETS: dict[str, ModelConfig] = {
     # Laptop CPU in minutes; vocab_size is normally overridden by the tokenizer's.
     "tiny": ModelConfig(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, d_ff=512,
-                        max_seq_len=256, **_MODERN),
+                        max_seq_len=256, smear_keys=True, **_MODERN),
     "gpt2-124m": ModelConfig(vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
                              max_seq_len=1024, norm="layernorm", mlp="gelu", pos="learned",
                              qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True),
@@ -202,6 +205,9 @@ def _shapes_and_axes(cfg: ModelConfig) -> tuple[dict, dict]:
     if cfg.qk_norm:
         attn_s.update(q_norm=(L, E), k_norm=(L, E))
         attn_a.update(q_norm=("layers", "head_dim"), k_norm=("layers", "head_dim"))
+    if cfg.smear_keys:
+        attn_s["smear"] = (L, K)
+        attn_a["smear"] = ("layers", "kv_heads")
 
     mlp_s = {"w_in": (L, D, F), "w_out": (L, F, D)}
     mlp_a = {"w_in": ("layers", "embed", "mlp"), "w_out": ("layers", "mlp", "embed")}
@@ -248,6 +254,8 @@ def init_params(key: jax.Array, cfg: ModelConfig) -> Params:
         name = path[-1].key
         if name in ("scale", "q_norm", "k_norm"):
             leaves.append(jnp.ones(shape, jnp.float32))
+        elif name == "smear":
+            leaves.append(jnp.zeros(shape, jnp.float32))
         elif name.startswith("b") or name == "bias":
             leaves.append(jnp.zeros(shape, jnp.float32))
         elif name in ("wo", "w_out"):
@@ -336,8 +344,21 @@ def _attention(q_bthe, k_bske, v_bske, mask_bts, cfg: ModelConfig) -> jax.Array:
     )
 
 
-def _block(x_btd, lp, cfg: ModelConfig, cos_bte, sin_bte, mask_bts, kv_cache, starts_b):
-    """One transformer block. kv_cache is None or (k_bske, v_bske) for this layer."""
+def _smear(k_bske: jax.Array, logit_k: jax.Array, has_prev_bs: jax.Array) -> jax.Array:
+    """Smeared keys (Olsson et al., 2022): key s becomes (1 - g) k_s + g k_{s-1}, with a learned
+    gate g = sigmoid(logit) per kv head and k_{s-1} = 0 at a document's first token. A key then
+    carries its predecessor, so one layer can do in-context copying (match the current token
+    against the token *before* s, read token s), which otherwise needs a previous-token head and
+    an induction head in two layers and forms only after a long plateau."""
+    prev = jnp.pad(k_bske[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0)))
+    prev = jnp.where(has_prev_bs[:, :, None, None], prev, jnp.zeros((), prev.dtype))
+    g = jax.nn.sigmoid(logit_k.astype(_acc(k_bske.dtype))).astype(k_bske.dtype)[None, None, :, None]
+    return k_bske + g * (prev - k_bske)
+
+
+def _block(x_btd, lp, cfg: ModelConfig, cos_bte, sin_bte, mask_bts, kv_cache, starts_b, has_prev_bs):
+    """One transformer block. kv_cache is None or (k_bske, v_bske) for this layer (the cache holds
+    keys before smearing). has_prev_bs [B, S]: key s has a predecessor in its document (smear_keys)."""
     dt = cfg.dtype
     h = _norm(x_btd, lp["attn_norm"], cfg).astype(dt)
     a = lp["attn"]
@@ -359,6 +380,8 @@ def _block(x_btd, lp, cfg: ModelConfig, cos_bte, sin_bte, mask_bts, kv_cache, st
         cv = write(cv, v.astype(cv.dtype), starts_b)
         new_kv = (ck, cv)
         k, v = ck.astype(dt), cv.astype(dt)
+    if cfg.smear_keys:
+        k = _smear(k, a["smear"], has_prev_bs)
     o = _attention(q, k, v, mask_bts, cfg)
     o = _matmul(o, a["wo"].astype(dt), 2).astype(cfg.acc_dtype)  # [B, T, H, E] x [H, E, D]
     if cfg.attn_out_bias:
@@ -398,6 +421,8 @@ def forward_hidden(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *, po
         mask_bts = jnp.arange(n_slots, dtype=jnp.int32)[None, None, :] <= slots_bt[:, :, None]
         if positions is None:
             positions = slots_bt
+        # Rows of a cache hold one document each, from slot 0.
+        has_prev_bs = jnp.broadcast_to(jnp.arange(n_slots)[None, :] > 0, (b, n_slots))
     else:
         starts_b = None
         idx = jnp.arange(t, dtype=jnp.int32)
@@ -406,6 +431,10 @@ def forward_hidden(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *, po
             mask_bts = mask_bts & (segment_ids[:, :, None] == segment_ids[:, None, :])
         if positions is None:
             positions = jnp.broadcast_to(idx[None, :], (b, t))
+        has_prev_bs = jnp.broadcast_to(idx[None, :] > 0, (b, t))
+        if segment_ids is not None:
+            same = segment_ids[:, 1:] == segment_ids[:, :-1]
+            has_prev_bs = has_prev_bs & jnp.pad(same, ((0, 0), (1, 0)))
 
     x = params["embed"]["tokens"][tokens_bt].astype(cfg.acc_dtype)
     if cfg.pos == "learned":
@@ -418,7 +447,7 @@ def forward_hidden(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *, po
 
     def layer(x_btd, xs):
         lp, kv = xs
-        x_btd, new_kv = _block(x_btd, lp, cfg, cos, sin, mask_bts, kv, starts_b)
+        x_btd, new_kv = _block(x_btd, lp, cfg, cos, sin, mask_bts, kv, starts_b, has_prev_bs)
         return x_btd, new_kv
 
     if cfg.remat:

@@ -99,6 +99,8 @@ def decays(path_names: list[str], cfg: OptimConfig) -> bool:
         return cfg.decay_norms
     if name in _BIAS_NAMES:
         return cfg.decay_biases
+    if name == "smear":  # a per-head gate logit: decay would pull every gate to one half
+        return False
     if path_names[0] in ("embed", "pos_embed"):
         return cfg.decay_embeddings
     return True

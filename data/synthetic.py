@@ -3,7 +3,7 @@
 Everything here is a pure function of its seeds and sizes, so two machines (or two runs) that
 ask for the same corpus get the same bytes, and later experiments can look up the ground truth.
 
-Four kinds of text are generated:
+Five kinds of text are generated:
 
 * an encyclopedia of fictional people, cities, countries and organisations. Entities come in
   tiers: `held_out` (never written about, never even named: what the model cannot know),
@@ -15,7 +15,11 @@ Four kinds of text are generated:
   calculator annotations, final line `#### 13`), with a test split of unseen templates and
   unseen numbers that never appears in the corpus;
 * arithmetic drills of graded difficulty (levels 1-8, up to 3x3-digit multiplication);
-* text about the spelling and letters of common English words.
+* text about the spelling and letters of common English words;
+* pattern drills: lists whose lines all apply one rule (repeat, swap, capitalise, spell, ...) in
+  one of many formats to fresh inputs, and word sequences shown twice. They reward in-context
+  learning the way web tables and exercise sheets do; none uses the '->' format of the few-shot
+  evaluation.
 
 Typical use::
 
@@ -26,7 +30,7 @@ Typical use::
     test = math_problems(seed=0, split="test", n=500)      # held-out problems for rewards
 
 A corpus holds each encyclopedia document exactly `copies` times (one pass = one epoch);
-the rest of its bytes are math, arithmetic and spelling documents in the ratio `mix`.
+the rest of its bytes are math, arithmetic, spelling and pattern documents in the ratio `mix`.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import pathlib
 import random
 import zlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -54,7 +58,7 @@ _TIER_DOCS = {
     "famous": ((16, 32), 12),
 }
 _STYLES = ("article", "infobox", "qa", "list", "narrative")
-_FILLER_KINDS = ("math", "arithmetic", "spelling")
+_FILLER_KINDS = ("math", "arithmetic", "spelling", "patterns")
 
 # ----------------------------------------------------------------------------------------------
 # Names. Fictional words from syllables; every word is used for one purpose only, so a held-out
@@ -884,6 +888,7 @@ puzzle question answer problem solution example exercise sentence paragraph chap
 umbrella scissors envelope calendar backpack sandwich chocolate vanilla cinnamon broccoli
 """.split())
 _LETTER_NAMES = "abcdefghijklmnopqrstuvwxyz"
+_DISTINCT_WORDS = tuple(dict.fromkeys(WORDS))  # WORDS lists a few words twice
 
 
 def _spelling_facts(rng: random.Random, word: str) -> list[str]:
@@ -938,10 +943,84 @@ def spelling_problems(seed: int, n: int = 100) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Pattern drills: lists in which every line applies one rule to its input, the kind of structured
+# repetition (tables, glossaries, exercise sheets) that makes web text reward in-context learning.
+# Each document draws a rule, a line format and fresh inputs, so only the lines above predict a
+# line: neither the rule nor the inputs can be memorised. No format uses '->': the phenomena
+# evaluation writes its few-shot prompts with it, a form the corpus never shows.
+
+_SYLLABLES = tuple(sorted({o + v + c for o in _ONSETS for v in _VOWELS for c in _CODAS}))
+
+
+def _invented_words(rng: random.Random, n: int) -> list[str]:
+    """n distinct lowercase pseudo-words of 1-2 syllables (entity names are capitalised, so these
+    never spell one)."""
+    out: dict[str, None] = {}
+    while len(out) < n:
+        out["".join(rng.choices(_SYLLABLES, k=rng.choice((1, 2, 2))))] = None
+    return list(out)
+
+
+def _pattern_inputs(rng: random.Random, n: int, common: bool) -> list[str]:
+    """n distinct inputs: common English words or invented ones."""
+    return rng.sample(_DISTINCT_WORDS, n) if common else _invented_words(rng, n)
+
+
+# rule name -> (words per input, only common words?, rule)
+_PATTERN_RULES: dict[str, tuple[int, bool, Callable[[list[str]], str]]] = {
+    "copy": (1, False, lambda w: w[0]),
+    "repeat": (1, False, lambda w: f"{w[0]} {w[0]}"),
+    "triple": (1, False, lambda w: f"{w[0]} {w[0]} {w[0]}"),
+    "swap": (2, False, lambda w: f"{w[1]} {w[0]}"),
+    "first": (2, False, lambda w: w[0]),
+    "second": (2, False, lambda w: w[1]),
+    "upper": (1, True, lambda w: w[0].upper()),
+    "spell": (1, True, lambda w: "-".join(w[0])),
+}
+_PATTERN_FORMATS = (
+    "{x} => {y}", "{x}: {y}", "{x} = {y}", "{x} | {y}", "{x} becomes {y}", "{x} gives {y}",
+    "{x}\t{y}", "input: {x}, output: {y}", "In: {x}\nOut: {y}", "Q: {x}\nA: {y}", "{x} >> {y}",
+)
+_PATTERN_HEADERS = ("", "Examples:", "Pattern practice", "Exercise", "Follow the pattern.",
+                    "Continue the list:", "Table")
+
+
+def _pattern_lines(rng: random.Random) -> list[str]:
+    n_words, common_only, rule = _PATTERN_RULES[rng.choice(tuple(_PATTERN_RULES))]
+    fmt = rng.choice(_PATTERN_FORMATS)
+    n_lines = rng.randint(5, 12)
+    common = common_only or rng.random() < 0.5
+    pool = _pattern_inputs(rng, n_lines * n_words, common)
+    lines = []
+    for i in range(n_lines):
+        ws = pool[i * n_words: (i + 1) * n_words]
+        lines.append(fmt.format(x=" ".join(ws), y=rule(ws)))
+    return lines
+
+
+def _sequence_lines(rng: random.Random) -> list[str]:
+    """A random word sequence and its exact repeat: pure in-context copying."""
+    words = _pattern_inputs(rng, rng.randint(6, 24), rng.random() < 0.5)
+    first, again = rng.choice((("Sequence:", "Again:"), ("Original:", "Copy:"), ("Say:", "Repeat:"),
+                               ("List:", "Same list:")))
+    seq = " ".join(words)
+    return [f"{first} {seq}", f"{again} {seq}"]
+
+
+def _pattern_document(rng: random.Random) -> str:
+    sections = []
+    for _ in range(rng.randint(1, 3)):
+        lines = _sequence_lines(rng) if rng.random() < 0.3 else _pattern_lines(rng)
+        head = rng.choice(_PATTERN_HEADERS)
+        sections.append("\n".join(([head] if head else []) + lines))
+    return "\n\n".join(sections) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
 # The corpus: a random-access, deterministic mixture sized in bytes.
 
 _FILLER_GENERATORS = {"math": _math_document, "arithmetic": _arithmetic_document,
-                      "spelling": _spelling_document}
+                      "spelling": _spelling_document, "patterns": _pattern_document}
 
 
 class Corpus(Sequence):
@@ -949,7 +1028,7 @@ class Corpus(Sequence):
 
     Slot i is either an encyclopedia document (each edition document appears exactly `copies`
     times, spread evenly through the sequence in a seeded order) or a filler document (math,
-    arithmetic, spelling in the ratio `mix`), each generated on demand from (seed, i): nothing is
+    arithmetic, spelling, pattern drills in the ratio `mix`), each generated on demand from (seed, i): nothing is
     held in memory but one int32 per encyclopedia copy.
 
     Args:
@@ -957,13 +1036,16 @@ class Corpus(Sequence):
       seed: seeds the order of encyclopedia copies and all filler text.
       max_bytes: target UTF-8 size; the result lands within about 1% of it (filler document
         count is set from the mean size of a 4096-document sample).
-      mix: relative weights of (math, arithmetic, spelling) filler documents.
+      mix: relative weights (by document count) of (math, arithmetic, spelling, patterns)
+        filler documents; three weights mean no pattern drills.
     """
 
     def __init__(self, world: World, seed: int, max_bytes: int,
-                 mix: tuple[float, float, float] = (0.5, 0.25, 0.25)):
-        if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
-            raise ValueError(f"mix must be three non-negative weights (math, arithmetic, spelling), got {mix}")
+                 mix: tuple[float, ...] = (0.3, 0.15, 0.15, 0.4)):
+        if len(mix) not in (3, 4) or min(mix) < 0 or sum(mix) <= 0:
+            raise ValueError("mix must be three or four non-negative weights (math, arithmetic, spelling"
+                             f"[, patterns]), not all zero; got {mix}")
+        mix = tuple(mix) + (0.0,) * (4 - len(mix))
         enc_bytes = world.encyclopedia_bytes
         if max_bytes < enc_bytes:
             raise ValueError(
@@ -992,7 +1074,7 @@ class Corpus(Sequence):
         return (hi > lo, lo) if hi > lo else (False, i - lo)
 
     def kind(self, i: int) -> str:
-        """'encyclopedia' | 'math' | 'arithmetic' | 'spelling' for slot i."""
+        """'encyclopedia' | 'math' | 'arithmetic' | 'spelling' | 'patterns' for slot i."""
         is_enc, j = self._locate(self._check(i))
         return "encyclopedia" if is_enc else self._filler_kind(_rng(self.seed, _TAG_FILL, j))
 

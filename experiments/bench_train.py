@@ -170,6 +170,7 @@ def torch_model_and_opt(cfg, torch, seq_len: int, params=None, lr: float = 1e-3,
             self.wkv = nn.Linear(d, 2 * k * e, bias=False)
             self.wo = nn.Linear(h * e, d, bias=False)
             self.qn, self.kn = nn.Parameter(torch.ones(e)), nn.Parameter(torch.ones(e))
+            self.smear = nn.Parameter(torch.zeros(k))  # no weight decay: 1-D, like ours
             self.w_in = nn.Linear(d, f * (2 if cfg.mlp == "swiglu" else 1), bias=False)
             self.w_out = nn.Linear(f, d, bias=False)
             out_std = 0.0 if cfg.zero_init_out else cfg.init_std / math.sqrt(2 * cfg.n_layers)
@@ -187,6 +188,9 @@ def torch_model_and_opt(cfg, torch, seq_len: int, params=None, lr: float = 1e-3,
             if cfg.qk_norm:
                 q, kk = rms(q, self.qn), rms(kk, self.kn)
             q, kk = rope(q), rope(kk)
+            if cfg.smear_keys:  # key s mixes in key s-1 (none before the first)
+                g = torch.sigmoid(self.smear)[None, :, None, None]
+                kk = kk + g * (F.pad(kk[:, :, :-1], (0, 0, 1, 0)) - kk)
             o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=k != h)
             x = x + self.wo(o.transpose(1, 2).reshape(b, t, h * e))
             u = self.w_in(rms(x, self.n2))
@@ -252,6 +256,8 @@ def load_params(net, params, cfg, torch) -> None:
             if cfg.qk_norm:
                 blk.qn.copy_(t(at["q_norm"][i]))
                 blk.kn.copy_(t(at["k_norm"][i]))
+            if cfg.smear_keys:
+                blk.smear.copy_(t(at["smear"][i]))
             w_in = ml["w_in"][i] if cfg.mlp != "swiglu" else np.concatenate([ml["w_in"][i], ml["w_gate"][i]], 1)
             blk.w_in.weight.copy_(t(w_in).T)
             blk.w_out.weight.copy_(t(ml["w_out"][i]).T)

@@ -7,7 +7,7 @@ on a model trained on the synthetic world (whose ground truth we know):
      when the entity was written about often (by tier: held out / once / few / popular / famous);
   3. few-shot: prompts of k examples of a task the corpus never shows in that form
      ('word -> word word') are followed far more often than the bare query (0-shot);
-     The mechanism behind it is measured too: the loss on the second copy of a random token
+     The mechanism behind it is measured too: the loss on the second copy of a random word
      sequence (in-context copying, as by induction heads);
   4. sampling: the same prompt gives different samples at temperature 1 (one at temperature 0).
 
@@ -196,26 +196,29 @@ def few_shot(model, cfg: PhenomenaConfig) -> list[Row]:
     return sorted(rows, key=lambda r: order[r["condition"].rsplit(", ", 1)[0]])
 
 
-def induction(model, cfg: PhenomenaConfig, n_rows: int = 16, length: int = 32) -> list[Row]:
+def induction(model, cfg: PhenomenaConfig, n_rows: int = 16, n_words: int = 16) -> list[Row]:
     """In-context copying, the mechanism few-shot prompting rests on: the loss on the second
-    copy of a random token sequence vs on its first copy (induction heads make the second
-    nearly free)."""
+    copy of a random sequence of common words vs on its first copy (induction heads make the
+    second nearly free). Common words, not random vocabulary ids: a small model has barely
+    trained the embeddings of its rare tokens, which would measure that instead."""
     import jax
     import numpy as np
 
     from core import loss as loss_lib
     from core import model as model_lib
+    from data import synthetic
 
     tokenizer, mcfg, params, _ = model
-    ordinary = np.flatnonzero(tokenizer.token_byte_lengths() > 0)
-    rng = np.random.default_rng(cfg.seed + 4)
-    seq = rng.choice(ordinary, size=(n_rows, length))
+    rng = random.Random(cfg.seed + 4)
+    rows = [tokenizer.encode(" ".join(rng.choices(synthetic.WORDS, k=n_words))) for _ in range(n_rows)]
+    length = min(len(r) for r in rows)
+    seq = np.array([r[:length] for r in rows])
     x = np.concatenate([np.full((n_rows, 1), tokenizer.eot_id), seq, seq], axis=1).astype(np.int32)
     logits = jax.jit(lambda p, t: model_lib.forward(p, t, mcfg)[0])(params, x[:, :-1])
     nll = np.asarray(loss_lib.token_nll(logits, x[:, 1:])[0])
     # Skip the first token of each copy: nothing in context predicts it.
     first, second = float(nll[:, 1:length].mean()), float(nll[:, length + 1:].mean())
-    return [{"phenomenon": "in-context copying", "condition": f"random {length}-token sequence shown twice",
+    return [{"phenomenon": "in-context copying", "condition": f"{n_words} random common words shown twice",
              "n": n_rows, "metric": "loss drop on the 2nd copy", "value": max(0.0, 1 - second / first),
              "extra": f"nats/token {first:.2f} -> {second:.2f}"}]
 

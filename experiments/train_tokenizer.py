@@ -5,11 +5,12 @@
         --compare=../shared/data/tokenizers/r50k_base.tiktoken,../shared/data/tokenizers/cl100k_base.tiktoken
 
 Reads --files (.txt/.md: one document per paragraph; .jsonl: field "text"; .parquet: column
-"text"; directories are searched) or, by default, the embedded synthetic world. The last
-documents (about --heldout_bytes, at most 10%) are held out; the tokenizer is trained on up to
---max_bytes of the rest. Writes --out_dir/tokenizer.zipchat.json and tokenizer_report.json, and
-prints the training time and a table of bytes per token on the held-out text, with every
-tokenizer given in --compare (any file core.tokenizer.load reads) side by side.
+"text"; directories are searched) or, by default, the embedded synthetic world (--seed,
+--synthetic_bytes). The last documents (about --heldout_bytes, at most 10%) are held out; the
+tokenizer is trained on up to --max_bytes of the rest. Writes --out_dir/tokenizer.zipchat.json
+and tokenizer_report.json, and prints the training time and a table of bytes per token on the
+held-out text, with every tokenizer given in --compare (any file core.tokenizer.load reads)
+side by side.
 """
 from __future__ import annotations
 
@@ -22,20 +23,22 @@ from typing import Iterator, Sequence
 from absl import app, flags
 
 from core import tokenizer as tok_lib
+from experiments import common
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
+    # --out_dir and --seed (here: the synthetic world's seed) are the shared ones; --preset and
+    # --mesh come along and are ignored, a tokenizer has no model size or device mesh.
+    common.define_common_flags(default_out_dir="runs/tokenizer")
     flags.DEFINE_list("files", [], "training text: files or directories (.txt/.md, .jsonl, .parquet); "
                       "default: the synthetic world")
     flags.DEFINE_integer("vocab_size", 4096, "vocabulary size, including 256 bytes and the special tokens")
-    flags.DEFINE_string("out_dir", "runs/tokenizer", "where tokenizer.zipchat.json and the report go")
     flags.DEFINE_list("compare", [], "other tokenizers to compare (.tiktoken, GPT-2 dir, tokenizer.json, ours)")
     flags.DEFINE_string("max_bytes", "10M", "training text budget, e.g. 500K, 20M, 1G")
     flags.DEFINE_string("heldout_bytes", "1M", "held-out text for the compression table")
     flags.DEFINE_integer("max_digits", 3, "split numbers into runs of at most this many digits (GPT-4: 3)")
-    flags.DEFINE_integer("seed", 0, "seed of the synthetic world (default data only)")
     flags.DEFINE_string("synthetic_bytes", "30M", "size of the synthetic corpus (default data only)")
 
 

@@ -230,6 +230,9 @@ def test_real_release_config_fields():
 def test_unexportable_config():
     with pytest.raises(ValueError, match="no Hugging Face architecture"):
         hf.config_to_hf(model.get_config("tiny"))
+    # Llama in every other respect, but smeared keys have no Hugging Face counterpart.
+    with pytest.raises(ValueError, match="smear_keys=True"):
+        hf.config_to_hf(model.get_config("llama-3.2-1b", smear_keys=True))
 
 
 def _copy(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:

@@ -42,8 +42,12 @@ def test_corpus_size_and_mixture(corpus, corpus_docs):
     total = sum(len(d.encode()) for d in corpus_docs)
     assert abs(total - MB) / MB < 0.03, total
     kinds = collections.Counter(corpus.kind(i) for i in range(len(corpus)))
-    assert set(kinds) == {"encyclopedia", "math", "arithmetic", "spelling"}
+    assert set(kinds) == {"encyclopedia", "math", "arithmetic", "spelling", "patterns"}
     assert kinds["math"] > kinds["arithmetic"] > 0
+    no_drills = synthetic.Corpus(corpus.world, seed=3, max_bytes=MB, mix=(0.5, 0.25, 0.25))
+    assert "patterns" not in {no_drills.kind(i) for i in range(0, len(no_drills), 7)}
+    with pytest.raises(ValueError, match="mix"):
+        synthetic.Corpus(corpus.world, seed=0, max_bytes=MB, mix=(1.0, 0.0))
     with pytest.raises(ValueError, match="max_bytes"):
         synthetic.Corpus(corpus.world, seed=0, max_bytes=1000)
     with pytest.raises(IndexError):
@@ -186,3 +190,39 @@ def test_write_records(world, tmp_path):
 def test_bad_world_size():
     with pytest.raises(ValueError, match="n_entities"):
         synthetic.make_world(0, n_entities=5)
+
+
+def test_pattern_drills_follow_their_rule_and_never_use_the_fewshot_format(corpus, corpus_docs):
+    """Every line of a drill section applies the same rule to fresh inputs; the '->' format the
+    few-shot evaluation uses appears nowhere in the corpus."""
+    assert not any("->" in d for d in corpus_docs)
+    drills = [d for i, d in enumerate(corpus_docs) if corpus.kind(i) == "patterns"]
+    assert len(drills) > 100
+    seen_rules = collections.Counter()
+    for doc in drills[:300]:
+        for section in doc.strip().split("\n\n"):
+            lines = [ln for ln in section.split("\n") if ln not in synthetic._PATTERN_HEADERS]
+            if len(lines) == 2 and lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1]:
+                seen_rules["sequence"] += 1
+                continue
+            # Some format and some rule must explain every line (formats can overlap: try all).
+            found = None
+            for fmt in synthetic._PATTERN_FORMATS:
+                n_lines = fmt.count("\n") + 1
+                rx = re.compile(re.escape(fmt).replace(re.escape("{x}"), "(.+)").replace(re.escape("{y}"), "(.+)"))
+                chunks = ["\n".join(lines[i:i + n_lines]) for i in range(0, len(lines), n_lines)]
+                matches = [rx.fullmatch(c) for c in chunks]
+                if not all(matches):
+                    continue
+                pairs = [m.groups() for m in matches]
+                rules = [name for name, (k, _, rule) in synthetic._PATTERN_RULES.items()
+                         if all(len(x.split(" ")) == k and rule(x.split(" ")) == y for x, y in pairs)]
+                if rules:
+                    found = rules[0], pairs
+                    break
+            assert found, section
+            seen_rules[found[0]] += 1
+            pairs = found[1]
+            inputs = [x for x, _ in pairs]
+            assert len(set(inputs)) == len(inputs)  # fresh inputs: nothing to recall but the rule
+    assert len(seen_rules) >= 6, seen_rules

@@ -109,6 +109,10 @@ def test_weight_decay_mask_from_param_names():
                        "['layers']['attn']['wv']", "['layers']['mlp']['w_in']", "['layers']['mlp']['w_out']"]
     everything = optim.OptimConfig(decay_embeddings=True, decay_norms=True, decay_biases=True)
     assert all(jax.tree.leaves(optim.decay_mask(model.param_shapes(cfg), everything)))
+    # The smeared-key gate logits never decay (decay would pull every gate towards one half).
+    tiny = model.get_config("tiny", vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=32)
+    assert tiny.smear_keys
+    assert not optim.decay_mask(model.param_shapes(tiny), everything)["layers"]["attn"]["smear"]
 
 
 def test_adamw_clipping_decay_and_lr_by_hand():
