@@ -981,21 +981,42 @@ _PATTERN_FORMATS = (
     "{x} => {y}", "{x}: {y}", "{x} = {y}", "{x} | {y}", "{x} becomes {y}", "{x} gives {y}",
     "{x}\t{y}", "input: {x}, output: {y}", "In: {x}\nOut: {y}", "Q: {x}\nA: {y}", "{x} >> {y}",
 )
+# Separators made up per document, so the model learns to read the separator off the lines
+# above rather than know a few. '-' is left out: no made-up separator can spell '->'.
+_SEPARATOR_CHARS = "=:|/<>~*+#@%^&;."
+_SEPARATOR_WORDS = ("to", "is", "means", "yields", "maps to", "then", "turns into", "goes to")
 _PATTERN_HEADERS = ("", "Examples:", "Pattern practice", "Exercise", "Follow the pattern.",
                     "Continue the list:", "Table")
 
 
-def _pattern_lines(rng: random.Random) -> list[str]:
-    n_words, common_only, rule = _PATTERN_RULES[rng.choice(tuple(_PATTERN_RULES))]
-    fmt = rng.choice(_PATTERN_FORMATS)
+def _pattern_format(rng: random.Random) -> str:
+    """A line format '{x}<sep>{y}': a common one, or a separator made up for this document."""
+    u = rng.random()
+    if u < 0.4:
+        return rng.choice(_PATTERN_FORMATS)
+    if u < 0.6:
+        return "{x} " + rng.choice(_SEPARATOR_WORDS) + " {y}"
+    sep = "".join(rng.choices(_SEPARATOR_CHARS, k=rng.choice((1, 2, 2, 3))))
+    return "{x}" + rng.choice((" ", "")) + sep + " {y}"
+
+
+def _pattern_example(rng: random.Random) -> tuple[str, str, list[tuple[str, str]]]:
+    """One drill section's content: (rule name, line format, [(input, output)] with fresh inputs)."""
+    name = rng.choice(tuple(_PATTERN_RULES))
+    n_words, common_only, rule = _PATTERN_RULES[name]
+    fmt = _pattern_format(rng)
     n_lines = rng.randint(5, 12)
-    common = common_only or rng.random() < 0.5
-    pool = _pattern_inputs(rng, n_lines * n_words, common)
-    lines = []
+    pool = _pattern_inputs(rng, n_lines * n_words, common_only or rng.random() < 0.5)
+    pairs = []
     for i in range(n_lines):
         ws = pool[i * n_words: (i + 1) * n_words]
-        lines.append(fmt.format(x=" ".join(ws), y=rule(ws)))
-    return lines
+        pairs.append((" ".join(ws), rule(ws)))
+    return name, fmt, pairs
+
+
+def _pattern_lines(rng: random.Random) -> list[str]:
+    _, fmt, pairs = _pattern_example(rng)
+    return [fmt.format(x=x, y=y) for x, y in pairs]
 
 
 def _sequence_lines(rng: random.Random) -> list[str]:

@@ -5,10 +5,11 @@ on a model trained on the synthetic world (whose ground truth we know):
      not (greedy exact-match rate of a continuation, by number of copies in the corpus);
   2. knowledge by frequency: a continuation about an entity states its true facts more often
      when the entity was written about often (by tier: held out / once / few / popular / famous);
-  3. few-shot: prompts of k examples of a task the corpus never shows in that form
-     ('word -> word word') are followed far more often than the bare query (0-shot);
-     The mechanism behind it is measured too: the loss on the second copy of a random word
-     sequence (in-context copying, as by induction heads);
+  3. few-shot: prompts of k examples of a task in a form the corpus never shows
+     ('word -> word word': the corpus's pattern drills apply such rules with many separators,
+     made-up ones included, but never '->') are followed far more often than the bare query
+     (0-shot). The mechanism behind it is measured too: the loss on the second copy of a random
+     word sequence (in-context copying, as by induction heads);
   4. sampling: the same prompt gives different samples at temperature 1 (one at temperature 0).
 
     python -m experiments.evaluate --out_dir=runs/tiny            # prints the table, writes phenomena.md
@@ -166,8 +167,9 @@ def _fewshot_tasks(rng: random.Random, words: Sequence[str]):
 
 
 def few_shot(model, cfg: PhenomenaConfig) -> list[Row]:
-    """k-shot vs 0-shot accuracy on formats absent from the corpus (no '->' appears in it).
-    All tasks share one generate call per prompt style (fewer compiled shapes)."""
+    """k-shot vs 0-shot accuracy of exact answers in the 'x -> y' format, absent from the corpus
+    (tests/test_synthetic.py checks that no '->' appears in it). All tasks share one generate
+    call per prompt style (fewer compiled shapes)."""
     from data import synthetic
 
     tokenizer, mcfg, params, mesh = model
