@@ -329,7 +329,14 @@ def _matmul(x, w, n_contract: int = 1):
 
 def _attention(q_bthe, k_bske, v_bske, mask_bts, cfg: ModelConfig) -> jax.Array:
     """Grouped-query attention through jax.nn.dot_product_attention (cuDNN flash on GPU when
-    the mask allows, XLA elsewhere). mask_bts: True where query t may see key s."""
+    the mask allows, XLA elsewhere). mask_bts: True where query t may see key s, or None for
+    plain causal attention (no [B, T, S] mask is built, nor saved per layer for the backward)."""
+    if mask_bts is None:
+        t = q_bthe.shape[1]
+        if cfg.compute_dtype != "float64":
+            return jax.nn.dot_product_attention(q_bthe, k_bske, v_bske, is_causal=True,
+                                                scale=1.0 / math.sqrt(cfg.e))
+        mask_bts = jnp.tril(jnp.ones((t, t), bool))[None]
     if cfg.compute_dtype == "float64":
         # dot_product_attention computes its softmax in float32; keep float64 end to end.
         b, t, h, e = q_bthe.shape
@@ -426,9 +433,10 @@ def forward_hidden(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *, po
     else:
         starts_b = None
         idx = jnp.arange(t, dtype=jnp.int32)
-        mask_bts = jnp.broadcast_to(idx[None, :, None] >= idx[None, None, :], (b, t, t))
+        mask_bts = None  # causal
         if segment_ids is not None:
-            mask_bts = mask_bts & (segment_ids[:, :, None] == segment_ids[:, None, :])
+            causal = idx[None, :, None] >= idx[None, None, :]
+            mask_bts = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
         if positions is None:
             positions = jnp.broadcast_to(idx[None, :], (b, t))
         has_prev_bs = jnp.broadcast_to(idx[None, :] > 0, (b, t))
