@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 from typing import Any, Mapping, Optional
 
 import jax
@@ -128,6 +129,9 @@ def make_manager(
     if save_interval_steps < 1:
         raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
     directory = epath.Path(directory)
+    if "://" not in str(directory):
+        # Orbax's tensorstore writer refuses relative paths (and fails only in its async thread).
+        directory = epath.Path(os.path.abspath(directory))
     if read_only and not directory.exists():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     # Plain "multiples of N" (orbax's own interval rule also saves the first step it sees).

@@ -58,6 +58,20 @@ def test_round_trip_state_step_and_data_state(tmp_path):
     assert int(got["step"]) == 7
 
 
+def test_relative_directory(tmp_path, monkeypatch):
+    """A relative run directory (the README's `runs/main`) saves and restores; orbax's writer
+    itself refuses relative paths, and only in its async thread."""
+    monkeypatch.chdir(tmp_path)
+    state = _state()
+    with ck.make_manager("runs/ck") as mngr:
+        assert ck.save(mngr, 7, state, meta=META)
+        mngr.wait_until_finished()
+    assert (tmp_path / "runs" / "ck" / "7").is_dir()
+    with ck.make_manager("runs/ck", read_only=True) as mngr:
+        got, _, _ = ck.restore(mngr, ck.abstract_state(state), expected_meta=META)
+    _assert_trees_equal(got, state)
+
+
 def test_bytes_data_state_and_params_only_restore(tmp_path):
     state = _state(1)
     blob = b'{"grain": "DataLoader state as bytes"}\x00\xff'
