@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +56,7 @@ class ModelConfig:
     zero_init_out: bool = False
     init_std: float = 0.02
     compute_dtype: str = "float32"  # matmul dtype: 'float32' | 'bfloat16' | 'float64' (numerics tests, needs x64)
-    remat: bool = False
+    remat: Union[bool, str] = False  # False | True / 'full' (recompute the block) | 'dots' (keep matmul outputs)
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -78,6 +78,7 @@ class ModelConfig:
         need(self.mlp in ("swiglu", "gelu", "relu2"), f"unknown mlp {self.mlp!r}")
         need(self.pos in ("rope", "learned"), f"unknown pos {self.pos!r}")
         need(self.compute_dtype in ("float32", "bfloat16", "float64"), f"unknown compute_dtype {self.compute_dtype!r}")
+        need(self.remat in (False, True, "full", "dots"), f"remat must be False, True, 'full' or 'dots', got {self.remat!r}")
         need(self.pos != "rope" or self.e % 2 == 0, f"rope needs an even head_dim, got {self.e}")
         if self.rope_scaling is not None:
             need(len(self.rope_scaling) == 4, "rope_scaling is (factor, low_freq_factor, high_freq_factor, original_max_pos)")
@@ -120,7 +121,7 @@ _MODERN = dict(
 PRESETS: dict[str, ModelConfig] = {
     # Laptop CPU in minutes; vocab_size is normally overridden by the tokenizer's.
     "tiny": ModelConfig(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, d_ff=512,
-                        max_seq_len=256, smear_keys=True, **_MODERN),
+                        max_seq_len=256, smear_keys=True, remat="dots", **_MODERN),
     "gpt2-124m": ModelConfig(vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
                              max_seq_len=1024, norm="layernorm", mlp="gelu", pos="learned",
                              qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True),
@@ -459,7 +460,10 @@ def forward_hidden(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *, po
         return x_btd, new_kv
 
     if cfg.remat:
-        layer = jax.checkpoint(layer, prevent_cse=False)
+        # 'dots' keeps matmul outputs and recomputes the elementwise ops in the backward: on
+        # XLA:CPU that beats saving them through the layer scan (tiny train step ~7% faster).
+        policy = jax.checkpoint_policies.dots_saveable if cfg.remat == "dots" else None
+        layer = jax.checkpoint(layer, prevent_cse=False, policy=policy)
     kv_xs = (cache["k"], cache["v"]) if cache is not None else None
     x, new_kv = jax.lax.scan(layer, x, (params["layers"], kv_xs))
     x = _norm(x, params["final_norm"], cfg)
