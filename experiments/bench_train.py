@@ -1,6 +1,7 @@
 """Train-step throughput: our jit-compiled JAX step vs the same model and optimizer in PyTorch.
 
-    python -m experiments.bench_train                     # tiny family at width 256, CPU, ~3 min
+    python -m experiments.bench_train                     # tiny family at width 512, CPU, ~3 min
+    python -m experiments.bench_train --width=256         # the tiny family's width-256 point
     python -m experiments.bench_train --preset=gpt2-124m --width=0 --depth=0 --bf16 \
         --batch=16 --seq_len=1024                         # GPU: the preset's own sizes
 
@@ -12,8 +13,11 @@ Measures, in one process:
   with the same decay groups, eager and torch.compile'd, same batch and sequence length;
 - the compile time of the JAX step at depth 4 and depth 24 (layers run under lax.scan, so it
   should stay flat).
-All contenders are built and warmed up first, then timed round-robin one step at a time, so
-load from other processes on a shared machine hits them alike; the headline numbers use each
+All contenders are built and warmed up first, then timed round-robin in rounds of
+--block consecutive steps after one untimed step (a contender that has just been switched to
+runs its first step beside the previous one's still-busy worker threads, which cost JAX 1.5x
+in its median when rounds were one step long), so load from other processes on a shared
+machine hits them alike; the headline numbers use each
 one's best step (like the peak, a best-of), medians are printed next to them. The 'cores'
 column is CPU time / wall time: well below the core count means other processes took the
 cores, and the wall-clock numbers (MFU most of all, since the short peak matmul finds quiet
@@ -31,13 +35,14 @@ import time
 from absl import app, flags
 
 flags.DEFINE_string("preset", "tiny", "model preset (core.model.PRESETS); its family switches are kept")
-flags.DEFINE_integer("width", 256, "d_model (0 = the preset's)")
+flags.DEFINE_integer("width", 512, "d_model (0 = the preset's)")
 flags.DEFINE_integer("depth", 4, "n_layers (0 = the preset's)")
 flags.DEFINE_integer("head_dim", 64, "head size when --width overrides the preset (heads = width / head_dim)")
 flags.DEFINE_integer("vocab_size", 0, "vocabulary size (0 = the preset's)")
 flags.DEFINE_integer("batch", 8, "sequences per step")
 flags.DEFINE_integer("seq_len", 256, "tokens per sequence")
 flags.DEFINE_integer("steps", 10, "timed steps per implementation, after warm-up")
+flags.DEFINE_integer("block", 2, "consecutive timed steps per contender per round (after an untimed one)")
 flags.DEFINE_string("mesh", "data:-1", "device mesh for the JAX step (core.sharding spec)")
 flags.DEFINE_bool("bf16", False, "bfloat16 matmuls (JAX compute_dtype; peak measured in bfloat16)")
 flags.DEFINE_bool("torch", True, "also time the PyTorch reference (CPU backend only)")
@@ -371,12 +376,14 @@ def main(argv):
 
     times: dict[str, list[float]] = {k: [] for k in runners}
     cpu: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(FLAGS.steps):
+    for _ in range(-(-FLAGS.steps // FLAGS.block)):
         for name, run in runners.items():
-            t, c = time.perf_counter(), time.process_time()
-            run()
-            times[name].append(time.perf_counter() - t)
-            cpu[name].append(time.process_time() - c)
+            run()  # untimed: the switch from the previous contender
+            for _ in range(FLAGS.block):
+                t, c = time.perf_counter(), time.process_time()
+                run()
+                times[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
     best = {k: min(v) for k, v in times.items()}
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     # Fake CPU devices (--xla_force_host_platform_device_count) share the same cores.
