@@ -45,8 +45,9 @@ def repeated_rows(rng: np.random.Generator, n_rows: int, row_len: int, period: i
 
 
 def train_and_probe(smear_keys: bool, *, steps: int, vocab: int, model_vocab: int, period: int, batch: int,
-                    seq_len: int, eval_every: int, lr: float, seed: int) -> list[dict]:
-    """Trains one variant; returns [{'step', 'loss', 'first_copy', 'second_copy'}] per evaluation."""
+                    seq_len: int, eval_every: int, lr: float, seed: int, mesh: str = "data:-1") -> list[dict]:
+    """Trains one variant (batch split over `mesh`); returns [{'step', 'loss', 'first_copy',
+    'second_copy'}] per evaluation."""
     import jax
 
     from core import loss as loss_lib
@@ -56,7 +57,7 @@ def train_and_probe(smear_keys: bool, *, steps: int, vocab: int, model_vocab: in
     from core import train as train_lib
 
     cfg = model_lib.get_config("tiny", vocab_size=model_vocab, max_seq_len=seq_len, smear_keys=smear_keys)
-    mesh = sharding_lib.make_mesh("data:1")
+    mesh = sharding_lib.make_mesh(mesh)
     opt = optim_lib.make_optimizer(optim_lib.OptimConfig(lr=lr, warmup_steps=min(50, steps // 4),
                                                          total_steps=steps))
     state = train_lib.init_train_state(jax.random.PRNGKey(seed), cfg, opt, mesh)

@@ -229,7 +229,7 @@ def test_copying_ablation_rows_and_probe():
     np.testing.assert_array_equal(rows[:, 1:9], rows[:, 9:17])
     np.testing.assert_array_equal(rows[:, 1:5], rows[:, 17:21])
     assert rows[:, 1:].min() >= 16 and rows.max() < 50
-    out = ablate_copying.train_and_probe(True, steps=2, vocab=40, model_vocab=64, period=8, batch=2, seq_len=32,
+    out = ablate_copying.train_and_probe(True, steps=2, vocab=40, model_vocab=64, period=8, batch=8, seq_len=32,
                                          eval_every=1, lr=1e-3, seed=0)
     assert [r["step"] for r in out] == [0, 1, 2]
     # Untrained (zero-initialised output projections): a near-uniform distribution over 64 ids.
