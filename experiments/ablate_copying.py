@@ -23,16 +23,21 @@ import time
 import numpy as np
 from absl import app, flags
 
-flags.DEFINE_integer("steps", 300, "optimizer steps per variant")
-flags.DEFINE_integer("vocab", 300, "token ids drawn from [16, vocab)")
-flags.DEFINE_integer("model_vocab", 2048, "the model's vocabulary (the main job's); >= --vocab")
-flags.DEFINE_integer("period", 32, "tokens per copy of the random sequence")
-flags.DEFINE_integer("batch", 16, "rows per step")
-flags.DEFINE_integer("seq_len", 256, "tokens per row")
-flags.DEFINE_integer("eval_every", 50, "steps between copying evaluations")
-flags.DEFINE_float("lr", 3e-3, "peak learning rate")
-flags.DEFINE_integer("seed", 0, "params and data seed")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Flags are defined only when run as a script, so tests can import this module beside others."""
+    flags.DEFINE_integer("steps", 300, "optimizer steps per variant")
+    flags.DEFINE_integer("vocab", 300, "token ids drawn from [16, vocab)")
+    flags.DEFINE_integer("model_vocab", 2048, "the model's vocabulary (the main job's); >= --vocab")
+    flags.DEFINE_integer("period", 32, "tokens per copy of the random sequence")
+    flags.DEFINE_integer("batch", 16, "rows per step")
+    flags.DEFINE_integer("seq_len", 256, "tokens per row")
+    flags.DEFINE_integer("eval_every", 50, "steps between copying evaluations")
+    flags.DEFINE_float("lr", 3e-3, "peak learning rate")
+    flags.DEFINE_integer("seed", 0, "params and data seed")
+
 
 
 def repeated_rows(rng: np.random.Generator, n_rows: int, row_len: int, period: int, vocab: int,
@@ -117,4 +122,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
