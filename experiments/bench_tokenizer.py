@@ -222,7 +222,12 @@ def main(argv):
 if __name__ == "__main__":
     define_flags()
     # Must precede the import of tokenizers / rustbpe (rayon reads it once).
-    _threads = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--rust_threads=")), "1")
+    # absl parses here too (known_only: app.run reports the rest), so '--rust_threads 4' and
+    # '--rust_threads=4' both count.
+    flags.FLAGS(sys.argv, known_only=True)
+    if flags.FLAGS.rust_threads < 1:
+        sys.exit(f"--rust_threads must be >= 1, got {flags.FLAGS.rust_threads}")
+    _threads = str(flags.FLAGS.rust_threads)
     os.environ["RAYON_NUM_THREADS"] = _threads
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false" if _threads == "1" else "true")
     app.run(main)
