@@ -364,9 +364,11 @@ def _smear(k_bske: jax.Array, logit_k: jax.Array, has_prev_bs: jax.Array) -> jax
     return k_bske + g * (prev - k_bske)
 
 
-def _block(x_btd, lp, cfg: ModelConfig, cos_bte, sin_bte, mask_bts, kv_cache, starts_b, has_prev_bs):
-    """One transformer block. kv_cache is None or (k_bske, v_bske) for this layer (the cache holds
-    keys before smearing). has_prev_bs [B, S]: key s has a predecessor in its document (smear_keys)."""
+def _block(x_btd, lp, cfg: ModelConfig, cos_bte, sin_bte, mask_bts, kv_cache, slots_bt, has_prev_bs):
+    """One transformer block. kv_cache is None or (k_lbske, v_lbske, layer): the whole cache and
+    this block's index in it; the new keys (before smearing) and values go to slots slots_bt
+    [B, T] of that layer and the updated stacks are returned. has_prev_bs [B, S]: key s has a
+    predecessor in its document (smear_keys)."""
     dt = cfg.dtype
     h = _norm(x_btd, lp["attn_norm"], cfg).astype(dt)
     a = lp["attn"]
@@ -381,13 +383,14 @@ def _block(x_btd, lp, cfg: ModelConfig, cos_bte, sin_bte, mask_bts, kv_cache, st
         q, k = _rope(q, cos_bte, sin_bte), _rope(k, cos_bte, sin_bte)
     new_kv = None
     if kv_cache is not None:
-        ck, cv = kv_cache
-        zero = jnp.zeros((), starts_b.dtype)
-        write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (s, zero, zero)))
-        ck = write(ck, k.astype(ck.dtype), starts_b)
-        cv = write(cv, v.astype(cv.dtype), starts_b)
+        ck, cv, layer = kv_cache
+        # A scatter into the stack carried by the layer scan is done in place; slots past the
+        # end are dropped (never written over the last slot).
+        rows_b1 = jnp.arange(k.shape[0], dtype=jnp.int32)[:, None]
+        ck = ck.at[layer, rows_b1, slots_bt].set(k.astype(ck.dtype), mode="drop")
+        cv = cv.at[layer, rows_b1, slots_bt].set(v.astype(cv.dtype), mode="drop")
         new_kv = (ck, cv)
-        k, v = ck.astype(dt), cv.astype(dt)
+        k, v = ck[layer].astype(dt), cv[layer].astype(dt)
     if cfg.smear_keys:
         k = _smear(k, a["smear"], has_prev_bs)
     o = _attention(q, k, v, mask_bts, cfg)
@@ -422,8 +425,7 @@ def forward_hidden(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *, po
     """
     b, t = tokens_bt.shape
     if cache is not None:
-        starts_b = cache["lengths"]
-        slots_bt = starts_b[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        slots_bt = cache["lengths"][:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         n_slots = cache["k"].shape[2]
         # Query at slot q sees every slot <= q; slots past a row's fill are never attended.
         mask_bts = jnp.arange(n_slots, dtype=jnp.int32)[None, None, :] <= slots_bt[:, :, None]
@@ -432,7 +434,7 @@ def forward_hidden(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *, po
         # Rows of a cache hold one document each, from slot 0.
         has_prev_bs = jnp.broadcast_to(jnp.arange(n_slots)[None, :] > 0, (b, n_slots))
     else:
-        starts_b = None
+        slots_bt = None
         idx = jnp.arange(t, dtype=jnp.int32)
         mask_bts = None  # causal
         if segment_ids is not None:
@@ -454,23 +456,30 @@ def forward_hidden(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *, po
         cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)
         sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)
 
-    def layer(x_btd, xs):
-        lp, kv = xs
-        x_btd, new_kv = _block(x_btd, lp, cfg, cos, sin, mask_bts, kv, starts_b, has_prev_bs)
-        return x_btd, new_kv
+    if cache is None:
+        def layer(x_btd, lp):
+            return _block(x_btd, lp, cfg, cos, sin, mask_bts, None, None, has_prev_bs)[0], None
 
-    if cfg.remat:
-        # 'dots' keeps matmul outputs and recomputes the elementwise ops in the backward: on
-        # XLA:CPU that beats saving them through the layer scan (tiny train step ~7% faster).
-        policy = jax.checkpoint_policies.dots_saveable if cfg.remat == "dots" else None
-        layer = jax.checkpoint(layer, prevent_cse=False, policy=policy)
-    kv_xs = (cache["k"], cache["v"]) if cache is not None else None
-    x, new_kv = jax.lax.scan(layer, x, (params["layers"], kv_xs))
-    x = _norm(x, params["final_norm"], cfg)
-    new_cache = None
-    if cache is not None:
-        new_cache = {"k": new_kv[0], "v": new_kv[1], "lengths": cache["lengths"] + t}
-    return x, new_cache
+        if cfg.remat:
+            # 'dots' keeps matmul outputs and recomputes the elementwise ops in the backward: on
+            # XLA:CPU that beats saving them through the layer scan (tiny train step ~7% faster).
+            policy = jax.checkpoint_policies.dots_saveable if cfg.remat == "dots" else None
+            layer = jax.checkpoint(layer, prevent_cse=False, policy=policy)
+        x, _ = jax.lax.scan(layer, x, params["layers"])
+        return _norm(x, params["final_norm"], cfg), None
+
+    # The cache rides in the scan's carry, not its xs -> ys: each layer then updates it in place,
+    # where ys would rebuild the whole cache every step (most of a batch-64 decode step on CPU).
+    def cached_layer(carry, xs):
+        x_btd, ck, cv = carry
+        lp, i = xs
+        x_btd, (ck, cv) = _block(x_btd, lp, cfg, cos, sin, mask_bts, (ck, cv, i), slots_bt, has_prev_bs)
+        return (x_btd, ck, cv), None
+
+    layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+    (x, ck, cv), _ = jax.lax.scan(cached_layer, (x, cache["k"], cache["v"]), (params["layers"], layer_ids))
+    new_cache = {"k": ck, "v": cv, "lengths": cache["lengths"] + t}
+    return _norm(x, params["final_norm"], cfg), new_cache
 
 
 def logits_from_hidden(params: Params, x_btd: jax.Array, cfg: ModelConfig) -> jax.Array:
