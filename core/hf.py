@@ -170,8 +170,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
     raise ValueError(
         "no Hugging Face architecture matches this ModelConfig "
         f"(norm={cfg.norm}, mlp={cfg.mlp}, pos={cfg.pos}, qk_norm={cfg.qk_norm}, "
-        f"logit_softcap={cfg.logit_softcap}, smear_keys={cfg.smear_keys}, qkv_bias={cfg.qkv_bias}, attn_out_bias={cfg.attn_out_bias}, "
-        f"mlp_bias={cfg.mlp_bias}); exportable are Llama/Qwen2 (rmsnorm, swiglu, rope, no qk_norm or "
+        f"logit_softcap={cfg.logit_softcap}, smear_keys={cfg.smear_keys}, qkv_bias={cfg.qkv_bias}, "
+        f"attn_out_bias={cfg.attn_out_bias}, mlp_bias={cfg.mlp_bias}); exportable are Llama/Qwen2 (rmsnorm, swiglu, rope, no qk_norm or "
         "softcap, no mlp bias) and GPT-2 (layernorm, gelu, learned positions, all biases, no GQA)")
 
 

@@ -255,9 +255,7 @@ def init_params(key: jax.Array, cfg: ModelConfig) -> Params:
         name = path[-1].key
         if name in ("scale", "q_norm", "k_norm"):
             leaves.append(jnp.ones(shape, jnp.float32))
-        elif name == "smear":
-            leaves.append(jnp.zeros(shape, jnp.float32))
-        elif name.startswith("b") or name == "bias":
+        elif name.startswith("b") or name in ("bias", "smear"):  # smear: gates start at one half
             leaves.append(jnp.zeros(shape, jnp.float32))
         elif name in ("wo", "w_out"):
             leaves.append(out_std * jax.random.normal(k, shape, jnp.float32))
@@ -333,11 +331,10 @@ def _attention(q_bthe, k_bske, v_bske, mask_bts, cfg: ModelConfig) -> jax.Array:
     the mask allows, XLA elsewhere). mask_bts: True where query t may see key s, or None for
     plain causal attention (no [B, T, S] mask is built, nor saved per layer for the backward)."""
     if mask_bts is None:
-        t = q_bthe.shape[1]
         if cfg.compute_dtype != "float64":
             return jax.nn.dot_product_attention(q_bthe, k_bske, v_bske, is_causal=True,
                                                 scale=1.0 / math.sqrt(cfg.e))
-        mask_bts = jnp.tril(jnp.ones((t, t), bool))[None]
+        mask_bts = jnp.tril(jnp.ones((q_bthe.shape[1], k_bske.shape[1]), bool))[None]
     if cfg.compute_dtype == "float64":
         # dot_product_attention computes its softmax in float32; keep float64 end to end.
         b, t, h, e = q_bthe.shape
@@ -436,14 +433,13 @@ def forward_hidden(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *, po
     else:
         slots_bt = None
         idx = jnp.arange(t, dtype=jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(idx[None, :], (b, t))
         mask_bts = None  # causal
+        has_prev_bs = jnp.broadcast_to(idx[None, :] > 0, (b, t))
         if segment_ids is not None:
             causal = idx[None, :, None] >= idx[None, None, :]
             mask_bts = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        if positions is None:
-            positions = jnp.broadcast_to(idx[None, :], (b, t))
-        has_prev_bs = jnp.broadcast_to(idx[None, :] > 0, (b, t))
-        if segment_ids is not None:
             same = segment_ids[:, 1:] == segment_ids[:, :-1]
             has_prev_bs = has_prev_bs & jnp.pad(same, ((0, 0), (1, 0)))
 

@@ -1049,8 +1049,8 @@ class Corpus(Sequence):
 
     Slot i is either an encyclopedia document (each edition document appears exactly `copies`
     times, spread evenly through the sequence in a seeded order) or a filler document (math,
-    arithmetic, spelling, pattern drills in the ratio `mix`), each generated on demand from (seed, i): nothing is
-    held in memory but one int32 per encyclopedia copy.
+    arithmetic, spelling, pattern drills in the ratio `mix`), each generated on demand from
+    (seed, i): nothing is held in memory but one int32 per encyclopedia copy.
 
     Args:
       world: from make_world.

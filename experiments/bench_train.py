@@ -13,15 +13,15 @@ Measures, in one process:
   with the same decay groups, eager and torch.compile'd, same batch and sequence length;
 - the compile time of the JAX step at depth 4 and depth 24 (layers run under lax.scan, so it
   should stay flat).
-All contenders are built and warmed up first, then timed round-robin in rounds of
---block consecutive steps after one untimed step (a contender that has just been switched to
-runs its first step beside the previous one's still-busy worker threads, which cost JAX 1.5x
-in its median when rounds were one step long), so load from other processes on a shared
-machine hits them alike; the headline numbers use each
-one's best step (like the peak, a best-of), medians are printed next to them. The 'cores'
-column is CPU time / wall time: well below the core count means other processes took the
-cores, and the wall-clock numbers (MFU most of all, since the short peak matmul finds quiet
-moments more easily than a whole train step) understate what the code does on a quiet machine.
+All contenders are built and warmed up first, then timed round-robin, --block consecutive steps
+each per round after one untimed step, so load from other processes on a shared machine hits
+them alike. (A contender just switched to runs its first step beside the previous one's
+still-busy worker threads; with one-step rounds that cost JAX 1.5x in its median.) The
+headline numbers use each one's best step (like the peak, a best-of), medians are printed next
+to them. The 'cores' column is CPU time / wall time: well below the core count means other
+processes took the cores, and the wall-clock numbers (MFU most of all, since the short peak
+matmul finds quiet moments more easily than a whole train step) understate what the code does
+on a quiet machine.
 Prints a table, then one JSON line.
 """
 from __future__ import annotations
@@ -329,6 +329,8 @@ def _maybe_reexec_with_tuned_malloc() -> None:
 
 def main(argv):
     del argv
+    if FLAGS.steps < 1 or FLAGS.block < 1:
+        raise app.UsageError(f"--steps and --block must be >= 1, got {FLAGS.steps} and {FLAGS.block}")
     if FLAGS.tune_malloc:
         _maybe_reexec_with_tuned_malloc()
     import jax
@@ -385,6 +387,7 @@ def main(argv):
                 times[name].append(time.perf_counter() - t)
                 cpu[name].append(time.process_time() - c)
     best = {k: min(v) for k, v in times.items()}
+    n_timed = len(times["peak matmul"])  # --steps rounded up to whole blocks
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     # Fake CPU devices (--xla_force_host_platform_device_count) share the same cores.
     peak = runners["peak matmul"].flops / best["peak matmul"] / 1e9 * (1 if backend == "cpu" else n_dev)
@@ -402,8 +405,8 @@ def main(argv):
     for d in [int(x) for x in FLAGS.compile_depths.split(",") if x.strip()]:
         out[f"compile_s_depth{d}"] = compile_seconds(cfg, d)
 
-    print(f"\npeak matmul: {peak:.1f} GFLOP/s ({'bf16' if FLAGS.bf16 else 'f32'}, best of {FLAGS.steps}, "
-          f"{n_dev} device(s)); steps timed round-robin, best (median) of {FLAGS.steps}")
+    print(f"\npeak matmul: {peak:.1f} GFLOP/s ({'bf16' if FLAGS.bf16 else 'f32'}, best of {n_timed}, "
+          f"{n_dev} device(s)); steps timed round-robin, best (median) of {n_timed}")
     print(f"{'implementation':<16}{'step ms':>16}{'tokens/s':>16}{'GFLOP/s':>9}{'MFU':>7}{'cores':>7}{'loss':>8}"
           f"{'compile s':>11}")
     for name in runners:
