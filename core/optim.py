@@ -8,7 +8,8 @@ flag `grad_accum`), not here, so one optimizer update is one train step.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+import re
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -142,8 +143,53 @@ def make_optimizer(cfg: OptimConfig, params: Any = None) -> optax.GradientTransf
 def current_lr(opt_state: Any) -> jax.Array:
     """Learning rate used by the latest update (NaN when the optimizer does not record one)."""
     # hyperparams_states also has a 'learning_rate' key (the schedule's state); keep the value.
-    lr = optax.tree_utils.tree_get(opt_state, "learning_rate", default=None,
-                                   filtering=lambda _, v: isinstance(v, (jax.Array, float)))
-    if lr is None:
+    # With parameter groups (multi_transform) there is one per group: the first one found (groups
+    # are visited in sorted label order) is reported.
+    found = optax.tree_utils.tree_get_all_with_path(
+        opt_state, "learning_rate", filtering=lambda _, v: isinstance(v, (jax.Array, float)))
+    if not found:
         return jnp.asarray(jnp.nan, jnp.float32)
-    return jnp.asarray(lr, jnp.float32)
+    return jnp.asarray(found[0][1], jnp.float32)
+
+
+def label_params(params: Any, rules: Sequence[tuple[str, str]], default: str = "default") -> Any:
+    """Tree of group labels matching `params`: the label of the first rule whose regex matches
+    the leaf's '/'-joined path (e.g. 'layers/attn/wq', 'head/w'), else `default`.
+
+    rules: [(regex, label), ...], searched with re.search, in order.
+    """
+    compiled = [(re.compile(rx), label) for rx, label in rules]
+
+    def label(path, _):
+        name = "/".join(_path_names(path))
+        for rx, lab in compiled:
+            if rx.search(name):
+                return lab
+        return default
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_grouped_optimizer(groups: Mapping[str, Optional[OptimConfig]],
+                           rules: Sequence[tuple[str, str]] = (),
+                           default: str = "default") -> optax.GradientTransformation:
+    """Parameter groups through `optax.multi_transform`: each group its own AdamW and schedule
+    (e.g. a fresh reward head at 10x the body's learning rate), `None` = frozen (updates are
+    exactly zero, no optimizer moments are kept).
+
+    Args:
+      groups: label -> OptimConfig, or None for a frozen group. Must contain every label that
+        `rules` and `default` can produce.
+      rules: [(regex over the '/'-joined param path, label)], first match wins (`label_params`).
+      default: label of leaves no rule matches.
+
+    Gradient clipping happens per group (each group's clip_norm over its own leaves).
+    `current_lr` reports the learning rate of the first non-frozen group in sorted label order.
+    """
+    labels_used = {default, *(lab for _, lab in rules)}
+    missing = sorted(labels_used - set(groups))
+    if missing:
+        raise ValueError(f"optimizer groups {missing} are used by the rules but not configured "
+                         f"(configured: {sorted(groups)})")
+    transforms = {name: (optax.set_to_zero() if g is None else make_optimizer(g)) for name, g in groups.items()}
+    return optax.multi_transform(transforms, lambda params: label_params(params, rules, default))

@@ -1,21 +1,13 @@
 """The training step: sharded train state, a generic jit-compiled step, next-token LM loss.
 
-Batch format (numpy from data/pipeline.py, or jax arrays from `core.sharding.shard_batch`):
+Batches follow the format and loss-mask convention of `core.loss` (`split_batch`): tokens,
+segment_ids, positions [B, T+1] and an optional target mask [B, T].
 
-    {'tokens':      int32 [B, T+1],   # inputs = tokens[:, :-1], targets = tokens[:, 1:]
-     'segment_ids': int32 [B, T+1],   # optional; 1, 2, ... per packed document, 0 = padding
-     'positions':   int32 [B, T+1],   # optional; position ids (restarting per document)
-     'mask':        bool/int [B, T]}  # optional; loss mask over *targets* (SFT: assistant tokens)
-
-Loss-masking convention: target t counts iff its segment id equals its input's segment id and
-is not 0, AND (when given) mask[:, t]. So we never predict across a document boundary (the first
-token of the next document from the last token of the previous one) nor into or out of padding.
-With documents packed as `doc <|endoftext|>`, the closing <|endoftext|> is in its document's
-segment and IS predicted (the model learns where documents end); with `<|endoftext|> doc` (BOS
-style) the BOS opens the next segment, is never a target, and the doc's first token is predicted
-from it. Without segment_ids every target counts (before 'mask').
-
-State is a plain dict {'params', 'opt_state', 'step'}: a pytree that orbax saves as is.
+State is a plain dict {'params', 'opt_state', 'step'}: a pytree that orbax saves as is. Its
+params may be any tree with a matching tree of logical axes (`ParamSpec`): the language model's
+params (`model_spec(cfg)`), or a larger tree such as {'model': ..., 'head': ...} for a reward
+model. Whatever else a stage needs (a frozen reference policy) is another params tree outside the
+state, passed to the loss through the batch or a closure.
 
 Gradient accumulation (`grad_accum=A`) runs A microbatches of B/A rows through `lax.scan` inside
 one step and makes one optimizer update, so loss, gradients and the update equal those of the
@@ -24,7 +16,8 @@ takes rows m, m+A, m+2A, ... so every device keeps its own rows and nothing move
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+import dataclasses
+from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -44,49 +37,31 @@ Batch = Mapping[str, jax.Array]
 LossFn = Callable[[Any, Batch, model_lib.ModelConfig], tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def split_batch(batch: Batch) -> dict[str, Optional[jax.Array]]:
-    """tokens/segment_ids/positions [B, T+1] (+ mask [B, T]) -> model inputs, targets, loss mask.
+split_batch = loss_lib.split_batch  # the convention lives in core/loss.py
 
-    Returns {'inputs', 'targets', 'segment_ids', 'positions', 'mask'}, all [B, T]; segment_ids and
-    positions are None when absent from the batch. See the module docstring for the convention.
+
+def make_lm_loss(z_loss: float = 0.0, vocab_chunk: int = loss_lib.DEFAULT_VOCAB_CHUNK) -> LossFn:
+    """Next-token cross-entropy (+ z_loss * lse^2) summed over unmasked targets; weight = tokens.
+
+    The same function trains pretraining and SFT: SFT batches carry a 'mask' over the assistant's
+    tokens. Computed by the shared scorer (`core.loss.hidden_logprobs`), chunked over the
+    vocabulary when it is larger than `vocab_chunk`.
     """
-    if "tokens" not in batch:
-        raise ValueError(f"batch needs a 'tokens' [B, T+1] entry; got keys {sorted(batch)}")
-    tokens = batch["tokens"]
-    if tokens.ndim != 2 or tokens.shape[1] < 2:
-        raise ValueError(f"batch['tokens'] must be [B, T+1] with T >= 1, got shape {tokens.shape}")
-    b, t1 = tokens.shape
-    for k in ("segment_ids", "positions"):
-        if k in batch and tuple(batch[k].shape) != (b, t1):
-            raise ValueError(f"batch['{k}'] has shape {batch[k].shape}, expected {(b, t1)} like 'tokens'")
-    if "mask" in batch and tuple(batch["mask"].shape) != (b, t1 - 1):
-        raise ValueError(f"batch['mask'] has shape {batch['mask'].shape}, expected {(b, t1 - 1)} (over targets)")
-    out = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": None, "positions": None}
-    mask = jnp.ones((b, t1 - 1), bool)
-    if "segment_ids" in batch:
-        seg = batch["segment_ids"]
-        out["segment_ids"] = seg[:, :-1]
-        mask = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
-    if "positions" in batch:
-        out["positions"] = batch["positions"][:, :-1]
-    if "mask" in batch:
-        mask = mask & batch["mask"].astype(bool)
-    out["mask"] = mask
-    return out
-
-
-def make_lm_loss(z_loss: float = 0.0) -> LossFn:
-    """Next-token cross-entropy (+ z_loss * lse^2) summed over unmasked targets; weight = tokens."""
 
     def lm_loss(params, batch: Batch, cfg: model_lib.ModelConfig):
         x = split_batch(batch)
-        logits_btv, _ = model_lib.forward(params, x["inputs"], cfg, positions=x["positions"],
-                                          segment_ids=x["segment_ids"])
-        s = loss_lib.cross_entropy_sums(logits_btv, x["targets"], x["mask"], z_loss)
-        aux = {"weight": s["tokens"], "tokens": s["tokens"], "nll": s["nll"]}
+        h, _ = model_lib.forward_hidden(params, x["inputs"], cfg, positions=x["positions"],
+                                        segment_ids=x["segment_ids"])
+        logp, lse = loss_lib.hidden_logprobs(params, h, x["targets"], cfg, vocab_chunk=vocab_chunk)
+        m = x["mask"].astype(logp.dtype)
+        nll = jnp.sum(-logp * m)
+        tokens = jnp.sum(m)
+        aux = {"weight": tokens, "tokens": tokens, "nll": nll}
+        loss = nll
         if z_loss:
-            aux["z"] = s["z"]
-        return s["loss"], aux
+            aux["z"] = jnp.sum(jnp.square(lse) * m)
+            loss = nll + z_loss * aux["z"]
+        return loss, aux
 
     return lm_loss
 
@@ -94,36 +69,70 @@ def make_lm_loss(z_loss: float = 0.0) -> LossFn:
 # ----------------------------------------------------------------------------- state
 
 
-def state_shardings(model_cfg: model_lib.ModelConfig, optimizer: optax.GradientTransformation,
-                    mesh: Mesh) -> State:
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """What a train state is built from: a params tree's shapes, its logical axes, its init.
+
+    shapes: tree of jax.ShapeDtypeStruct; axes: the same tree with tuples of logical axis names
+    (`core.sharding` maps them to mesh axes); init: key -> params (None: only for states built
+    around existing params).
+    """
+
+    shapes: Any
+    axes: Any
+    init: Optional[Callable[[jax.Array], Any]] = None
+
+    def shardings(self, mesh: Mesh) -> Any:
+        return sharding_lib.param_shardings(self.axes, mesh, self.shapes)
+
+
+def model_spec(cfg: model_lib.ModelConfig) -> ParamSpec:
+    """The language model's params as a ParamSpec."""
+    return ParamSpec(model_lib.param_shapes(cfg), model_lib.param_axes(cfg),
+                     lambda k: model_lib.init_params(k, cfg))
+
+
+SpecLike = Union[ParamSpec, model_lib.ModelConfig]
+
+
+def as_spec(spec: SpecLike) -> ParamSpec:
+    """A ModelConfig stands for its model's ParamSpec."""
+    return model_spec(spec) if isinstance(spec, model_lib.ModelConfig) else spec
+
+
+def state_shardings(spec: SpecLike, optimizer: optax.GradientTransformation, mesh: Mesh) -> State:
     """NamedSharding tree matching the train state (for jit and for checkpoint restore)."""
-    p_shapes = model_lib.param_shapes(model_cfg)
-    p_sh = sharding_lib.param_shardings(model_lib.param_axes(model_cfg), mesh, p_shapes)
+    spec = as_spec(spec)
+    p_sh = spec.shardings(mesh)
     return {
         "params": p_sh,
-        "opt_state": sharding_lib.opt_state_shardings(optimizer, p_shapes, p_sh, mesh),
+        "opt_state": sharding_lib.opt_state_shardings(optimizer, spec.shapes, p_sh, mesh),
         "step": sharding_lib.replicated(mesh),
     }
 
 
-def init_train_state(key: jax.Array, model_cfg: model_lib.ModelConfig,
-                     optimizer: optax.GradientTransformation, mesh: Mesh) -> State:
+def init_train_state(key: jax.Array, spec: SpecLike, optimizer: optax.GradientTransformation,
+                     mesh: Mesh) -> State:
     """Fresh params and optimizer state, created directly in their shards (no device ever holds
     the whole model). Values do not depend on the mesh (partitionable threefry)."""
-    shardings = state_shardings(model_cfg, optimizer, mesh)
+    spec = as_spec(spec)
+    if spec.init is None:
+        raise ValueError("this ParamSpec has no init function; use train_state_from_params")
+    shardings = state_shardings(spec, optimizer, mesh)
 
     def init(k):
-        params = model_lib.init_params(k, model_cfg)
+        params = spec.init(k)
         return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
 
     return jax.jit(init, out_shardings=shardings)(key)
 
 
-def train_state_from_params(params: Any, model_cfg: model_lib.ModelConfig,
-                            optimizer: optax.GradientTransformation, mesh: Mesh) -> State:
-    """Train state around existing params (a loaded checkpoint, an HF import): params are moved
-    to their shardings, the optimizer state is created sharded, step = 0."""
-    shardings = state_shardings(model_cfg, optimizer, mesh)
+def train_state_from_params(params: Any, spec: SpecLike, optimizer: optax.GradientTransformation,
+                            mesh: Mesh) -> State:
+    """Train state around existing params (a loaded checkpoint, an HF import, an SFT model plus a
+    fresh head): params are moved to their shardings, the optimizer state is created sharded,
+    step = 0."""
+    shardings = state_shardings(spec, optimizer, mesh)
     params = jax.device_put(params, shardings["params"])
 
     def init(p):
@@ -169,7 +178,8 @@ def _normalise(loss_sum, aux):
 
 def make_train_step(model_cfg: model_lib.ModelConfig, optimizer: optax.GradientTransformation,
                     mesh: Mesh, loss_fn: Optional[LossFn] = None, *, grad_accum: int = 1,
-                    donate: bool = True) -> Callable[[State, Batch], tuple[State, dict]]:
+                    donate: bool = True, spec: Optional[ParamSpec] = None
+                    ) -> Callable[[State, Batch], tuple[State, dict]]:
     """One jit-compiled `step(state, batch) -> (new_state, metrics)`.
 
     Args:
@@ -180,6 +190,8 @@ def make_train_step(model_cfg: model_lib.ModelConfig, optimizer: optax.GradientT
       loss_fn: see LossFn; default `make_lm_loss()`.
       grad_accum: microbatches per step (B must be a multiple of grad_accum x data x fsdp).
       donate: donate the input state's buffers (do not reuse `state` after the call).
+      spec: the params tree of the state when it is not the language model's alone (a reward
+        head, LoRA adapters); `loss_fn` still receives `model_cfg`.
 
     Metrics (replicated scalars): loss, grad_norm (before clipping), lr (used by this update),
     tokens (unmasked targets), weight, plus the loss_fn's other aux entries as means.
@@ -187,7 +199,7 @@ def make_train_step(model_cfg: model_lib.ModelConfig, optimizer: optax.GradientT
     if grad_accum < 1:
         raise ValueError(f"--grad_accum must be >= 1, got {grad_accum}")
     loss_fn = loss_fn or make_lm_loss()
-    st_sh = state_shardings(model_cfg, optimizer, mesh)
+    st_sh = state_shardings(spec or model_cfg, optimizer, mesh)
     p_sh = st_sh["params"]
     b_sh = sharding_lib.batch_sharding(mesh)
     rep = sharding_lib.replicated(mesh)
@@ -227,11 +239,12 @@ def make_train_step(model_cfg: model_lib.ModelConfig, optimizer: optax.GradientT
 
 
 def make_eval_step(model_cfg: model_lib.ModelConfig, mesh: Mesh,
-                   loss_fn: Optional[LossFn] = None) -> Callable[[Any, Batch], dict]:
+                   loss_fn: Optional[LossFn] = None, spec: Optional[ParamSpec] = None
+                   ) -> Callable[[Any, Batch], dict]:
     """jit `eval(params, batch) -> aux sums` (add 'loss_sum'); accumulate over batches, then
     divide by the summed 'weight'. Params must already carry their shardings."""
     loss_fn = loss_fn or make_lm_loss()
-    p_sh = sharding_lib.model_shardings(model_cfg, mesh)
+    p_sh = as_spec(spec or model_cfg).shardings(mesh)
 
     def ev(params, batch):
         l, aux = loss_fn(params, batch, model_cfg)

@@ -5,7 +5,7 @@ A run directory (`--out_dir`) holds::
 
     tokenizer.zipchat.json   the tokenizer (core.tokenizer.save)
     model_config.json        core.model.ModelConfig as JSON
-    run_config.json          the flags the run was started with
+    config.json              the options the run was started with (--config=RUN/config.json reruns it)
     checkpoints/<step>/      orbax checkpoints (core.checkpoint)
     metrics.jsonl            one JSON object per train step
     evals.jsonl              one JSON object per evaluation
@@ -26,7 +26,8 @@ from absl import flags
 
 TOKENIZER_FILE = "tokenizer.zipchat.json"
 MODEL_CONFIG_FILE = "model_config.json"
-RUN_CONFIG_FILE = "run_config.json"
+RUN_CONFIG_FILE = "config.json"  # the options that reproduce the run (experiments/options.py)
+LEGACY_RUN_CONFIG_FILE = "run_config.json"  # its name before 2026-12
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 EVALS_FILE = "evals.jsonl"
@@ -328,6 +329,15 @@ def load_json(path, what: str = "file") -> Any:
         raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
 
 
+def load_run_config(out_dir) -> dict:
+    """A run directory's saved options (config.json, or run_config.json of older runs)."""
+    out_dir = pathlib.Path(out_dir)
+    path = out_dir / RUN_CONFIG_FILE
+    if not path.exists() and (out_dir / LEGACY_RUN_CONFIG_FILE).exists():
+        path = out_dir / LEGACY_RUN_CONFIG_FILE
+    return load_json(path, "run config")
+
+
 def load_model_config(out_dir):
     """The ModelConfig a run was trained with (out_dir/model_config.json)."""
     out_dir = pathlib.Path(out_dir)
@@ -426,3 +436,25 @@ def sample_tokens(params, cfg, tokenizer, prompts: Sequence[Any], *, n_samples: 
             toks = toks[:-1]
         out[int(res.prompt_index[r])].append(toks)
     return out
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def cli(main):
+    """Wraps a script's absl `main` so that a user error (a ValueError or FileNotFoundError: bad
+    flag, missing file, mismatched run directory) prints one line, `error: ...`, and exits with
+    status 2 instead of a traceback; `--traceback` shows the traceback."""
+    if "traceback" not in flags.FLAGS:
+        flags.DEFINE_bool("traceback", False, "on a user error, show the Python traceback too")
+
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except (ValueError, FileNotFoundError) as e:
+            if flags.FLAGS.traceback:
+                raise
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return wrapped

@@ -57,7 +57,7 @@ Row = dict[str, Any]
 def _world_and_corpus(out_dir: pathlib.Path):
     from data import readers
 
-    run_cfg = common.load_json(out_dir / common.RUN_CONFIG_FILE, "run config")
+    run_cfg = common.load_run_config(out_dir)
     from experiments import pretrain
 
     source = readers.open_source(pretrain.data_spec(run_cfg["data"]))

@@ -27,54 +27,76 @@ from typing import Any, Optional
 
 from absl import app, flags
 
-from experiments import common
+from experiments import common, options, stage
 
 # ----------------------------------------------------------------------------- config
 
 
+def _bytes(text: str) -> int:
+    from data import readers
+
+    return readers.parse_bytes(text)
+
+
+def _overrides(text: str):
+    return parse_model_overrides(text)
+
+
+_f = options.field
+
+
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
-    """Everything a pretraining run depends on (the flags, as a value).
+    """Everything a pretraining run depends on; its fields are the script's flags.
 
-    Model: `preset` plus `model_overrides` (ModelConfig fields such as d_model, n_layers);
-    vocab_size always comes from the tokenizer and max_seq_len grows to seq_len if needed.
-    Length: `steps`, or `tokens` (a budget; steps = ceil(tokens / (batch_size * seq_len))).
-    batch_size is global (all processes together).
+    Model: `preset`, then the size fields (0 = the preset's) and `model_overrides` (ModelConfig
+    fields such as qk_norm=false); vocab_size always comes from the tokenizer and max_seq_len
+    grows to seq_len if needed. Length: `steps`, or `tokens` (a budget; steps = ceil(tokens /
+    (batch_size * seq_len))). batch_size is global (all processes together).
     """
 
-    out_dir: str
-    preset: str = "tiny"
-    model_overrides: tuple[tuple[str, Any], ...] = ()
-    data: str = "synthetic"
-    tokenizer: Optional[str] = None
-    vocab_size: int = 4096
-    tokenizer_bytes: int = 5_000_000
-    seq_len: int = 256
-    batch_size: int = 32
-    steps: int = 0
-    tokens: int = 0
-    grad_accum: int = 1
-    lr: float = 3e-3
-    warmup_steps: int = 50
-    schedule: str = "cosine"
-    final_lr_frac: float = 0.1
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
-    z_loss: float = 0.0
-    mesh: str = "data:-1"
-    seed: int = 0
-    resume: bool = False
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 8
-    val_docs: int = 512
-    eval_samples: int = 3
-    sample_tokens: int = 48
-    ckpt_every: int = 100
-    keep_checkpoints: int = 3
-    async_checkpoint: bool = True
-    num_workers: int = 0
-    debug_kill_at_step: int = -1
+    out_dir: Optional[str] = _f(None, "run directory: tokenizer, checkpoints, metrics, plots")
+    preset: str = _f("tiny", "model size preset (core.model.PRESETS)")
+    d_model: int = _f(0, "override the preset's d_model (0 = keep)")
+    n_layers: int = _f(0, "override the preset's n_layers (0 = keep)")
+    n_heads: int = _f(0, "override the preset's n_heads (0 = keep)")
+    n_kv_heads: int = _f(0, "override the preset's n_kv_heads (0 = keep)")
+    d_ff: int = _f(0, "override the preset's d_ff (0 = keep)")
+    compute_dtype: Optional[str] = _f(None, "override the preset's matmul dtype (float32 | bfloat16)")
+    model_overrides: tuple = _f((), "more ModelConfig overrides, e.g. 'qk_norm=false,logit_softcap=none'",
+                                parse=_overrides)
+    data: str = _f("synthetic", "'synthetic[:seed=,entities=,bytes=]', a reader spec "
+                   "(text:/jsonl:/parquet:PATH) or a plain path")
+    tokenizer: Optional[str] = _f(None, "tokenizer file/dir; default: the run's own, else train one")
+    vocab_size: int = _f(4096, "vocabulary of the tokenizer trained when none is given")
+    tokenizer_bytes: int = _f(5_000_000, "text used to train that tokenizer, e.g. 5M", parse=_bytes)
+    seq_len: int = _f(256, "tokens per training row")
+    batch_size: int = _f(32, "global batch (rows)")
+    steps: int = _f(0, "optimizer steps (or use --tokens)")
+    tokens: int = _f(0, "token budget instead of --steps, e.g. 20M", parse=_bytes)
+    grad_accum: int = _f(1, "microbatches per step")
+    lr: float = _f(3e-3, "peak learning rate")
+    warmup_steps: int = _f(50, "linear warmup steps")
+    schedule: str = _f("cosine", "lr schedule after warmup", choices=("cosine", "linear", "constant"))
+    final_lr_frac: float = _f(0.1, "final lr as a fraction of --lr")
+    weight_decay: float = _f(0.1, "AdamW weight decay (matrices only)")
+    clip_norm: float = _f(1.0, "global gradient-norm clip (0 = off)")
+    z_loss: float = _f(0.0, "z-loss coefficient")
+    mesh: str = _f("data:-1", "device mesh, e.g. 'data:2,fsdp:2,tensor:2'; -1 = the rest")
+    seed: int = _f(0, "seed for params, data order and sampling")
+    resume: bool = _f(False, "continue from the last complete checkpoint in --out_dir")
+    log_every: int = _f(10, "print a progress line every N steps")
+    eval_every: int = _f(100, "validation bits per byte + samples every N steps (0 = end only)")
+    eval_batches: int = _f(8, "validation batches per eval")
+    val_docs: int = _f(512, "documents held out for validation")
+    eval_samples: int = _f(3, "sampled continuations printed per eval")
+    sample_tokens: int = _f(48, "tokens per sampled continuation")
+    ckpt_every: int = _f(100, "checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = _f(3, "keep the last K checkpoints")
+    async_checkpoint: bool = _f(True, "write checkpoints in the background")
+    num_workers: int = _f(0, "grain worker processes for tokenizing")
+    debug_kill_at_step: int = _f(-1, "testing: SIGKILL this process right after step N "
+                                 "(during its checkpoint write if N is a checkpoint step)")
 
     def __post_init__(self):
         def need(cond, msg):
@@ -82,6 +104,10 @@ class PretrainConfig:
                 raise ValueError(msg)
 
         need(bool(self.out_dir), "--out_dir is required")
+        need(self.lr >= 0, f"--lr must be >= 0, got {self.lr}")
+        need(self.grad_accum >= 1, f"--grad_accum must be >= 1, got {self.grad_accum}")
+        for name in _MODEL_FLAGS:
+            need(getattr(self, name) >= 0, f"--{name} must be >= 0 (0 = the preset's), got {getattr(self, name)}")
         need(self.seq_len >= 1, f"--seq_len must be >= 1, got {self.seq_len}")
         need(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
         need(self.steps >= 0 and self.tokens >= 0, "--steps and --tokens must be >= 0")
@@ -93,6 +119,14 @@ class PretrainConfig:
         need(self.keep_checkpoints >= 1, f"--keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         need(self.eval_batches >= 1, f"--eval_batches must be >= 1, got {self.eval_batches}")
         need(self.val_docs >= 1, f"--val_docs must be >= 1, got {self.val_docs}")
+
+    @property
+    def all_model_overrides(self) -> tuple:
+        """The size fields, compute_dtype and model_overrides as (field, value) pairs."""
+        out = tuple((n, getattr(self, n)) for n in _MODEL_FLAGS if getattr(self, n))
+        if self.compute_dtype:
+            out += (("compute_dtype", self.compute_dtype),)
+        return out + tuple(self.model_overrides)
 
     @property
     def total_steps(self) -> int:
@@ -226,7 +260,7 @@ def _model_config(cfg: PretrainConfig, tokenizer):
     from core import model as model_lib
 
     base = model_lib.get_config(cfg.preset)
-    overrides = dict(cfg.model_overrides)
+    overrides = dict(cfg.all_model_overrides)
     overrides["vocab_size"] = tokenizer.vocab_size
     overrides.setdefault("max_seq_len", max(base.max_seq_len, cfg.seq_len))
     return model_lib.get_config(cfg.preset, **overrides)
@@ -241,17 +275,13 @@ def make_bpb_fn(model_cfg, mesh, token_bytes_v):
     import jax.numpy as jnp
 
     from core import loss as loss_lib
-    from core import model as model_lib
     from core import sharding as sharding_lib
-    from core import train as train_lib
 
     tb = jnp.asarray(token_bytes_v)
 
     def fn(params, batch):
-        x = train_lib.split_batch(batch)
-        logits, _ = model_lib.forward(params, x["inputs"], model_cfg, positions=x["positions"],
-                                      segment_ids=x["segment_ids"])
-        return loss_lib.bits_per_byte_sums(logits, x["targets"], tb, x["mask"])
+        logp, mask = loss_lib.token_logprobs(params, batch, model_cfg)
+        return loss_lib.bits_per_byte_from_logprobs(logp, batch["tokens"][:, 1:], tb, mask)
 
     return jax.jit(fn, in_shardings=(sharding_lib.model_shardings(model_cfg, mesh),
                                      sharding_lib.batch_sharding(mesh)),
@@ -278,32 +308,20 @@ def sample_prompts(val_docs: Sequence[str], n: int) -> list[str]:
 # ----------------------------------------------------------------------------- the run
 
 
-def _log_record(step: int, m: dict, progress: common.Progress, t0: float) -> dict:
-    rec = {"step": step}
-    for k in ("loss", "lr", "grad_norm", "tokens"):
-        if k in m:
-            rec[k] = float(m[k])
-    rec.update(tokens_per_s=progress.tokens_per_s, mfu=progress.mfu, step_time=progress.step_time,
-               elapsed=time.time() - t0)
-    return rec
+def _log_record(step: int, m: dict) -> dict:
+    return {k: float(m[k]) for k in ("loss", "lr", "grad_norm", "tokens") if k in m}
 
 
-def run(cfg: PretrainConfig) -> dict:
-    """Trains per `cfg`; returns a summary {step, loss, val_bpb, wall_s, train_s, tokens_per_s, mfu,
-    out_dir, n_params}."""
+def check_config(cfg: PretrainConfig):
+    """Every check that needs no data and no compile: mesh, batch divisibility, the run
+    directory. Returns the mesh. Nothing is written before it passes."""
     import jax
 
-    from core import checkpoint as ck
     from core import model as model_lib
-    from core import optim as optim_lib
     from core import sharding as sharding_lib
-    from core import train as train_lib
-    from data import pipeline
 
-    t_start = time.time()
-    out_dir = pathlib.Path(cfg.out_dir)
-    ckpt_dir = out_dir / common.CHECKPOINT_DIR
-    # --- validate everything before any compile
+    if cfg.preset not in model_lib.PRESETS:
+        raise ValueError(f"--preset={cfg.preset!r} is not one of {sorted(model_lib.PRESETS)}")
     mesh = sharding_lib.make_mesh(cfg.mesh)
     div = sharding_lib.batch_divisor(mesh) * cfg.grad_accum
     if cfg.batch_size % div:
@@ -312,10 +330,28 @@ def run(cfg: PretrainConfig) -> dict:
     if cfg.batch_size % jax.process_count():
         raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of the process count "
                          f"{jax.process_count()}")
-    has_ckpt = ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
-    if has_ckpt and not cfg.resume:
-        raise ValueError(f"--out_dir={out_dir} already holds checkpoints; pass --resume to continue "
-                         f"that run or use a fresh --out_dir")
+    stage.check_fresh_or_resume(cfg.out_dir, cfg.resume)
+    return mesh
+
+
+def run(cfg: PretrainConfig) -> dict:
+    """Trains per `cfg`; returns a summary {step, loss, val_bpb, wall_s, train_s, tokens_per_s, mfu,
+    out_dir, n_params, interrupted}."""
+    import jax
+
+    from core import checkpoint as ck
+    from core import loop
+    from core import model as model_lib
+    from core import optim as optim_lib
+    from core import sharding as sharding_lib
+    from core import train as train_lib
+    from data import pipeline
+
+    t_start = time.time()
+    out_dir = pathlib.Path(cfg.out_dir)
+    # --- validate everything before any compile or write
+    mesh = check_config(cfg)
+    has_ckpt = stage.has_checkpoints(out_dir)
     train_docs, val_docs = open_data(cfg)
     tokenizer = get_tokenizer(cfg, train_docs)
     model_cfg = _model_config(cfg, tokenizer)
@@ -326,44 +362,15 @@ def run(cfg: PretrainConfig) -> dict:
     optimizer = optim_lib.make_optimizer(cfg.optim_config())
     fingerprint = cfg.resume_fingerprint(model_cfg)
     total = cfg.total_steps
-
-    shardings = train_lib.state_shardings(model_cfg, optimizer, mesh)
-    start_step, state, data_state = None, None, None
-    if cfg.resume and has_ckpt:
-        with ck.make_manager(ckpt_dir, read_only=True) as ro:
-            start_step = ck.latest_step(ro)
-            if start_step is not None:
-                # The small JSON record first: a mismatched run fails before any array is read.
-                ck.check_meta(ck.read_meta(ro, start_step), fingerprint,
-                              where=f"checkpoint {ckpt_dir}/{start_step}")
-                target = ck.abstract_state(jax.eval_shape(
-                    lambda: train_lib.init_train_state(jax.random.PRNGKey(0), model_cfg, optimizer, mesh)),
-                    shardings)
-                state, data_state, _ = ck.restore(ro, target, step=start_step, expected_meta=fingerprint)
-                if data_state is None:
-                    raise ValueError(f"checkpoint {ckpt_dir}/{start_step} has no data-iterator state; "
-                                     f"cannot resume exactly")
-
-    if jax.process_index() == 0:
+    is_main = jax.process_index() == 0
+    if is_main:
         tokenizer.save(out_dir / common.TOKENIZER_FILE)
         common.save_json(out_dir / common.MODEL_CONFIG_FILE, common.model_config_to_json(model_cfg))
-        common.save_json(out_dir / common.RUN_CONFIG_FILE, {**dataclasses.asdict(cfg), "total_steps": total})
+        options.save_config(cfg, out_dir, total_steps=total, stage="pretrain")
 
     per_process_batch = cfg.batch_size // jax.process_count()
     it = pipeline.make_train_iterator(train_docs, tokenizer, cfg.seq_len, per_process_batch, seed=cfg.seed,
                                       num_workers=cfg.num_workers)
-    if start_step is not None:
-        it.set_state(data_state)
-        common.say(f"resumed from {ckpt_dir}/{start_step}")
-    else:
-        if cfg.resume:
-            common.say(f"--resume: no checkpoint in {ckpt_dir} yet; starting from scratch")
-        start_step = 0
-        state = train_lib.init_train_state(jax.random.PRNGKey(cfg.seed), model_cfg, optimizer, mesh)
-    is_main = jax.process_index() == 0
-    common.truncate_jsonl(out_dir / common.METRICS_FILE, start_step)
-    common.truncate_jsonl(out_dir / common.EVALS_FILE, start_step)
-
     # Validation batches: fixed once, so every eval scores the same tokens.
     val_it = pipeline.make_train_iterator(val_docs, tokenizer, cfg.seq_len, per_process_batch, seed=0,
                                           shuffle=False)
@@ -374,25 +381,20 @@ def run(cfg: PretrainConfig) -> dict:
     bpb_fn = make_bpb_fn(model_cfg, mesh, token_bytes(tokenizer, model_cfg.vocab_size))
     prompts = sample_prompts(val_docs, cfg.eval_samples) if cfg.eval_samples else []
 
-    n_params = model_lib.count_params(jax.eval_shape(lambda: model_lib.init_params(jax.random.PRNGKey(0), model_cfg)))
+    n_params = model_lib.count_params(model_lib.param_shapes(model_cfg))
     peak, peak_desc = common.peak_flops_total(mesh.devices.flatten().tolist())
     progress = common.Progress(total, cfg.batch_size * cfg.seq_len,
-                               model_lib.flops_per_token(model_cfg, cfg.seq_len), peak, start_step)
+                               model_lib.flops_per_token(model_cfg, cfg.seq_len), peak)
     common.say(f"model: {cfg.preset} {n_params / 1e6:.2f}M params, vocab {model_cfg.vocab_size}, "
                f"d_model {model_cfg.d_model}, layers {model_cfg.n_layers} | mesh {dict(mesh.shape)} on "
-               f"{peak_desc} | batch {cfg.batch_size} x {cfg.seq_len} tokens | steps {start_step}->{total}")
+               f"{peak_desc} | batch {cfg.batch_size} x {cfg.seq_len} tokens | {total} steps")
 
-    metrics_log = common.MetricsLogger(out_dir / common.METRICS_FILE, enabled=is_main)
-    evals_log = common.MetricsLogger(out_dir / common.EVALS_FILE, enabled=is_main)
-    last_eval: dict = {}
-
-    def evaluate(step: int) -> dict:
+    def evaluate(step: int, state) -> dict:
         nats = nbytes = 0.0
         for b in val_batches:
             n, nb = jax.device_get(bpb_fn(state["params"], sharding_lib.shard_batch(b, mesh)))
             nats, nbytes = nats + float(n), nbytes + float(nb)
-        rec = {"step": step, "val_bpb": nats / (math.log(2) * max(nbytes, 1.0)),
-               "val_loss_per_byte_nats": nats / max(nbytes, 1.0)}
+        rec = {"val_bpb": nats / (math.log(2) * max(nbytes, 1.0)), "val_loss_per_byte_nats": nats / max(nbytes, 1.0)}
         samples = []
         if prompts:
             samples = common.sample_texts(state["params"], model_cfg, tokenizer, prompts, mesh=mesh,
@@ -403,96 +405,62 @@ def run(cfg: PretrainConfig) -> dict:
                     f.write(f"=== step {step}\n")
                     for p, s in zip(prompts, samples):
                         f.write(f"--- {p!r}\n{p}{s[0]}\n")
-        evals_log.log(rec)
         common.say(f"eval step {step}: val bits/byte {rec['val_bpb']:.4f}")
         for p, s in zip(prompts, samples):
             common.say(f"  sample | {(p + s[0]).strip()[:160]!r}")
-        progress.pause()
         return rec
 
-    def plots():
-        if not is_main:
-            return
-        recs = common.read_jsonl(out_dir / common.METRICS_FILE)
-        common.plot_metric(recs, "loss", out_dir / "plots" / "loss.png", title="train loss (nats/token)",
-                           smooth=max(1, len(recs) // 50))
-        common.plot_metric(recs, "lr", out_dir / "plots" / "lr.png", title="learning rate")
-        common.plot_metric(common.read_jsonl(out_dir / common.EVALS_FILE), "val_bpb",
-                           out_dir / "plots" / "bpb.png", title="validation bits per byte")
-
-    saved_steps = [start_step]
-
-    def save(step: int, force: bool = False):
-        if ck.save(mngr, step, state, data_state=it.get_state(), meta=fingerprint, force=force):
-            saved_steps.append(step)
-        progress.pause()
-
-    # --- the loop. Step s's metrics are fetched after step s+1 is dispatched (the host never
-    # waits for the device on ordinary steps); evals, saves and the debug kill flush first.
-    step = start_step
-    pending = None
+    shardings = train_lib.state_shardings(model_cfg, optimizer, mesh)
+    io = stage.StageIO(out_dir, fingerprint, cfg.keep_checkpoints, cfg.async_checkpoint, cfg.resume,
+                       cfg.debug_kill_at_step)
+    loop_cfg = loop.LoopConfig(total_steps=total, log_every=cfg.log_every, eval_every=cfg.eval_every,
+                               save_every=cfg.ckpt_every)
     t_loop = time.time()
-
-    def flush(p):
-        step_p, m = p
-        m = jax.device_get(m)
-        rec = _log_record(step_p, m, progress, t_start)
-        metrics_log.log(rec)
-        if step_p % cfg.log_every == 0 or step_p in (start_step + 1, total):
-            common.say(progress.line(step_p, rec))
-        return rec
-
-    last_rec: dict = {}
-    mngr = ck.make_manager(ckpt_dir, max_to_keep=cfg.keep_checkpoints, save_interval_steps=cfg.ckpt_every,
-                           async_save=cfg.async_checkpoint)
     try:
-        while step < total:
-            batch = sharding_lib.shard_batch(next(it), mesh)
-            state, m = train_step(state, batch)
-            step += 1
-            if pending is not None:
-                last_rec = flush(pending)
-            pending = (step, m)
-            is_save = step % cfg.ckpt_every == 0
-            is_eval = cfg.eval_every and step % cfg.eval_every == 0
-            if is_save or is_eval or step == total or step == cfg.debug_kill_at_step or step % cfg.log_every == 0:
-                jax.block_until_ready(m)
-                progress.tick()
-                last_rec = flush(pending)
-                pending = None
-            else:
-                progress.tick()
-            if is_eval and step != total:
-                last_eval = evaluate(step)
-                plots()
-            if is_save:
-                save(step)
-            if step == cfg.debug_kill_at_step:
-                common.say(f"DEBUG: SIGKILL at step {step}"
-                           + (" while its checkpoint is being written" if is_save else ""))
-                os.kill(os.getpid(), signal.SIGKILL)
-        if pending is not None:
-            last_rec = flush(pending)
-        if saved_steps[-1] != total:
-            save(total, force=True)
-        last_eval = evaluate(total)
-        mngr.wait_until_finished()
+        result = stage.train(
+            train_step, lambda: train_lib.init_train_state(jax.random.PRNGKey(cfg.seed), model_cfg, optimizer, mesh),
+            lambda: ck.abstract_state(jax.eval_shape(
+                lambda: train_lib.init_train_state(jax.random.PRNGKey(0), model_cfg, optimizer, mesh)), shardings),
+            it, loop_cfg, io, mesh=mesh, progress=progress, evaluate=evaluate, record=_log_record, t_start=t_start)
     finally:
-        metrics_log.close()
-        evals_log.close()
         it.close()
-        mngr.close()
-    plots()
-    wall = time.time() - t_start
-    train_s = time.time() - t_loop
-    summary = {"step": step, "loss": last_rec.get("loss"), "val_bpb": last_eval.get("val_bpb"),
+    plots(out_dir, is_main)
+    return _summary(result, out_dir, t_start, t_loop, progress, n_params)
+
+
+def _summary(result, out_dir: pathlib.Path, t_start: float, t_loop: float, progress, n_params: int) -> dict:
+    """The run's summary; for a run resumed after it had finished, the last logged figures."""
+    wall, train_s = time.time() - t_start, time.time() - t_loop
+    loss = result.last_metrics.get("loss")
+    val = result.last_eval.get("val_bpb")
+    if loss is None:
+        recs = common.read_jsonl(out_dir / common.METRICS_FILE)
+        loss = recs[-1].get("loss") if recs else None
+    if val is None:
+        evs = common.read_jsonl(out_dir / common.EVALS_FILE)
+        val = evs[-1].get("val_bpb") if evs else None
+    summary = {"step": result.step, "loss": None if loss is None else float(loss), "val_bpb": val,
                "wall_s": wall, "train_s": train_s,
                # steady-state training rate (compiles, evals and saves excluded)
                "tokens_per_s": progress.tokens_per_s, "mfu": progress.mfu,
-               "out_dir": str(out_dir), "n_params": n_params}
-    common.say(f"done: step {step}, loss {summary['loss']}, val bits/byte {summary['val_bpb']:.4f}, "
-               f"{common.format_duration(wall)} wall")
+               "out_dir": str(out_dir), "n_params": n_params, "interrupted": result.interrupted}
+    if result.start_step == result.step and not result.interrupted:
+        common.say(f"{out_dir}: already trained to step {result.step}; nothing to do")
+    else:
+        common.say(f"done: step {result.step}, loss {summary['loss']}, val bits/byte "
+                   f"{'-' if val is None else f'{val:.4f}'}, {common.format_duration(wall)} wall")
     return summary
+
+
+def plots(out_dir: pathlib.Path, is_main: bool = True) -> None:
+    if not is_main:
+        return
+    recs = common.read_jsonl(out_dir / common.METRICS_FILE)
+    common.plot_metric(recs, "loss", out_dir / "plots" / "loss.png", title="train loss (nats/token)",
+                       smooth=max(1, len(recs) // 50))
+    common.plot_metric(recs, "lr", out_dir / "plots" / "lr.png", title="learning rate")
+    common.plot_metric(common.read_jsonl(out_dir / common.EVALS_FILE), "val_bpb",
+                       out_dir / "plots" / "bpb.png", title="validation bits per byte")
 
 
 # ----------------------------------------------------------------------------- flags
@@ -501,43 +469,9 @@ _MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
 
 
 def define_flags() -> None:
-    common.define_common_flags()
-    f = flags
-    f.DEFINE_string("data", "synthetic", "'synthetic[:seed=,entities=,bytes=]', a reader spec "
-                    "(text:/jsonl:/parquet:PATH) or a plain path")
-    f.DEFINE_string("tokenizer", None, "tokenizer file/dir; default: the run's own, else train one")
-    f.DEFINE_integer("vocab_size", 4096, "vocabulary of the tokenizer trained when none is given")
-    f.DEFINE_string("tokenizer_bytes", "5M", "text used to train that tokenizer")
-    for name in _MODEL_FLAGS:
-        f.DEFINE_integer(name, 0, f"override the preset's {name} (0 = keep)")
-    f.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"], "override the preset's matmul dtype")
-    f.DEFINE_string("model_overrides", "", "more ModelConfig overrides, e.g. 'qk_norm=false,logit_softcap=none'")
-    f.DEFINE_integer("seq_len", 256, "tokens per training row")
-    f.DEFINE_integer("batch_size", 32, "global batch (rows)")
-    f.DEFINE_integer("steps", 0, "optimizer steps (or use --tokens)")
-    f.DEFINE_string("tokens", "0", "token budget instead of --steps, e.g. 20M")
-    f.DEFINE_integer("grad_accum", 1, "microbatches per step")
-    f.DEFINE_float("lr", 3e-3, "peak learning rate")
-    f.DEFINE_integer("warmup_steps", 50, "linear warmup steps")
-    f.DEFINE_enum("schedule", "cosine", ["cosine", "linear", "constant"], "lr schedule after warmup")
-    f.DEFINE_float("final_lr_frac", 0.1, "final lr as a fraction of --lr")
-    f.DEFINE_float("weight_decay", 0.1, "AdamW weight decay (matrices only)")
-    f.DEFINE_float("clip_norm", 1.0, "global gradient-norm clip (0 = off)")
-    f.DEFINE_float("z_loss", 0.0, "z-loss coefficient")
-    f.DEFINE_bool("resume", False, "continue from the last complete checkpoint in --out_dir")
-    f.DEFINE_integer("log_every", 10, "print a progress line every N steps")
-    f.DEFINE_integer("eval_every", 100, "validation bits per byte + samples every N steps (0 = end only)")
-    f.DEFINE_integer("eval_batches", 8, "validation batches per eval")
-    f.DEFINE_integer("val_docs", 512, "documents held out for validation")
-    f.DEFINE_integer("eval_samples", 3, "sampled continuations printed per eval")
-    f.DEFINE_integer("sample_tokens", 48, "tokens per sampled continuation")
-    f.DEFINE_integer("ckpt_every", 100, "checkpoint every N steps (and at the end)")
-    f.DEFINE_integer("keep_checkpoints", 3, "keep the last K checkpoints")
-    f.DEFINE_bool("async_checkpoint", True, "write checkpoints in the background")
-    f.DEFINE_integer("num_workers", 0, "grain worker processes for tokenizing")
-    f.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
-    f.DEFINE_integer("debug_kill_at_step", -1, "testing: SIGKILL this process right after step N "
-                     "(during its checkpoint write if N is a checkpoint step)")
+    options.define_flags(PretrainConfig)
+    if "distributed" not in flags.FLAGS:
+        flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
 
 
 def parse_model_overrides(text: str) -> tuple[tuple[str, Any], ...]:
@@ -575,25 +509,7 @@ def parse_model_overrides(text: str) -> tuple[tuple[str, Any], ...]:
 
 
 def config_from_flags(FLAGS) -> PretrainConfig:
-    from data import readers
-
-    overrides = tuple((n, getattr(FLAGS, n)) for n in _MODEL_FLAGS if getattr(FLAGS, n))
-    if FLAGS.compute_dtype:
-        overrides += (("compute_dtype", FLAGS.compute_dtype),)
-    overrides += parse_model_overrides(FLAGS.model_overrides)
-    return PretrainConfig(
-        out_dir=FLAGS.out_dir, preset=FLAGS.preset, model_overrides=overrides, data=FLAGS.data,
-        tokenizer=FLAGS.tokenizer, vocab_size=FLAGS.vocab_size,
-        tokenizer_bytes=readers.parse_bytes(FLAGS.tokenizer_bytes), seq_len=FLAGS.seq_len,
-        batch_size=FLAGS.batch_size, steps=FLAGS.steps, tokens=readers.parse_bytes(FLAGS.tokens),
-        grad_accum=FLAGS.grad_accum, lr=FLAGS.lr, warmup_steps=FLAGS.warmup_steps, schedule=FLAGS.schedule,
-        final_lr_frac=FLAGS.final_lr_frac, weight_decay=FLAGS.weight_decay, clip_norm=FLAGS.clip_norm,
-        z_loss=FLAGS.z_loss, mesh=FLAGS.mesh, seed=FLAGS.seed, resume=FLAGS.resume,
-        log_every=FLAGS.log_every, eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches,
-        val_docs=FLAGS.val_docs, eval_samples=FLAGS.eval_samples, sample_tokens=FLAGS.sample_tokens,
-        ckpt_every=FLAGS.ckpt_every, keep_checkpoints=FLAGS.keep_checkpoints,
-        async_checkpoint=FLAGS.async_checkpoint, num_workers=FLAGS.num_workers,
-        debug_kill_at_step=FLAGS.debug_kill_at_step)
+    return options.from_flags(PretrainConfig, FLAGS)
 
 
 def main(argv):
@@ -609,4 +525,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(common.cli(main))
