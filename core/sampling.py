@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from core import chat as chat_lib
 from core import model as model_lib
 from core import sharding as sharding_lib
 
@@ -47,9 +48,6 @@ State = dict[str, Any]
 # finish_reason codes on device -> names on the host.
 _RUNNING, _STOP, _LENGTH = 0, 1, 2
 FINISH_REASONS = {_RUNNING: "running", _STOP: "stop", _LENGTH: "length"}
-
-OUTPUT_START = "<|output_start|>"
-OUTPUT_END = "<|output_end|>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,23 +367,18 @@ def _decode_chunk(params, state: State, key, knobs, tool_end_ids, n_steps, *, cf
 # ----------------------------------------------------------------------------- tools on the host
 
 
-def _tool_ids(tools: Mapping[str, Callable[[str], str]], tokenizer) -> dict[int, tuple[str, int]]:
-    """{end id: (tool name, start id)} for every tool the tokenizer has delimiters for."""
-    out = {}
-    for name in tools:
-        try:
-            start = tokenizer.special_id(f"<|{name}_start|>")
-            end = tokenizer.special_id(f"<|{name}_end|>")
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"tool {name!r}: the tokenizer has no <|{name}_start|>/<|{name}_end|> tokens") from e
-        out[int(end)] = (name, int(start))
-    return out
-
-
-def _render_output(tokenizer, text: str, limit: int) -> list[int]:
-    """<|output_start|> text <|output_end|>, the text cut to fit `limit` tokens in all."""
-    body = tokenizer.encode(text)[: max(limit - 2, 0)]
-    return [tokenizer.special_id(OUTPUT_START), *body, tokenizer.special_id(OUTPUT_END)]
+def _tool_protocol(tools, tokenizer, template) -> Optional[chat_lib.ToolProtocol]:
+    """The tool protocol the engine splices calls with: the template's, else zipchat's tokens
+    looked up in `tokenizer` for just the tools given (None without tools)."""
+    if not tools:
+        return None
+    if template is not None:
+        if template.tools is None:
+            raise ValueError(f"generate: the chat template {template.name!r} has no tool tokens; call without tools")
+        return template.tools
+    if tokenizer is None:
+        raise ValueError("generate: tools need a chat template (template=) or a tokenizer")
+    return chat_lib.tool_protocol(tokenizer, tuple(tools))
 
 
 def _run_tool(fn: Callable[[str], str], src: str) -> str:
@@ -420,6 +413,7 @@ def generate(
     tools: Optional[Mapping[str, Callable[[str], str]]] = None,
     tokenizer: Any = None,
     *,
+    template: Any = None,
     max_new_tokens: Optional[Sequence[int]] = None,
     stop_ids: Optional[Sequence[Sequence[int]]] = None,
     mesh=None,
@@ -438,9 +432,11 @@ def generate(
       key: PRNG key; the same key, inputs and chunking give the same tokens.
       n_samples: continuations per prompt; they share the prompt's prefill.
       tools: {name: fn(input text) -> output text}, e.g. {'calculator': ...}. A row that samples
-        `<|name_end|>` pauses; the text since its `<|name_start|>` runs through fn and
-        `<|output_start|> output <|output_end|>` is fed to that row (sampled_mask 0).
-      tokenizer: needed with tools (special ids, encode/decode).
+        the tool's end token pauses; the text since its start token runs through fn and
+        `output_start output output_end` is fed to that row (sampled_mask 0). The tokens are the
+        template's tool protocol (core.chat.ToolProtocol).
+      tokenizer: with tools and no template: zipchat's tool tokens are taken from it.
+      template: a core.chat.ChatTemplate whose tool protocol (and tokenizer) tools use.
       max_new_tokens: per-prompt or per-row caps (default sampling_cfg.max_new_tokens).
       stop_ids: per-prompt or per-row stop-id lists, replacing sampling_cfg.stop_ids.
       mesh: a jax Mesh the params live on; per-row state is split over its non-'tensor' axes
@@ -464,8 +460,7 @@ def generate(
             raise ValueError(f"generate: prompt {i} is empty (needs at least one token, e.g. BOS)")
         if min(p) < 0 or max(p) >= cfg.vocab_size:
             raise ValueError(f"generate: prompt {i} has ids outside [0, {cfg.vocab_size})")
-    if tools and tokenizer is None:
-        raise ValueError("generate: tools need a tokenizer (special ids, encode and decode)")
+    protocol = _tool_protocol(tools, tokenizer, template)
     if chunk_size < 1:
         raise ValueError(f"generate: chunk_size must be >= 1, got {chunk_size}")
     n_prompts = len(prompts)
@@ -508,7 +503,7 @@ def generate(
                            n_samples=n_samples, n_rows=n_rows, mesh=mesh, t_buf=t_buf, q_buf=q_buf)
     jax.block_until_ready(state["logits"])
     t1 = time.perf_counter()
-    tool_map = _tool_ids(tools, tokenizer) if tools else {}
+    tool_map = protocol.end_to_tool(tuple(tools)) if protocol is not None else {}
     # Padded with -1 (never a token) to a fixed size: the tool set does not change shapes.
     tool_end_ids = jnp.asarray(sorted(tool_map) + [-1] * (bucket(len(tool_map), 4) - len(tool_map)), jnp.int32)
     knobs = sampling_cfg.knobs()
@@ -529,7 +524,7 @@ def generate(
             waiting = [r for r in range(n_real) if paused[r] and not done[r]]
             if waiting:
                 state = _serve_tools(state, waiting, toks, out_len, prompts, n_samples, tools, tool_map,
-                                     tokenizer, max_tool_output_tokens, tool_calls, on_tool_call)
+                                     protocol, max_tool_output_tokens, tool_calls, on_tool_call)
             elif done[:n_real].all():
                 break
 
@@ -550,7 +545,7 @@ def generate(
     )
 
 
-def _serve_tools(state, waiting, toks, out_len, prompts, n_samples, tools, tool_map, tokenizer, limit,
+def _serve_tools(state, waiting, toks, out_len, prompts, n_samples, tools, tool_map, protocol, limit,
                  tool_calls, on_tool_call) -> State:
     """Runs the closed tool call of every paused row and queues its output as forced tokens."""
     forced, forced_n, forced_pos, paused = jax.device_get(
@@ -563,9 +558,9 @@ def _serve_tools(state, waiting, toks, out_len, prompts, n_samples, tools, tool_
         history = prompts[r // n_samples] + gen[:-1]
         starts = [i for i, t in enumerate(history) if t == start_id]
         src_ids = history[starts[-1] + 1:] if starts else []
-        src = tokenizer.decode(src_ids)
+        src = protocol.tokenizer.decode(src_ids)
         output = _run_tool(tools[name], src) if starts else f"error: no {name} call was opened"
-        out_ids = _render_output(tokenizer, output, limit)
+        out_ids = protocol.render_output(output, limit)
         forced[r, : len(out_ids)] = out_ids
         forced_n[r], forced_pos[r], paused[r] = len(out_ids), 0, False
         call = {"name": name, "input": src, "output": output, "position": len(gen) - 1}

@@ -41,7 +41,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import regex
 
-from core import bpe_train
+from core import bpe_train, chat
 
 # The GPT-4 (cl100k) split pattern in the form rustbpe and nanochat use (rustbpe's default, so
 # train_bpe's merges equal rustbpe's with no pattern given). It differs from tiktoken's official
@@ -69,20 +69,9 @@ O200K_PATTERN = "|".join(
 # Hugging Face ByteLevel pre-tokenizer's built-in regex (use_regex=True), GPT-2's original.
 HF_BYTELEVEL_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-SPECIAL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>",  # document boundary, also BOS
-    "<|im_start|>",
-    "<|im_sep|>",
-    "<|im_end|>",
-    "<|python_start|>",
-    "<|python_end|>",
-    "<|calculator_start|>",
-    "<|calculator_end|>",
-    "<|search_start|>",
-    "<|search_end|>",
-    "<|output_start|>",
-    "<|output_end|>",
-)
+# The special tokens zipchat's tokenizers reserve (in id order) are the chat template's and the
+# tool protocol's, defined once in core/chat.py.
+SPECIAL_TOKENS: tuple[str, ...] = chat.SPECIAL_TOKENS
 
 SAVE_FILENAME = "tokenizer.zipchat.json"
 _FORMAT = "zipchat-bpe"

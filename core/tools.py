@@ -51,18 +51,10 @@ import time
 from typing import Callable, Mapping, Sequence
 
 # ----------------------------------------------------------------------------------------------
-# Tool names and their tokens (names only; ids come from the tokenizer, see core.chat).
-
-TOOL_NAMES: tuple[str, ...] = ("python", "calculator", "search")
-TOOL_TOKENS: dict[str, tuple[str, str]] = {
-    "python": ("<|python_start|>", "<|python_end|>"),
-    "calculator": ("<|calculator_start|>", "<|calculator_end|>"),
-    "search": ("<|search_start|>", "<|search_end|>"),
-}
-START_TOKEN_TO_TOOL: dict[str, str] = {start: name for name, (start, _) in TOOL_TOKENS.items()}
-END_TOKEN_TO_TOOL: dict[str, str] = {end: name for name, (_, end) in TOOL_TOKENS.items()}
-OUTPUT_START = "<|output_start|>"
-OUTPUT_END = "<|output_end|>"
+# Tool names and their tokens: declared once in core/chat.py (the tool protocol), re-exported
+# here for callers that think of them as tools' (ids come from the tokenizer).
+from core.chat import (END_TOKEN_TO_TOOL, OUTPUT_END, OUTPUT_START, START_TOKEN_TO_TOOL,  # noqa: F401
+                       TOOL_NAMES, TOOL_TOKENS)
 
 # ----------------------------------------------------------------------------------------------
 # Calculator

@@ -238,3 +238,50 @@ def test_cl100k_vocabulary_with_added_specials(shared_data):
     assert chat.parse_conversation(tok, ids) == [chat.normalize_message(m) for m in convo]
     assert sum(tok.is_special(i) for i in ids) == 1 + 3 * len(convo) + 2 * 4  # bos, templates, 2 calls + 2 outputs
     assert len(ids) == len(mask)
+
+
+# ----------------------------------------------------------------------------- the template object
+
+
+def test_zipchat_template_object_is_the_module_functions(tok):
+    tpl = chat.zipchat_template(tok)
+    convo = _conversation()
+    assert tpl.render(convo) == chat.render_conversation(tok, convo)
+    ids, mask = tpl.render(convo[:2], add_generation_prompt=True)
+    assert ids == tpl.render_for_completion(convo[:2]) == chat.render_for_completion(tok, convo[:2])
+    header = [sid(tok, "<|im_start|>"), *tok.encode("assistant"), sid(tok, "<|im_sep|>")]
+    assert ids[-len(header):] == header and mask[-len(header):] == [0] * len(header)
+    reply = chat.render_conversation(tok, convo[:3])[0][len(chat.render_for_completion(tok, convo[:2])):]
+    assert tpl.parse_assistant(reply) == chat.normalize_message(convo[2]) == chat.parse_assistant(tok, reply)
+    assert tpl.stop_ids == chat.assistant_stop_ids(tok) and tpl.bos_ids == tpl.eos_ids == (tok.eot_id,)
+    # The tool protocol: the same ids the module functions write.
+    p = tpl.tools
+    assert p.render_call("search", "x y") == chat.render_tool_call(tok, "search", "x y")
+    assert p.render_output("1024") == chat.render_tool_output(tok, "1024")
+    assert p.render_output("1024 is the answer", limit=4) == chat.render_tool_output(tok, "1024 is the answer")[:3] + [
+        sid(tok, "<|output_end|>")]
+    assert p.end_to_tool(["calculator"]) == {sid(tok, "<|calculator_end|>"): ("calculator",
+                                                                                sid(tok, "<|calculator_start|>"))}
+    with pytest.raises(ValueError, match="no start/end tokens"):
+        p.end_to_tool(["browser"])
+
+
+def test_special_tokens_are_declared_once():
+    """The tokenizer's reserved tokens, the tools' tokens and the template's are one list."""
+    assert tokenizer.SPECIAL_TOKENS is chat.SPECIAL_TOKENS
+    assert tools.TOOL_TOKENS is chat.TOOL_TOKENS and tools.OUTPUT_START == chat.OUTPUT_START
+    assert set(chat.TOOL_NAMES) == set(tools.make_tools())
+    assert chat.SPECIAL_TOKENS == ("<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>", "<|python_start|>",
+                                   "<|python_end|>", "<|calculator_start|>", "<|calculator_end|>", "<|search_start|>",
+                                   "<|search_end|>", "<|output_start|>", "<|output_end|>")
+
+
+def test_tool_protocol_names_missing_tokens():
+    bare = tokenizer.train_bpe(CORPUS, vocab_size=300, special_tokens=("<|endoftext|>", "<|output_start|>",
+                                                                       "<|output_end|>", "<|calculator_start|>",
+                                                                       "<|calculator_end|>"))
+    assert chat.tool_protocol(bare, ["calculator"]).names == ("calculator",)
+    with pytest.raises(ValueError, match="python_start"):
+        chat.tool_protocol(bare, ["calculator", "python"])
+    with pytest.raises(KeyError, match="im_start"):
+        chat.zipchat_template(bare)
