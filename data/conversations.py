@@ -1,0 +1,1082 @@
+"""Conversations with ground truth for supervised fine-tuning and the assistant evaluation.
+
+Every conversation is generated from the synthetic world (data/synthetic.py), deterministic by
+seed, and carries the answer a judge looks for. Readers for real chat data (jsonl `messages`,
+ShareGPT `conversations`, GSM8K with calculator calls) return the same `Example` type.
+
+    world = synthetic.make_world(seed=0, n_entities=300)
+    train = sft_mixture(world, n=20_000, seed=0)                  # list[Example], split 'train'
+    val = sft_mixture(world, n=500, seed=1, split="heldout")       # validation conversations
+    probe = eval_set(world, "mult", n=100, seed=0, digits=5)       # held-out 5x5-digit products
+    index = search_index(world)                                    # the index the search tool uses
+    ok = judge(probe[0], "12345 * 67890 = 838102050.")
+
+Messages use core/chat.py's format; tool parts appear only in assistant messages, and every tool
+output is exactly what core/tools.py returns for the call (calculator and search are called
+here; python outputs are computed in-process the way `print` writes them, and a test checks a
+sample against the sandbox).
+
+Kinds (meta['judge'] says how `judge` checks the reply):
+
+    identity            who it is / who made it ("I'm zipchat ...")               contains 'zipchat'
+    identity_system     a system prompt gives another name; the reply uses it      contains name, no 'zipchat'
+    fact                a question about an entity the base model saw (tiers few/popular/famous)
+    fact_followup       two turns; the second refers back by pronoun ("And her year of birth?")
+    search              a question about a held_out/once entity, answered through a search call
+    math                GSM8K-style word problem, worked steps with calculator calls, 'Answer: N'
+    math_short          one- or two-step problems with one-digit numbers, no tools (tokens to think)
+    mult, sum           products / sums: small ones answered directly, big ones via the calculator
+    count_letters, spell, nth_letter, reverse, length
+                        letters of a word, answered through the python tool
+    system_instruction  a system prompt's instruction (capitals, prefix, suffix, answer only)
+    memory              memories about the user in the system message (as experiments/chat.py)
+    preset              preset instructions plus few-shot turns, then the query
+
+Held-out rules (split='heldout' draws only held-out material; split='train' never touches it):
+
+* entities: a quarter of every (kind, tier) group of the world (`heldout_entities`). The name of
+  a held-out entity appears nowhere in a train example, not even inside a search snippet or as
+  another entity's birthplace (examples that would mention one are redrawn).
+* question templates: every kind has train phrasings and held-out phrasings; held-out persona
+  names, user names, prefix words and preset parameters likewise.
+* numbers: an operand tuple is held out when crc32 of its text is 0 mod 8 (`heldout_numbers`);
+  math word problems use synthetic.math_problems' own 'test' split (unseen templates and numbers).
+* words: a fifth of synthetic.WORDS (`HELDOUT_WORDS`) for the letter kinds and presets.
+
+The tiny model has a 256-token context and a 2048-token vocabulary, so replies are one short,
+regular sentence, a search returns one snippet (`SEARCH_K`) and search documents are compact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import random
+import re
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
+
+from core import chat as chat_lib
+from core import tools
+from data import readers, synthetic
+
+ANSWER_PREFIX = "Answer: "  # the fixed last line of a math solution
+SEARCH_K = 1  # snippets per search, in the data and at evaluation: one fits a 256-token context
+EVAL_ENTITY_FRACTION = 0.25
+
+IDENTITY: dict[str, str] = {
+    "name": "zipchat",
+    "maker": "the zipchat project",
+    "what": "a small AI assistant",
+    "made_with": "JAX",
+}
+
+SPLITS = ("train", "heldout")
+
+
+# ----------------------------------------------------------------------------------------------
+# The example type
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One conversation with its ground truth.
+
+    Attributes:
+      kind: one of KINDS (or 'chat' / 'gsm8k' for read data).
+      messages: the whole conversation (core/chat.py message dicts), normally ending with the
+        assistant's reference reply.
+      answer: what `judge` looks for in the final reply ('' when the reply is not checkable).
+      meta: entity, tier, attribute, template, split, tool, judge mode, ... (JSON-serialisable).
+    """
+
+    kind: str
+    messages: tuple
+    answer: str
+    meta: dict
+
+    @property
+    def prompt(self) -> list[dict]:
+        """The messages before the final assistant reply (what a model is asked to continue)."""
+        msgs = list(self.messages)
+        return msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" else msgs
+
+    @property
+    def reply(self) -> dict | None:
+        """The final assistant message (the reference reply), or None."""
+        return self.messages[-1] if self.messages and self.messages[-1]["role"] == "assistant" else None
+
+    @property
+    def reply_text(self) -> str:
+        """The reference reply's own text (tool calls and outputs left out)."""
+        return reply_text(self.reply) if self.reply else ""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self) | {"messages": list(self.messages)}, ensure_ascii=False)
+
+
+def reply_text(message: Mapping) -> str:
+    """The text parts of a message joined (tool calls and tool outputs dropped)."""
+    return "".join(p["text"] for p in chat_lib.message_parts(dict(message)) if p["type"] == "text")
+
+
+def all_text(messages: Sequence[Mapping]) -> str:
+    """Every string in a conversation (tool calls and outputs included), for leak checks."""
+    return "\n".join(p["text"] for m in messages for p in chat_lib.message_parts(dict(m)))
+
+
+def _text(t: str) -> dict:
+    return {"type": "text", "text": t}
+
+
+def _call(tool: str, text: str) -> dict:
+    return {"type": "tool_call", "tool": tool, "text": text}
+
+
+def _output(text: str) -> dict:
+    return {"type": "tool_output", "text": text}
+
+
+def _user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def _assistant(content) -> dict:
+    return {"role": "assistant", "content": content}
+
+
+def _system(text: str) -> dict:
+    return {"role": "system", "content": text}
+
+
+# ----------------------------------------------------------------------------------------------
+# Determinism and held-out rules
+
+
+def _rng(*parts) -> random.Random:
+    """A Random seeded by ints and strings (crc32 of strings), stable across processes."""
+    x = 0
+    for p in parts:
+        v = zlib.crc32(p.encode()) if isinstance(p, str) else int(p)
+        x = (x * 0x9E3779B1 + (v & 0xFFFFFFFFFFFF) + 1) & 0xFFFFFFFFFFFFFFFF
+    return random.Random(x)
+
+
+def heldout_numbers(*numbers) -> bool:
+    """True when this operand tuple is reserved for evaluation (1 in 8, by crc32 of its text)."""
+    return zlib.crc32(repr(tuple(int(n) for n in numbers)).encode()) % 8 == 0
+
+
+HELDOUT_WORDS: frozenset[str] = frozenset(
+    w for w in dict.fromkeys(synthetic.WORDS) if zlib.crc32(w.encode()) % 5 == 0)
+TRAIN_WORDS: tuple[str, ...] = tuple(w for w in dict.fromkeys(synthetic.WORDS) if w not in HELDOUT_WORDS)
+_HELDOUT_WORD_LIST = tuple(sorted(HELDOUT_WORDS))
+
+
+def _words(split: str) -> tuple[str, ...]:
+    return TRAIN_WORDS if split == "train" else _HELDOUT_WORD_LIST
+
+
+def heldout_entities(world: synthetic.World) -> frozenset[int]:
+    """Ids of the entities reserved for evaluation: a quarter of each (kind, tier) group (at least
+    one of any group of two or more), chosen by a seeded shuffle, so every tier can be measured."""
+    out: set[int] = set()
+    rng = _rng(world.seed, "heldout_entities")
+    for kind in synthetic.KINDS:
+        for tier in synthetic.TIERS:
+            ids = [e.id for e in world.entities if e.kind == kind and e.tier == tier]
+            rng.shuffle(ids)
+            k = math.ceil(EVAL_ENTITY_FRACTION * len(ids)) if len(ids) >= 2 else 0
+            out.update(ids[:k])
+    return frozenset(out)
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+# Templates: kind -> {'train': (...), 'heldout': (...)}; meta['template'] records 'split:index'.
+def _pick(rng: random.Random, templates: Mapping[str, Sequence[str]], split: str) -> tuple[str, str]:
+    i = rng.randrange(len(templates[split]))
+    return templates[split][i], f"{split}:{i}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Search documents and the index
+
+
+# Attribute -> noun phrase: search document labels, search queries and follow-up questions.
+NOUNS: dict[str, str] = {
+    "birth_year": "year of birth", "death_year": "year of death", "birthplace": "birthplace",
+    "occupation": "occupation", "employer": "employer", "country": "country",
+    "population": "population", "founded_year": "founding year", "river": "river",
+    "capital": "capital", "continent": "continent", "language": "official language",
+    "currency": "currency", "founder": "founder", "headquarters": "headquarters",
+    "industry": "industry", "employees": "number of employees",
+}
+
+
+def search_documents(world: synthetic.World) -> list[tuple[str, str]]:
+    """One compact (title, text) document per entity, held-out entities included: what the
+    search index is built from at train and at evaluation time. Every fact is one
+    'Noun: value.' sentence, so a single snippet holds the answer and fits the context."""
+    by_entity: dict[str, list[dict]] = {}
+    for r in synthetic.facts(world):
+        by_entity.setdefault(r["entity"], []).append(r)
+    docs = []
+    for e in world.entities:
+        lines = [f"{e.name} is a {e.kind}."]
+        lines += [f"{NOUNS[r['attribute']].capitalize()}: {r['value']}." for r in by_entity.get(e.name, ())]
+        docs.append((e.name, " ".join(lines)))
+    return docs
+
+
+def search_index(world: synthetic.World) -> tools.SearchIndex:
+    """The BM25 index over `search_documents(world)` (default passage size: each document is
+    one passage). Evaluation builds the search tool from this same index with k=SEARCH_K."""
+    return tools.build_search_index(search_documents(world))
+
+
+def search_query(entity_name: str, attribute: str) -> str:
+    """The query the reference replies send: the entity's name and the attribute's noun."""
+    return f"{entity_name} {NOUNS[attribute]}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation context: the world plus everything derived from it once.
+
+
+@dataclasses.dataclass
+class _Context:
+    world: synthetic.World
+    heldout: frozenset[int]
+    index: tools.SearchIndex
+    facts: dict[str, list[dict]]        # entity name -> its fact records
+    heldout_names: re.Pattern | None     # matches any held-out entity's name
+
+
+def _context(world: synthetic.World) -> _Context:
+    heldout = heldout_entities(world)
+    facts: dict[str, list[dict]] = {}
+    for r in synthetic.facts(world):
+        facts.setdefault(r["entity"], []).append(r)
+    names = sorted((world.entities[i].name for i in heldout), key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(n) for n in names)) if names else None
+    return _Context(world, heldout, search_index(world), facts, pattern)
+
+
+def _leaks(ctx: _Context, messages: Sequence[Mapping]) -> bool:
+    """True when a train example would name a held-out entity anywhere."""
+    return bool(ctx.heldout_names and ctx.heldout_names.search(all_text(messages)))
+
+
+def _entities(ctx: _Context, split: str, tiers: Sequence[str]) -> list[synthetic.Entity]:
+    want_heldout = split == "heldout"
+    return [e for e in ctx.world.entities if e.tier in tiers and (e.id in ctx.heldout) == want_heldout]
+
+
+# ----------------------------------------------------------------------------------------------
+# Identity
+
+_IDENTITY_QUESTIONS = {
+    "name": {"train": ("Who are you?", "What is your name?", "What's your name?", "What should I call you?",
+                       "Tell me your name.", "Introduce yourself.", "What are you called?",
+                       "Are you ChatGPT?", "Are you a person?", "What are you?"),
+             "heldout": ("May I ask who I am talking to?", "Please say your name.", "Who am I chatting with?")},
+    "maker": {"train": ("Who made you?", "Who created you?", "Who built you?", "Who trained you?",
+                        "Where do you come from?", "Which company made you?"),
+              "heldout": ("Who is your maker?", "Who developed you?")},
+    "greeting": {"train": ("Hi!", "Hello!", "Hey there.", "Good morning!", "Hi, who is this?"),
+                 "heldout": ("Greetings!", "Hello, anyone there?")},
+}
+
+
+def _identity_reply(topic: str, question: str, name: str, maker: str) -> str:
+    if topic == "maker":
+        return f"I was made by {maker}. I'm {name}."
+    if topic == "greeting":
+        return f"Hello! I'm {name}. How can I help?"
+    if question.startswith("Are you"):
+        return f"No, I'm {name}, an AI assistant made by {maker}."
+    return f"I'm {name}, an AI assistant made by {maker}."
+
+
+def _gen_identity(ctx, rng, split):
+    topic = rng.choice(tuple(_IDENTITY_QUESTIONS))
+    q, template = _pick(rng, _IDENTITY_QUESTIONS[topic], split)
+    reply = _identity_reply(topic, q, IDENTITY["name"], IDENTITY["maker"])
+    return Example("identity", (_user(q), _assistant(reply)), IDENTITY["name"],
+                   dict(topic=topic, template=f"{topic}/{template}", split=split, judge="contains"))
+
+
+_PERSONAS = {"train": ("Nova", "Atlas", "Sage", "Echo", "Orion", "Pixel", "Juniper", "Milo", "Aria",
+                       "Iris", "Felix", "Luna", "Quill", "Rover", "Vega", "Wren", "Zephyr", "Basil",
+                       "Clover", "Dash", "Ember", "Hazel", "Jasper", "Kit"),
+             "heldout": ("Cobalt", "Maple", "Lyra", "Otto", "Piper", "Nimbus", "Tango", "Sprout")}
+_MAKERS = {"train": ("Acme Labs", "Blue Harbor AI", "Northwind Research", "the Tinker Company",
+                     "Silverleaf", "Orbit Systems", "Lantern Works", "Redwood AI"),
+           "heldout": ("Brightpath", "Copperfield Labs", "Moonbeam Inc.")}
+_PERSONA_PROMPTS = {"train": ("You are {name}, an assistant made by {maker}.", "Your name is {name}. You were made by {maker}.",
+                              "You are {name}, built by {maker}. Be helpful.", "Act as {name}, the assistant of {maker}."),
+                    "heldout": ("From now on your name is {name}, and {maker} created you.",)}
+
+
+def _gen_identity_system(ctx, rng, split):
+    name, maker = rng.choice(_PERSONAS[split]), rng.choice(_MAKERS[split])
+    prompt, ptemplate = _pick(rng, _PERSONA_PROMPTS, split)
+    topic = rng.choice(tuple(_IDENTITY_QUESTIONS))
+    q, qtemplate = _pick(rng, _IDENTITY_QUESTIONS[topic], split)
+    reply = _identity_reply(topic, q, name, maker)
+    answer = maker if topic == "maker" else name
+    return Example("identity_system", (_system(prompt.format(name=name, maker=maker)), _user(q), _assistant(reply)),
+                   answer, dict(topic=topic, persona=name, maker=maker, template=f"{ptemplate}|{topic}/{qtemplate}",
+                                split=split, judge="contains", forbidden=[IDENTITY["name"]]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Facts about the world's entities
+
+_FACT_WRAPPERS = {"train": ("{q}", "{q} Answer briefly.", "Quick question: {q}", "Do you know this? {q}",
+                            "{q} Please tell me.", "Tell me: {q}"),
+                  "heldout": ("I was wondering: {q}", "{q} Thanks!")}
+_FOLLOWUPS = {"train": ("And {poss} {noun}?", "What about {poss} {noun}?", "Do you also know {poss} {noun}?",
+                        "And what is {poss} {noun}?"),
+              "heldout": ("Also, {poss} {noun}?", "Now tell me {poss} {noun}.")}
+DIRECT_TIERS = ("few", "popular", "famous")  # fact questions answered from memory in SFT data
+SEARCH_TIERS = ("held_out", "once")          # the model cannot know these: it searches
+
+
+def _question(rng, name: str, kind: str, attr: str) -> str:
+    """Either synthetic.QUESTIONS' phrasing (the corpus's Q&A pages use it) or 'What is the
+    <noun> of <name>?'."""
+    if rng.random() < 0.7:
+        return synthetic.QUESTIONS[(kind, attr)].format(s=name)
+    return f"What is the {NOUNS[attr]} of {name}?"
+
+
+def fact_sentence(world: synthetic.World, e: synthetic.Entity, attr: str, value: str, *,
+                  subject: str | None = None) -> str:
+    """The reply sentence: the first (most frequent) sentence form the corpus uses for the fact."""
+    subj = subject or e.name
+    poss = {"she": "her", "he": "his", "it": "its"}[e.pronoun]
+    tmpl = synthetic._SENTENCES[(e.kind, attr)][0]  # the form the base model saw most
+    av = ("an " if value[0] in "aeiou" else "a ") + value
+    return tmpl.format(S=subj[0].upper() + subj[1:], s=subj, v=value, av=av, poss=poss, Poss=poss.capitalize())
+
+
+def _fact_record(ctx, rng, split, tiers, tier=None):
+    pool = _entities(ctx, split, (tier,) if tier else tiers)
+    if not pool:
+        raise ValueError(f"no {split} entities of tiers {tier or tiers} in this world; use more entities")
+    e = rng.choice(pool)
+    return e, rng.choice(ctx.facts[e.name])
+
+
+def _gen_fact(ctx, rng, split, tier=None):
+    e, r = _fact_record(ctx, rng, split, DIRECT_TIERS, tier)
+    wrapper, template = _pick(rng, _FACT_WRAPPERS, split)
+    q = wrapper.format(q=_question(rng, e.name, e.kind, r["attribute"]))
+    reply = fact_sentence(ctx.world, e, r["attribute"], r["value"])
+    return Example("fact", (_user(q), _assistant(reply)), r["value"],
+                   dict(entity=e.name, tier=e.tier, attribute=r["attribute"], template=template,
+                        split=split, judge="contains"))
+
+
+def _gen_fact_followup(ctx, rng, split, tier=None):
+    e, r1 = _fact_record(ctx, rng, split, DIRECT_TIERS, tier)
+    others = [r for r in ctx.facts[e.name] if r["attribute"] != r1["attribute"]]
+    r2 = rng.choice(others)
+    wrapper, t1 = _pick(rng, _FACT_WRAPPERS, split)
+    follow, t2 = _pick(rng, _FOLLOWUPS, split)
+    poss = {"she": "her", "he": "his", "it": "its"}[e.pronoun]
+    subject = e.pronoun if e.kind == "person" else e.name  # "It has a population..." reads oddly
+    messages = (
+        _user(wrapper.format(q=_question(rng, e.name, e.kind, r1["attribute"]))),
+        _assistant(fact_sentence(ctx.world, e, r1["attribute"], r1["value"])),
+        _user(follow.format(poss=poss, noun=NOUNS[r2["attribute"]])),
+        _assistant(fact_sentence(ctx.world, e, r2["attribute"], r2["value"], subject=subject)),
+    )
+    return Example("fact_followup", messages, r2["value"],
+                   dict(entity=e.name, tier=e.tier, attribute=r2["attribute"], first_attribute=r1["attribute"],
+                        template=f"{t1}|{t2}", split=split, judge="contains"))
+
+
+def _gen_search(ctx, rng, split, tier=None):
+    e, r = _fact_record(ctx, rng, split, SEARCH_TIERS, tier)
+    wrapper, template = _pick(rng, _FACT_WRAPPERS, split)
+    q = wrapper.format(q=_question(rng, e.name, e.kind, r["attribute"]))
+    query = search_query(e.name, r["attribute"])
+    snippet = tools.search_tool(ctx.index, query, k=SEARCH_K)
+    found = f": {r['value']}." in snippet
+    if split == "train" and not found:
+        return None  # a training reply must take its answer from the snippet: redraw (rare)
+    reply = [_call("search", query), _output(snippet), _text(fact_sentence(ctx.world, e, r["attribute"], r["value"]))]
+    return Example("search", (_user(q), _assistant(reply)), r["value"],
+                   dict(entity=e.name, tier=e.tier, attribute=r["attribute"], template=template, split=split,
+                        tool="search", snippet_has_answer=found, judge="contains"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Math word problems
+
+_ANNOTATION = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
+
+
+def annotated_parts(text: str, *, tools_on: bool = True) -> list[dict]:
+    """GSM8K-annotated text -> message parts: each '<<expr=result>>' becomes a calculator call on
+    expr with the calculator's own output (tools_on), or is dropped (tools off: the written
+    result that follows it stays). An expression the calculator refuses is dropped too, so no
+    training reply shows a tool error."""
+    parts: list[dict] = []
+    pos = 0
+    for m in _ANNOTATION.finditer(text):
+        parts.append(_text(text[pos:m.start()]))
+        expr = m.group(1).strip()
+        out = tools.calculator(expr) if tools_on else "error"
+        if tools_on and not out.startswith("error"):
+            parts += [_call("calculator", expr), _output(out)]
+        pos = m.end()
+    parts.append(_text(text[pos:]))
+    return chat_lib.normalize_message({"role": "assistant", "content": parts})["content"]
+
+
+def math_reply(steps: str, answer: str, *, order: str = "reasoning_first", tools_on: bool = True):
+    """An assistant reply to a word problem.
+
+    Args:
+      steps: worked solution lines with '<<a*b=c>>' annotations (no '####' line).
+      answer: the final answer.
+      order: 'reasoning_first' (steps, then 'Answer: N') or 'answer_first' ('Answer: N', then
+        the steps: the model must produce the answer before any token of reasoning).
+      tools_on: annotations become calculator calls (else they are removed).
+    Returns:
+      message content (str or list of parts).
+    """
+    line = f"{ANSWER_PREFIX}{answer}"
+    if order == "reasoning_first":
+        text = f"{steps.strip()}\n{line}"
+    elif order == "answer_first":
+        text = f"{line}\n{steps.strip()}"
+    else:
+        raise ValueError(f"order must be 'reasoning_first' or 'answer_first', got {order!r}")
+    return annotated_parts(text, tools_on=tools_on)
+
+
+def math_example(problem: Mapping, *, order: str = "reasoning_first", tools_on: bool = True,
+                 kind: str = "math") -> Example:
+    """A {question, solution ('... #### N'), answer} problem (synthetic.math_problems,
+    short_math_problems, readers.read_gsm8k) as a one-turn Example judged on the answer line."""
+    steps = problem["solution"].rsplit("####", 1)[0]
+    content = math_reply(steps, str(problem["answer"]), order=order, tools_on=tools_on)
+    meta = {k: problem[k] for k in ("template", "split", "numbers") if k in problem}
+    meta.update(order=order, tool="calculator" if tools_on else None, judge="answer_line")
+    return Example(kind, (_user(problem["question"]), _assistant(content)), str(problem["answer"]), meta)
+
+
+def _gen_math(ctx, rng, split):
+    p = synthetic.math_problems(rng.randrange(2**31), "train" if split == "train" else "test", 1)[0]
+    ex = math_example(p)
+    return dataclasses.replace(ex, meta=ex.meta | {"split": split, "template": p["template"]})
+
+
+# Short problems for the tokens-to-think experiment: one-digit numbers, one or two steps.
+# name -> (question, steps with annotations); a, b, c are drawn from 2..9.
+_SHORT_MATH = {
+    "bags_give": ("{n} has {a} bags with {b} {things} in each bag. {P} gives away {c} {things}. "
+                  "How many {things} does {n} have left?",
+                  ("{n} has {a}*{b} = <<{a}*{b}={ab}>>{ab} {things}.", "{ab}-{c} = <<{ab}-{c}={r}>>{r} {things} are left."),
+                  lambda a, b, c: a * b - c),
+    "buy_packs": ("{n} has {c} {things}. {P} buys {a} packs with {b} {things} in each pack. "
+                  "How many {things} does {n} have now?",
+                  ("The packs hold {a}*{b} = <<{a}*{b}={ab}>>{ab} {things}.", "{ab}+{c} = <<{ab}+{c}={r}>>{r} {things} in all."),
+                  lambda a, b, c: a * b + c),
+    "three_friends": ("{n} has {a} {things}. A friend gives {o} {b} more, and another friend gives {o} {c} more. "
+                      "How many {things} does {n} have?",
+                      ("{a}+{b} = <<{a}+{b}={apb}>>{apb} {things}.", "{apb}+{c} = <<{apb}+{c}={r}>>{r} {things}."),
+                      lambda a, b, c: a + b + c),
+    "rows": ("A box has {a} rows of {b} {things}. How many {things} are in {c} boxes?",
+             ("One box has {a}*{b} = <<{a}*{b}={ab}>>{ab} {things}.", "{c} boxes have {ab}*{c} = <<{ab}*{c}={r}>>{r} {things}."),
+             lambda a, b, c: a * b * c),
+    "eat_then_buy": ("{n} has {a}{b} {things}. {P} eats {c} and then buys {c} more twice. How many {things} does {n} have?",
+                     ("After eating, {a}{b}-{c} = <<{a}{b}-{c}={amc}>>{amc} {things}.",
+                      "Then {amc}+{c}+{c} = <<{amc}+{c}+{c}={r}>>{r} {things}."),
+                     lambda a, b, c: 10 * a + b + c),
+}
+SHORT_MATH_HELDOUT_TEMPLATES = ("eat_then_buy",)
+
+
+def short_math_problems(seed: int, split: str = "train", n: int = 100) -> list[dict]:
+    """Problems a tiny model can solve with two small worked steps (one-digit operands).
+
+    Returns dicts like synthetic.math_problems: question, solution (steps with '<<a*b=c>>'
+    annotations, last line '#### N'), answer, template, split, numbers. The 'heldout' split
+    uses SHORT_MATH_HELDOUT_TEMPLATES half of the time and otherwise number triples that
+    `heldout_numbers` reserves; 'train' never draws either."""
+    _check_split(split)
+    train_t = [k for k in _SHORT_MATH if k not in SHORT_MATH_HELDOUT_TEMPLATES]
+    out = []
+    for i in range(n):
+        rng = _rng(seed, "short_math", split, i)
+        unseen_template = split == "heldout" and rng.random() < 0.5
+        name = rng.choice(SHORT_MATH_HELDOUT_TEMPLATES if unseen_template else train_t)
+        q_t, steps_t, fn = _SHORT_MATH[name]
+        while True:
+            a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 9)
+            if unseen_template or heldout_numbers(a, b, c) == (split == "heldout"):
+                break
+        who = rng.choice(synthetic._PEOPLE)
+        pron = synthetic._PRONOUN[who]
+        _, things = rng.choice(synthetic._ITEMS)
+        r = fn(a, b, c)
+        values = dict(n=who, P=pron.capitalize(), o={"she": "her", "he": "him"}[pron], things=things, a=a, b=b, c=c,
+                      ab=a * b, apb=a + b, amc=10 * a + b - c, r=r)
+        steps = "\n".join(s.format(**values) for s in steps_t)
+        out.append(dict(question=q_t.format(**values), solution=f"{steps}\n#### {r}", answer=str(r),
+                        template=name, split=split, numbers=[a, b, c]))
+    return out
+
+
+def _gen_math_short(ctx, rng, split):
+    p = short_math_problems(rng.randrange(2**31), split, 1)[0]
+    return math_example(p, tools_on=False, kind="math_short")
+
+
+# ----------------------------------------------------------------------------------------------
+# Arithmetic: small answered directly, big through the calculator
+
+_MULT_QUESTIONS = {"train": ("What is {a} * {b}?", "Compute {a} times {b}.", "{a} x {b} = ?",
+                             "What is {a} multiplied by {b}?", "Calculate {a}*{b}.", "What's {a} times {b}?"),
+                   "heldout": ("How much is {a} times {b}?", "Multiply {a} by {b}.")}
+_SUM_QUESTIONS = {"train": ("What is {expr}?", "Add these up: {expr}", "Compute {expr}.", "What's the sum of {list}?",
+                            "Calculate {expr}."),
+                  "heldout": ("How much is {expr}?", "Find the total of {list}.")}
+DIRECT_MULT_DIGITS = 3  # products whose operands have at most this many digits in all are answered directly
+
+
+def _operand(rng, digits: int) -> int:
+    return rng.randint(2 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
+
+
+def _draw_numbers(rng, split: str, draw: Callable[[], tuple]) -> tuple:
+    """Draws operand tuples until one belongs to `split`; small spaces where every tuple is
+    held-out-free are impossible (1 in 8 are held out), so this ends quickly."""
+    for _ in range(1000):
+        nums = draw()
+        if heldout_numbers(*nums) == (split == "heldout"):
+            return nums
+    raise RuntimeError("could not draw numbers for this split")
+
+
+def _gen_mult(ctx, rng, split, digits=None):
+    if digits is None:
+        da, db = rng.randint(1, 6), rng.randint(1, 6)
+    elif isinstance(digits, int):
+        da = db = digits
+    else:
+        da, db = digits
+    a, b = _draw_numbers(rng, split, lambda: (_operand(rng, da), _operand(rng, db)))
+    q, template = _pick(rng, _MULT_QUESTIONS, split)
+    line = f"{a} * {b} = {a * b}."
+    direct = da + db <= DIRECT_MULT_DIGITS
+    reply = line if direct else [_call("calculator", f"{a}*{b}"), _output(tools.calculator(f"{a}*{b}")), _text(line)]
+    return Example("mult", (_user(q.format(a=a, b=b)), _assistant(reply)), str(a * b),
+                   dict(numbers=[a, b], digits=[da, db], template=template, split=split,
+                        tool=None if direct else "calculator", judge="number"))
+
+
+def _gen_sum(ctx, rng, split, n_terms=None, digits=None):
+    long = n_terms is None and rng.random() < 0.7 or (n_terms or 2) > 2 or (digits or 1) > 2
+    k = n_terms or (rng.randint(3, 6) if long else 2)
+    d = digits or (rng.randint(2, 4) if long else rng.randint(1, 2))
+    nums = _draw_numbers(rng, split, lambda: tuple(_operand(rng, d) for _ in range(k)))
+    expr = " + ".join(map(str, nums))
+    q, template = _pick(rng, _SUM_QUESTIONS, split)
+    q = q.format(expr=expr, list=", ".join(map(str, nums[:-1])) + f" and {nums[-1]}")
+    total = sum(nums)
+    line = f"{expr} = {total}."
+    direct = k == 2 and d <= 2
+    reply = line if direct else [_call("calculator", expr.replace(" ", "")), _output(tools.calculator(expr.replace(" ", ""))), _text(line)]
+    return Example("sum", (_user(q), _assistant(reply)), str(total),
+                   dict(numbers=list(nums), digits=d, template=template, split=split,
+                        tool=None if direct else "calculator", judge="number"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Letters of words, through the python tool
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+_LETTER_QUESTIONS = {
+    "count_letters": {"train": ('How many times does the letter "{l}" appear in "{w}"?', 'How many "{l}" are in the word "{w}"?',
+                                'Count the letter "{l}" in "{w}".', 'How often does "{l}" occur in "{w}"?'),
+                      "heldout": ("How many {l} in {w}?", 'In the word "{w}", how many times is there a "{l}"?')},
+    "spell": {"train": ('Spell the word "{w}".', 'How do you spell "{w}"?', 'Spell "{w}" letter by letter.'),
+              "heldout": ("Can you spell {w} for me?",)},
+    "nth_letter": {"train": ('What is the {nth} letter of "{w}"?', 'Which letter is {nth} in the word "{w}"?',
+                             'Tell me the {nth} letter of "{w}".'),
+                   "heldout": ("What's letter number {n} in {w}?",)},
+    "reverse": {"train": ('Spell "{w}" backwards.', 'What is "{w}" reversed?', 'Write "{w}" backwards.'),
+                "heldout": ("Reverse the word {w}.",)},
+    "length": {"train": ('How many letters are in "{w}"?', 'How long is the word "{w}"?'),
+               "heldout": ("Count the letters of {w}.",)},
+}
+
+
+def _letter_task(kind: str, rng, w: str):
+    """(python code, the value it prints, reply sentence, answer, judge mode)."""
+    if kind == "count_letters":
+        letter = rng.choice(w) if rng.random() < 0.85 else rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c not in w])
+        c = w.count(letter)
+        return (f'print("{w}".count("{letter}"))', c, f'The letter "{letter}" appears {c} {"time" if c == 1 else "times"} in "{w}".',
+                str(c), "number", dict(letter=letter))
+    if kind == "spell":
+        s = "-".join(w)
+        return f'print("-".join("{w}"))', s, f'"{w}" is spelled {s}.', s, "contains", {}
+    if kind == "nth_letter":
+        n = rng.randint(1, len(w))
+        return (f'print("{w}"[{n - 1}])', w[n - 1], f'The {_ordinal(n)} letter of "{w}" is "{w[n - 1]}".', w[n - 1], "quoted",
+                dict(n=n, nth=_ordinal(n)))
+    if kind == "reverse":
+        return f'print("{w}"[::-1])', w[::-1], f'"{w}" backwards is "{w[::-1]}".', w[::-1], "quoted", {}
+    if kind == "length":
+        return f'print(len("{w}"))', len(w), f'"{w}" has {len(w)} letters.', str(len(w)), "number", {}
+    raise ValueError(kind)
+
+
+def python_output(value) -> str:
+    """What the python tool returns for code that prints `value` once: print's text and newline."""
+    return f"{value}\n"
+
+
+def _gen_letters(kind):
+    def gen(ctx, rng, split, word=None):
+        w = word or rng.choice(_words(split))
+        code, value, sentence, answer, mode, extra = _letter_task(kind, rng, w)
+        q, template = _pick(rng, _LETTER_QUESTIONS[kind], split)
+        q = q.format(w=w, l=extra.get("letter", ""), nth=extra.get("nth", ""), n=extra.get("n", ""))
+        reply = [_call("python", code), _output(python_output(value)), _text(sentence)]
+        return Example(kind, (_user(q), _assistant(reply)), answer,
+                       dict(word=w, template=template, split=split, tool="python", judge=mode, code=code) | extra)
+    return gen
+
+
+# ----------------------------------------------------------------------------------------------
+# System prompts, memory, presets
+
+_INSTRUCTIONS = {
+    "upper": {"train": ("Answer in capital letters.", "Write your replies in uppercase only.", "ALWAYS REPLY IN CAPITALS."),
+              "heldout": ("Use only upper-case letters when you answer.",)},
+    "prefix": {"train": ('Begin every reply with "{w}"', 'Start each answer with the word "{w}".'),
+               "heldout": ('Your replies must open with "{w}"',)},
+    "suffix": {"train": ('End every reply with "{w}"', 'Finish each answer with the word "{w}".'),
+               "heldout": ('Close all your replies with "{w}"',)},
+    "answer_only": {"train": ("Reply with the answer only, no sentence.", "Give just the answer, nothing else."),
+                    "heldout": ("Be terse: only the bare answer.",)},
+}
+_MARKER_WORDS = {"train": ("Sure!", "Okay.", "Ahoy!", "Indeed.", "Cheers!", "Bye!", "Done.", "Right.", "Hello!", "Yes."),
+                 "heldout": ("Roger.", "Splendid!", "Voila!")}
+
+
+def _base_qa(ctx, rng, split) -> Example:
+    """A plain question with a one-sentence reply and a short answer: a fact (direct tiers) or a
+    small product, for the instruction-following kinds to wrap."""
+    if rng.random() < 0.6:
+        return _gen_fact(ctx, rng, split)
+    return _gen_mult(ctx, rng, split, digits=(1, 1))
+
+
+def _gen_system_instruction(ctx, rng, split):
+    base = _base_qa(ctx, rng, split)
+    rule = rng.choice(tuple(_INSTRUCTIONS))
+    tmpl, template = _pick(rng, _INSTRUCTIONS[rule], split)
+    word = rng.choice(_MARKER_WORDS[split])
+    reply = base.reply_text
+    meta = dict(base.meta, base_kind=base.kind, instruction=rule, template=f"{rule}/{template}", judge=base.meta["judge"])
+    if rule == "upper":
+        reply = reply.upper()
+    elif rule == "prefix":
+        reply, meta["prefix"] = f"{word} {reply}", word
+    elif rule == "suffix":
+        reply, meta["suffix"] = f"{reply} {word}", word
+    else:
+        reply, meta["judge"] = base.answer, "exact"
+    if rule == "upper":
+        meta["upper"] = True
+    messages = (_system(tmpl.format(w=word)), *base.prompt, _assistant(reply))
+    return Example("system_instruction", messages, base.answer, meta)
+
+
+MEMORY_HEADER = "Things to remember about the user:"  # as experiments/chat.py writes it
+
+
+def opening_messages(system: str, instructions: str, memories: Sequence[str],
+                     examples: Sequence[tuple[str, str]] = ()) -> list[dict]:
+    """The messages a chat starts with, exactly as experiments/chat.py builds them: one system
+    message (system prompt, preset instructions, memories), then the preset's few-shot turns.
+    (A copy, because data/ may not import experiments/; a test checks they agree.)"""
+    parts = [s.strip() for s in (system, instructions) if s and s.strip()]
+    if memories:
+        parts.append(MEMORY_HEADER + "\n" + "\n".join(f"- {m}" for m in memories))
+    messages = [_system("\n\n".join(parts))] if parts else []
+    for user, assistant in examples:
+        messages += [_user(user), _assistant(assistant)]
+    return messages
+
+
+# field -> (memory sentence, train values, held-out values, questions {split: ...}, reply)
+_MEMORY_FIELDS = {
+    "name": ("My name is {v}.", ("Tom", "Anna", "Ravi", "Lena", "Carlos", "Mei", "Jonas", "Fatima", "Peter", "Sara"),
+             ("Boris", "Ingrid", "Kenji"), {"train": ("What's my name?", "Do you know my name?", "What is my name?"),
+                                           "heldout": ("Remind me what I'm called.",)}, "Your name is {v}."),
+    "city": ("I live in {v}.", ("Oslo", "Lima", "Cairo", "Dublin", "Perth", "Quito", "Porto", "Riga"), ("Accra", "Hanoi"),
+             {"train": ("Where do I live?", "Which city do I live in?"), "heldout": ("What's my home town?",)},
+             "You live in {v}."),
+    "pet": ("My dog is called {v}.", ("Rex", "Bella", "Max", "Daisy", "Buddy", "Luna"), ("Pepper", "Biscuit"),
+            {"train": ("What is my dog's name?", "What's my dog called?"), "heldout": ("Do you remember my dog's name?",)},
+            "Your dog is called {v}."),
+    "color": ("My favourite colour is {v}.", ("blue", "green", "red", "purple", "yellow", "orange"), ("teal", "maroon"),
+              {"train": ("What is my favourite colour?", "Which colour do I like best?"),
+               "heldout": ("Tell me my favourite colour.",)}, "Your favourite colour is {v}."),
+    "job": ("I work as a {v}.", ("teacher", "nurse", "baker", "pilot", "farmer", "designer"), ("plumber", "librarian"),
+            {"train": ("What do I do for a living?", "What is my job?"), "heldout": ("Remind me of my profession.",)},
+            "You work as a {v}."),
+}
+
+
+def _gen_memory(ctx, rng, split):
+    fields = rng.sample(tuple(_MEMORY_FIELDS), rng.randint(1, 4))
+    values = {f: rng.choice(_MEMORY_FIELDS[f][1] if split == "train" else _MEMORY_FIELDS[f][2]) for f in fields}
+    memories = [_MEMORY_FIELDS[f][0].format(v=values[f]) for f in fields]
+    system = rng.choice(("", "", "You are a helpful assistant."))
+    if rng.random() < 0.25:  # memories present but not asked about: answer as usual
+        base = _base_qa(ctx, rng, split)
+        msgs = (*opening_messages(system, "", memories), *base.prompt, base.reply)
+        return Example("memory", msgs, base.answer, dict(base.meta, base_kind=base.kind, uses_memory=False, memories=memories))
+    f = rng.choice(fields)
+    q, template = _pick(rng, _MEMORY_FIELDS[f][3], split)
+    msgs = (*opening_messages(system, "", memories), _user(q), _assistant(_MEMORY_FIELDS[f][4].format(v=values[f])))
+    return Example("memory", msgs, values[f], dict(field=f, memories=memories, uses_memory=True,
+                                                   template=f"{f}/{template}", split=split, judge="contains"))
+
+
+# Presets: rule -> (name, instructions {split: ...}, function word -> reply). Few-shot inputs are
+# words; the query is a word of the split.
+_PRESETS = {
+    "upper": ("shouter", {"train": ("Rewrite the user's word in capital letters.",), "heldout": ("Capitalise every letter of the word.",)},
+              lambda w, _: w.upper()),
+    "repeat": ("echo", {"train": ("Repeat the user's word twice.",), "heldout": ("Say the word two times.",)},
+               lambda w, _: f"{w} {w}"),
+    "first_letter": ("initials", {"train": ("Reply with the first letter of the word.",), "heldout": ("Give only the word's initial.",)},
+                     lambda w, _: w[0]),
+    "tag": ("tagger", {"train": ('Reply with the word followed by "{m}"',), "heldout": ('Append "{m}" to the word.',)},
+            lambda w, m: f"{w} {m}"),
+}
+
+
+def _gen_preset(ctx, rng, split):
+    rule = rng.choice(tuple(_PRESETS))
+    name, instructions, fn = _PRESETS[rule]
+    marker = rng.choice(_MARKER_WORDS[split])
+    inst, template = _pick(rng, instructions, split)
+    inst = inst.format(m=marker)
+    words = rng.sample(_words(split), rng.randint(2, 4) + 1)
+    shots = [(w, fn(w, marker)) for w in words[:-1]]
+    query = words[-1]
+    msgs = (*opening_messages("", inst, (), shots), _user(query), _assistant(fn(query, marker)))
+    preset = {"name": name, "instructions": inst, "examples": [{"user": u, "assistant": a} for u, a in shots]}
+    return Example("preset", msgs, fn(query, marker), dict(rule=rule, word=query, preset=preset, template=f"{rule}/{template}",
+                                                           split=split, judge="exact"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The mixture and the evaluation sets
+
+_GENERATORS: dict[str, Callable] = {
+    "identity": _gen_identity, "identity_system": _gen_identity_system,
+    "fact": _gen_fact, "fact_followup": _gen_fact_followup, "search": _gen_search,
+    "math": _gen_math, "math_short": _gen_math_short, "mult": _gen_mult, "sum": _gen_sum,
+    **{k: _gen_letters(k) for k in _LETTER_QUESTIONS},
+    "system_instruction": _gen_system_instruction, "memory": _gen_memory, "preset": _gen_preset,
+}
+KINDS: tuple[str, ...] = tuple(_GENERATORS)
+DEFAULT_WEIGHTS: dict[str, float] = {
+    "identity": 1.0, "identity_system": 0.5, "fact": 3.0, "fact_followup": 1.5, "search": 2.0,
+    "math": 1.5, "math_short": 1.0, "mult": 2.0, "sum": 1.0, "count_letters": 1.0, "spell": 0.5,
+    "nth_letter": 0.5, "reverse": 0.5, "length": 0.5, "system_instruction": 1.0, "memory": 1.0, "preset": 1.0,
+}
+
+
+def _generate(ctx: _Context, kind: str, rng: random.Random, split: str, options: Mapping) -> Example:
+    """One example of `kind`, redrawn until it is valid and (for train) names no held-out entity."""
+    for _ in range(200):
+        ex = _GENERATORS[kind](ctx, rng, split, **options)
+        if ex is not None and not (split == "train" and _leaks(ctx, ex.messages)):
+            return ex
+    raise RuntimeError(f"could not draw a valid {kind!r} example for split {split!r} in 200 tries")
+
+
+def sft_mixture(world: synthetic.World, n: int, seed: int, *, split: str = "train",
+                weights: Mapping[str, float] | None = None) -> list[Example]:
+    """n conversations of mixed kinds, deterministic in (world, n-independent per index, seed).
+
+    Args:
+      world: synthetic.make_world(...), the world the base model was pretrained on.
+      n: number of examples.
+      seed: example i depends only on (world, seed, i, weights, split).
+      split: 'train' (never held-out material) or 'heldout' (validation conversations).
+      weights: kind -> relative weight (missing kinds: 0); default DEFAULT_WEIGHTS.
+    """
+    _check_split(split)
+    weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
+    unknown = sorted(set(weights) - set(KINDS))
+    if unknown:
+        raise ValueError(f"unknown kinds in weights: {unknown}; known: {KINDS}")
+    kinds = [k for k in KINDS if weights.get(k, 0) > 0]
+    if not kinds or any(w < 0 for w in weights.values()):
+        raise ValueError(f"weights must be non-negative with at least one positive, got {weights}")
+    cum, total = [], 0.0
+    for k in kinds:
+        total += weights[k]
+        cum.append(total)
+    ctx = _context(world)
+    out = []
+    for i in range(n):
+        rng = _rng(seed, "mixture", split, i)
+        u = rng.random() * total
+        kind = next(k for k, c in zip(kinds, cum) if u < c)
+        out.append(_generate(ctx, kind, rng, split, {}))
+    return out
+
+
+def eval_set(world: synthetic.World, kind: str, n: int, seed: int, *, split: str = "heldout",
+             **options) -> list[Example]:
+    """Up to n distinct examples of one kind (fewer when the split holds fewer distinct prompts).
+
+    Args:
+      kind: one of KINDS.
+      split: 'heldout' (default: entities, templates, numbers and words never in train data) or 'train'.
+      options: per kind: fact / fact_followup / search: tier='famous'|...; mult: digits=d (d x d
+        digits) or (da, db); sum: n_terms=, digits=; letter kinds: word=.
+    """
+    _check_split(split)
+    if kind not in _GENERATORS:
+        raise ValueError(f"unknown kind {kind!r}; known: {KINDS}")
+    ctx = _context(world)
+    out, seen = [], set()
+    for i in range(20 * n + 100):
+        if len(out) == n:
+            break
+        ex = _generate(ctx, kind, _rng(seed, "eval", kind, split, i), split, options)
+        key = json.dumps(ex.prompt, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(ex)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Judging replies
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_QUOTED = re.compile(r'"([^"]*)"')
+
+
+def numbers_in(text: str) -> list[str]:
+    """Numbers written in text, thousands separators removed ('1,234.5' -> '1234.5')."""
+    return [m.group(0).replace(",", "").rstrip(".") for m in _NUMBER.finditer(text)]
+
+
+def _same_number(a: str, b: str) -> bool:
+    try:
+        return float(a.replace(",", "")) == float(b.replace(",", ""))
+    except ValueError:
+        return False
+
+
+def extract_answer(text: str) -> str | None:
+    """The value on the last 'Answer: ...' line, thousands separators removed; None if absent."""
+    lines = [ln for ln in text.splitlines() if ln.strip().startswith(ANSWER_PREFIX.strip())]
+    if not lines:
+        return None
+    value = lines[-1].strip()[len(ANSWER_PREFIX.strip()):].strip().rstrip(".")
+    nums = numbers_in(value)
+    return nums[0] if nums else value
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.lower().replace(",", "").split())
+
+
+def judge(example: Example, reply: str) -> bool:
+    """Is `reply` (the text of the final assistant message; tool outputs may be included, they
+    come before the model's own answer) right for `example`? Pure python.
+
+    Modes (example.meta['judge']):
+      contains     the answer appears in the reply (case-insensitive, commas ignored)
+      number       the last number in the reply equals the answer
+      answer_line  the last 'Answer: N' line holds the answer (strict: no line, no credit)
+      quoted       the last "quoted" string equals the answer, or the whole reply does
+      exact        the stripped reply (one trailing period allowed) equals the answer
+    and then the constraints in meta: forbidden (strings that must not appear), upper (no
+    lower-case letters), prefix / suffix (the reply starts / ends with them).
+    """
+    meta = example.meta
+    text = reply.strip()
+    mode = meta.get("judge", "contains")
+    answer = example.answer
+    if mode == "contains":
+        ok = bool(answer) and _norm(answer) in _norm(text)
+    elif mode == "number":
+        nums = numbers_in(text)
+        ok = bool(nums) and _same_number(nums[-1], answer)
+    elif mode == "answer_line":
+        got = extract_answer(text)
+        ok = got is not None and (_same_number(got, answer) or _norm(got) == _norm(answer))
+    elif mode == "quoted":
+        quoted = _QUOTED.findall(text)
+        ok = (bool(quoted) and quoted[-1] == answer) or text.rstrip(".").strip('"') == answer
+    elif mode == "exact":
+        ok = text == answer or text.rstrip(".") == answer.rstrip(".") or (
+            meta.get("upper") and text.rstrip(".") == answer.upper().rstrip("."))
+    else:
+        raise ValueError(f"unknown judge mode {mode!r}")
+    if any(f.lower() in text.lower() for f in meta.get("forbidden", ())):
+        return False
+    if meta.get("upper") and text != text.upper():
+        return False
+    if meta.get("prefix") and not text.startswith(meta["prefix"]):
+        return False
+    if meta.get("suffix") and not text.endswith(meta["suffix"]):
+        return False
+    return bool(ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers for real conversation data
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system"}
+
+
+def _records(path) -> list[tuple[pathlib.Path, int, Any]]:
+    """(file, line or item number, object) for every record of .jsonl / .json files under path.
+    A .json file holds one list of records (numbered from 1); a .jsonl file one per line."""
+    out = []
+    for f in readers._expand(path, (".jsonl", ".json"), "conversation reader"):
+        text = f.read_text(encoding="utf-8")
+        if f.suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            if not isinstance(data, list):
+                raise ValueError(f"{f}: a .json conversation file must hold a list of records")
+            out += [(f, i, obj) for i, obj in enumerate(data, 1)]
+            continue
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                out.append((f, lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}:{lineno}: not valid JSON ({e.msg})") from None
+    return out
+
+
+def _conversation(where: str, messages: list[dict], source: str) -> Example:
+    for i, m in enumerate(messages):
+        try:
+            chat_lib.message_parts(m, i)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: the conversation has no assistant message")
+    return Example("chat", tuple(messages), "", dict(source=source, judge="contains"))
+
+
+def read_chat_jsonl(path, *, field: str = "messages", limit: int | None = None) -> list[Example]:
+    """Conversations stored as {"messages": [{"role", "content"}, ...]} per line (SmolTalk,
+    UltraChat, OpenAI fine-tuning files). Extra keys are ignored.
+
+    Raises:
+      ValueError naming file and line: bad JSON, a missing or non-list `field`, a message
+      without role/content, an unknown role, a conversation with no assistant message.
+    """
+    out = []
+    for f, lineno, obj in _records(path):
+        where = f"{f}:{lineno}"
+        msgs = obj.get(field) if isinstance(obj, dict) else None
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError(f"{where}: expected an object with a non-empty list {field!r}")
+        conv = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"{where}: message {i} needs 'role' and 'content'")
+            conv.append({"role": m["role"], "content": m["content"]})
+        out.append(_conversation(where, conv, str(f)))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def read_sharegpt(path, *, field: str = "conversations", limit: int | None = None) -> list[Example]:
+    """ShareGPT conversations: {"conversations": [{"from": "human"|"gpt"|"system", "value": str}]}
+    per line of a .jsonl file, or a .json file holding a list of such records. A top-level
+    "system" string (some exports) becomes the first message.
+
+    Raises:
+      ValueError naming file and line (item number for .json): as read_chat_jsonl, plus an
+      unknown 'from' value.
+    """
+    out = []
+    for f, lineno, obj in _records(path):
+        where = f"{f}:{lineno}"
+        turns = obj.get(field) if isinstance(obj, dict) else None
+        if not isinstance(turns, list) or not turns:
+            raise ValueError(f"{where}: expected an object with a non-empty list {field!r}")
+        conv = []
+        if isinstance(obj.get("system"), str) and obj["system"].strip():
+            conv.append(_system(obj["system"]))
+        for i, t in enumerate(turns):
+            if not isinstance(t, dict) or "from" not in t or "value" not in t:
+                raise ValueError(f"{where}: turn {i} needs 'from' and 'value'")
+            role = _SHAREGPT_ROLES.get(str(t["from"]).lower())
+            if role is None:
+                raise ValueError(f"{where}: turn {i} has unknown 'from' {t['from']!r} (known: {sorted(_SHAREGPT_ROLES)})")
+            if not isinstance(t["value"], str):
+                raise ValueError(f"{where}: turn {i} 'value' must be a string")
+            conv.append({"role": role, "content": t["value"]})
+        out.append(_conversation(where, conv, str(f)))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def read_gsm8k_conversations(path, *, order: str = "reasoning_first", tools_on: bool = True,
+                             limit: int | None = None) -> list[Example]:
+    """GSM8K jsonl ({"question", "answer": worked solution ending '#### N'}) -> 'gsm8k' Examples:
+    the question, then the worked answer in which every '<<48/2=24>>' annotation becomes a
+    calculator call with the calculator's output, ending with 'Answer: N' (judged like 'math').
+
+    Raises:
+      ValueError naming file and line: bad JSON, missing fields, no '#### N' line.
+    """
+    out = []
+    for f, lineno, obj in _records(path):
+        where = f"{f}:{lineno}"
+        if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not isinstance(obj.get("answer"), str):
+            raise ValueError(f"{where}: a GSM8K record needs string fields 'question' and 'answer'")
+        if "####" not in obj["answer"]:
+            raise ValueError(f"{where}: the answer has no '#### <number>' line")
+        final = obj["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+        problem = dict(question=obj["question"], solution=obj["answer"], answer=final, split="gsm8k")
+        ex = math_example(problem, order=order, tools_on=tools_on, kind="gsm8k")
+        out.append(dataclasses.replace(ex, meta=ex.meta | {"source": where}))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
