@@ -181,8 +181,9 @@ def token_entropy(logits_btv: jax.Array, chunk_size: int = 8192) -> jax.Array:
     n = -(-v // c)
     lead = z.shape[:-1]
     if n == 1:
-        lse = jax.nn.logsumexp(z, axis=-1)
-        return lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
+        p = jax.nn.softmax(z, axis=-1)
+        # p * z is taken as 0 where p = 0: a -inf logit (a banned token) must not give 0 * -inf.
+        return jax.nn.logsumexp(z, axis=-1) - jnp.sum(jnp.where(p > 0, p * z, 0.0), axis=-1)
     pad = n * c - v
     z = jnp.pad(z, [(0, 0)] * len(lead) + [(0, pad)])
     valid = jnp.arange(n * c) < v
@@ -194,14 +195,15 @@ def token_entropy(logits_btv: jax.Array, chunk_size: int = 8192) -> jax.Array:
         zc, ok = xs
         zc = jnp.where(ok, zc, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(zc, axis=-1))
-        scale = jnp.exp(m - m_new)
-        e = jnp.exp(zc - m_new[..., None])                           # 0 on padding
+        # While every logit so far is -inf, shift by 0 instead (exp(-inf - -inf) would be NaN).
+        m_ref = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        scale = jnp.exp(m - m_ref)
+        e = jnp.exp(zc - m_ref[..., None])                           # 0 on padding
         s = s * scale + jnp.sum(e, axis=-1)
-        u = u * scale + jnp.sum(jnp.where(ok, e * zc, 0.0), axis=-1)  # never 0 * -inf
+        u = u * scale + jnp.sum(jnp.where(e > 0, e * zc, 0.0), axis=-1)  # never 0 * -inf
         return (m_new, s, u), None
 
     init = (jnp.full(lead, -jnp.inf, z.dtype), jnp.zeros(lead, z.dtype), jnp.zeros(lead, z.dtype))
-    # The first chunk always has valid entries, so m is finite after it and exp(-inf - m) = 0.
     (m, s, u), _ = jax.lax.scan(body, init, (chunks, valid))
     return m + jnp.log(s) - u / s
 
