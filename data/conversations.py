@@ -199,7 +199,10 @@ def _check_split(split: str) -> None:
 
 
 # Templates: kind -> {'train': (...), 'heldout': (...)}; meta['template'] records 'split:index'.
-def _pick(rng: random.Random, templates: Mapping[str, Sequence[str]], split: str) -> tuple[str, str]:
+def _pick(ctx, rng: random.Random, templates: Mapping[str, Sequence[str]], split: str) -> tuple[str, str]:
+    """A phrasing of the split (or of ctx.template_split when an evaluation asks for train
+    phrasings with held-out material) and its id 'split:index'."""
+    split = ctx.template_split or split
     i = rng.randrange(len(templates[split]))
     return templates[split][i], f"{split}:{i}"
 
@@ -256,6 +259,7 @@ class _Context:
     index: tools.SearchIndex
     facts: dict[str, list[dict]]        # entity name -> its fact records
     heldout_names: re.Pattern | None     # matches any held-out entity's name
+    template_split: str | None = None    # eval_set(templates='train'): phrasings of this split
 
 
 def _context(world: synthetic.World) -> _Context:
@@ -306,7 +310,7 @@ def _identity_reply(topic: str, question: str, name: str, maker: str) -> str:
 
 def _gen_identity(ctx, rng, split):
     topic = rng.choice(tuple(_IDENTITY_QUESTIONS))
-    q, template = _pick(rng, _IDENTITY_QUESTIONS[topic], split)
+    q, template = _pick(ctx, rng, _IDENTITY_QUESTIONS[topic], split)
     reply = _identity_reply(topic, q, IDENTITY["name"], IDENTITY["maker"])
     return Example("identity", (_user(q), _assistant(reply)), IDENTITY["name"],
                    dict(topic=topic, template=f"{topic}/{template}", split=split, judge="contains"))
@@ -326,9 +330,9 @@ _PERSONA_PROMPTS = {"train": ("You are {name}, an assistant made by {maker}.", "
 
 def _gen_identity_system(ctx, rng, split):
     name, maker = rng.choice(_PERSONAS[split]), rng.choice(_MAKERS[split])
-    prompt, ptemplate = _pick(rng, _PERSONA_PROMPTS, split)
+    prompt, ptemplate = _pick(ctx, rng, _PERSONA_PROMPTS, split)
     topic = rng.choice(tuple(_IDENTITY_QUESTIONS))
-    q, qtemplate = _pick(rng, _IDENTITY_QUESTIONS[topic], split)
+    q, qtemplate = _pick(ctx, rng, _IDENTITY_QUESTIONS[topic], split)
     reply = _identity_reply(topic, q, name, maker)
     answer = maker if topic == "maker" else name
     return Example("identity_system", (_system(prompt.format(name=name, maker=maker)), _user(q), _assistant(reply)),
@@ -377,7 +381,7 @@ def _fact_record(ctx, rng, split, tiers, tier=None):
 
 def _gen_fact(ctx, rng, split, tier=None):
     e, r = _fact_record(ctx, rng, split, DIRECT_TIERS, tier)
-    wrapper, template = _pick(rng, _FACT_WRAPPERS, split)
+    wrapper, template = _pick(ctx, rng, _FACT_WRAPPERS, split)
     q = wrapper.format(q=_question(rng, e.name, e.kind, r["attribute"]))
     reply = fact_sentence(ctx.world, e, r["attribute"], r["value"])
     return Example("fact", (_user(q), _assistant(reply)), r["value"],
@@ -389,8 +393,8 @@ def _gen_fact_followup(ctx, rng, split, tier=None):
     e, r1 = _fact_record(ctx, rng, split, DIRECT_TIERS, tier)
     others = [r for r in ctx.facts[e.name] if r["attribute"] != r1["attribute"]]
     r2 = rng.choice(others)
-    wrapper, t1 = _pick(rng, _FACT_WRAPPERS, split)
-    follow, t2 = _pick(rng, _FOLLOWUPS, split)
+    wrapper, t1 = _pick(ctx, rng, _FACT_WRAPPERS, split)
+    follow, t2 = _pick(ctx, rng, _FOLLOWUPS, split)
     poss = {"she": "her", "he": "his", "it": "its"}[e.pronoun]
     subject = e.pronoun if e.kind == "person" else e.name  # "It has a population..." reads oddly
     messages = (
@@ -406,7 +410,7 @@ def _gen_fact_followup(ctx, rng, split, tier=None):
 
 def _gen_search(ctx, rng, split, tier=None):
     e, r = _fact_record(ctx, rng, split, SEARCH_TIERS, tier)
-    wrapper, template = _pick(rng, _FACT_WRAPPERS, split)
+    wrapper, template = _pick(ctx, rng, _FACT_WRAPPERS, split)
     q = wrapper.format(q=_question(rng, e.name, e.kind, r["attribute"]))
     query = search_query(e.name, r["attribute"])
     snippet = tools.search_tool(ctx.index, query, k=SEARCH_K)
@@ -483,7 +487,8 @@ def _gen_math(ctx, rng, split):
 
 
 # Short problems for the tokens-to-think experiment: one-digit numbers, one or two steps.
-# name -> (question, steps with annotations); a, b, c are drawn from 2..9.
+# name -> (question, steps with annotations, answer); a, b, c are drawn from 2..9. Every step is
+# one table fact (a one-digit product or sum) or a two-digit number plus or minus a digit.
 _SHORT_MATH = {
     "bags_give": ("{n} has {a} bags with {b} {things} in each bag. {P} gives away {c} {things}. "
                   "How many {things} does {n} have left?",
@@ -497,9 +502,9 @@ _SHORT_MATH = {
                       "How many {things} does {n} have?",
                       ("{a}+{b} = <<{a}+{b}={apb}>>{apb} {things}.", "{apb}+{c} = <<{apb}+{c}={r}>>{r} {things}."),
                       lambda a, b, c: a + b + c),
-    "rows": ("A box has {a} rows of {b} {things}. How many {things} are in {c} boxes?",
-             ("One box has {a}*{b} = <<{a}*{b}={ab}>>{ab} {things}.", "{c} boxes have {ab}*{c} = <<{ab}*{c}={r}>>{r} {things}."),
-             lambda a, b, c: a * b * c),
+    "pages": ("{n} reads {a} pages a day for {b} days. Then {p} reads {c} more pages. How many pages does {n} read in all?",
+              ("{a}*{b} = <<{a}*{b}={ab}>>{ab} pages.", "{ab}+{c} = <<{ab}+{c}={r}>>{r} pages in all."),
+              lambda a, b, c: a * b + c),
     "eat_then_buy": ("{n} has {a}{b} {things}. {P} eats {c} and then buys {c} more twice. How many {things} does {n} have?",
                      ("After eating, {a}{b}-{c} = <<{a}{b}-{c}={amc}>>{amc} {things}.",
                       "Then {amc}+{c}+{c} = <<{amc}+{c}+{c}={r}>>{r} {things}."),
@@ -525,13 +530,13 @@ def short_math_problems(seed: int, split: str = "train", n: int = 100) -> list[d
         q_t, steps_t, fn = _SHORT_MATH[name]
         while True:
             a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 9)
-            if unseen_template or heldout_numbers(a, b, c) == (split == "heldout"):
+            if fn(a, b, c) >= 0 and (unseen_template or heldout_numbers(a, b, c) == (split == "heldout")):
                 break
         who = rng.choice(synthetic._PEOPLE)
         pron = synthetic._PRONOUN[who]
         _, things = rng.choice(synthetic._ITEMS)
         r = fn(a, b, c)
-        values = dict(n=who, P=pron.capitalize(), o={"she": "her", "he": "him"}[pron], things=things, a=a, b=b, c=c,
+        values = dict(n=who, p=pron, P=pron.capitalize(), o={"she": "her", "he": "him"}[pron], things=things, a=a, b=b, c=c,
                       ab=a * b, apb=a + b, amc=10 * a + b - c, r=r)
         steps = "\n".join(s.format(**values) for s in steps_t)
         out.append(dict(question=q_t.format(**values), solution=f"{steps}\n#### {r}", answer=str(r),
@@ -571,14 +576,14 @@ def _draw_numbers(rng, split: str, draw: Callable[[], tuple]) -> tuple:
 
 
 def _gen_mult(ctx, rng, split, digits=None):
-    if digits is None:
-        da, db = rng.randint(1, 6), rng.randint(1, 6)
+    if digits is None:  # a third small (answered directly), the rest up to 6 x 6 digits (calculator)
+        da, db = rng.choice(((1, 1), (1, 1), (2, 1), (1, 2))) if rng.random() < 0.35 else (rng.randint(1, 6), rng.randint(1, 6))
     elif isinstance(digits, int):
         da = db = digits
     else:
         da, db = digits
     a, b = _draw_numbers(rng, split, lambda: (_operand(rng, da), _operand(rng, db)))
-    q, template = _pick(rng, _MULT_QUESTIONS, split)
+    q, template = _pick(ctx, rng, _MULT_QUESTIONS, split)
     line = f"{a} * {b} = {a * b}."
     direct = da + db <= DIRECT_MULT_DIGITS
     reply = line if direct else [_call("calculator", f"{a}*{b}"), _output(tools.calculator(f"{a}*{b}")), _text(line)]
@@ -588,12 +593,14 @@ def _gen_mult(ctx, rng, split, digits=None):
 
 
 def _gen_sum(ctx, rng, split, n_terms=None, digits=None):
-    long = n_terms is None and rng.random() < 0.7 or (n_terms or 2) > 2 or (digits or 1) > 2
-    k = n_terms or (rng.randint(3, 6) if long else 2)
-    d = digits or (rng.randint(2, 4) if long else rng.randint(1, 2))
+    if n_terms is None and digits is None:  # 30% two small numbers (direct), else a long sum (calculator)
+        small = rng.random() < 0.3
+        k, d = (2, rng.randint(1, 2)) if small else (rng.randint(3, 6), rng.randint(2, 4))
+    else:
+        k, d = n_terms or 2, digits or 2
     nums = _draw_numbers(rng, split, lambda: tuple(_operand(rng, d) for _ in range(k)))
     expr = " + ".join(map(str, nums))
-    q, template = _pick(rng, _SUM_QUESTIONS, split)
+    q, template = _pick(ctx, rng, _SUM_QUESTIONS, split)
     q = q.format(expr=expr, list=", ".join(map(str, nums[:-1])) + f" and {nums[-1]}")
     total = sum(nums)
     line = f"{expr} = {total}."
@@ -657,7 +664,7 @@ def _gen_letters(kind):
     def gen(ctx, rng, split, word=None):
         w = word or rng.choice(_words(split))
         code, value, sentence, answer, mode, extra = _letter_task(kind, rng, w)
-        q, template = _pick(rng, _LETTER_QUESTIONS[kind], split)
+        q, template = _pick(ctx, rng, _LETTER_QUESTIONS[kind], split)
         q = q.format(w=w, l=extra.get("letter", ""), nth=extra.get("nth", ""), n=extra.get("n", ""))
         reply = [_call("python", code), _output(python_output(value)), _text(sentence)]
         return Example(kind, (_user(q), _assistant(reply)), answer,
@@ -693,7 +700,7 @@ def _base_qa(ctx, rng, split) -> Example:
 def _gen_system_instruction(ctx, rng, split):
     base = _base_qa(ctx, rng, split)
     rule = rng.choice(tuple(_INSTRUCTIONS))
-    tmpl, template = _pick(rng, _INSTRUCTIONS[rule], split)
+    tmpl, template = _pick(ctx, rng, _INSTRUCTIONS[rule], split)
     word = rng.choice(_MARKER_WORDS[split])
     reply = base.reply_text
     meta = dict(base.meta, base_kind=base.kind, instruction=rule, template=f"{rule}/{template}", judge=base.meta["judge"])
@@ -758,7 +765,7 @@ def _gen_memory(ctx, rng, split):
         msgs = (*opening_messages(system, "", memories), *base.prompt, base.reply)
         return Example("memory", msgs, base.answer, dict(base.meta, base_kind=base.kind, uses_memory=False, memories=memories))
     f = rng.choice(fields)
-    q, template = _pick(rng, _MEMORY_FIELDS[f][3], split)
+    q, template = _pick(ctx, rng, _MEMORY_FIELDS[f][3], split)
     msgs = (*opening_messages(system, "", memories), _user(q), _assistant(_MEMORY_FIELDS[f][4].format(v=values[f])))
     return Example("memory", msgs, values[f], dict(field=f, memories=memories, uses_memory=True,
                                                    template=f"{f}/{template}", split=split, judge="contains"))
@@ -782,7 +789,7 @@ def _gen_preset(ctx, rng, split):
     rule = rng.choice(tuple(_PRESETS))
     name, instructions, fn = _PRESETS[rule]
     marker = rng.choice(_MARKER_WORDS[split])
-    inst, template = _pick(rng, instructions, split)
+    inst, template = _pick(ctx, rng, instructions, split)
     inst = inst.format(m=marker)
     words = rng.sample(_words(split), rng.randint(2, 4) + 1)
     shots = [(w, fn(w, marker)) for w in words[:-1]]
@@ -854,19 +861,23 @@ def sft_mixture(world: synthetic.World, n: int, seed: int, *, split: str = "trai
 
 
 def eval_set(world: synthetic.World, kind: str, n: int, seed: int, *, split: str = "heldout",
-             **options) -> list[Example]:
+             templates: str | None = None, **options) -> list[Example]:
     """Up to n distinct examples of one kind (fewer when the split holds fewer distinct prompts).
 
     Args:
       kind: one of KINDS.
       split: 'heldout' (default: entities, templates, numbers and words never in train data) or 'train'.
+      templates: None (the split's own phrasings) or 'train' (train phrasings around held-out
+        entities / numbers / words: measures generalisation to new material alone).
       options: per kind: fact / fact_followup / search: tier='famous'|...; mult: digits=d (d x d
         digits) or (da, db); sum: n_terms=, digits=; letter kinds: word=.
     """
     _check_split(split)
     if kind not in _GENERATORS:
         raise ValueError(f"unknown kind {kind!r}; known: {KINDS}")
-    ctx = _context(world)
+    if templates not in (None, *SPLITS):
+        raise ValueError(f"templates must be None or one of {SPLITS}, got {templates!r}")
+    ctx = dataclasses.replace(_context(world), template_split=templates)
     out, seen = [], set()
     for i in range(20 * n + 100):
         if len(out) == n:
@@ -917,7 +928,7 @@ def judge(example: Example, reply: str) -> bool:
     come before the model's own answer) right for `example`? Pure python.
 
     Modes (example.meta['judge']):
-      contains     the answer appears in the reply (case-insensitive, commas ignored)
+      contains     the answer appears in the reply as whole words (case-insensitive, commas ignored)
       number       the last number in the reply equals the answer
       answer_line  the last 'Answer: N' line holds the answer (strict: no line, no credit)
       quoted       the last "quoted" string equals the answer, or the whole reply does
@@ -929,8 +940,8 @@ def judge(example: Example, reply: str) -> bool:
     text = reply.strip()
     mode = meta.get("judge", "contains")
     answer = example.answer
-    if mode == "contains":
-        ok = bool(answer) and _norm(answer) in _norm(text)
+    if mode == "contains":  # as a whole word or number: '1850' is not found in '18501'
+        ok = bool(answer) and re.search(r"(?<!\w)" + re.escape(_norm(answer)) + r"(?!\w)", _norm(text)) is not None
     elif mode == "number":
         nums = numbers_in(text)
         ok = bool(nums) and _same_number(nums[-1], answer)
@@ -963,29 +974,49 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
                    "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system"}
 
 
-def _records(path) -> list[tuple[pathlib.Path, int, Any]]:
-    """(file, line or item number, object) for every record of .jsonl / .json files under path.
-    A .json file holds one list of records (numbered from 1); a .jsonl file one per line."""
-    out = []
-    for f in readers._expand(path, (".jsonl", ".json"), "conversation reader"):
-        text = f.read_text(encoding="utf-8")
+def _records(path, columns: Sequence[str]):
+    """Yields (location, record) for every record under path, lazily (a `limit` stops reading):
+    .jsonl one JSON object per line ('file:line'), .json one list of objects ('file[i]'), and
+    .parquet rows ('file: row i'; only `columns` and any 'system' column are read: SmolTalk,
+    UltraChat and GSM8K ship as parquet on the Hugging Face hub)."""
+    for f in readers._expand(path, (".jsonl", ".json", ".parquet"), "conversation reader"):
+        if f.suffix == ".parquet":
+            yield from _parquet_records(f, columns)
+            continue
         if f.suffix == ".json":
             try:
-                data = json.loads(text)
+                data = json.loads(f.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{f}: not valid JSON ({e.msg} at line {e.lineno})") from None
+                raise ValueError(f"{f}:{e.lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(data, list):
                 raise ValueError(f"{f}: a .json conversation file must hold a list of records")
-            out += [(f, i, obj) for i, obj in enumerate(data, 1)]
+            yield from ((f"{f}[{i}]", obj) for i, obj in enumerate(data))
             continue
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                out.append((f, lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{f}:{lineno}: not valid JSON ({e.msg})") from None
-    return out
+        with open(f, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{f}:{lineno}: not valid JSON ({e.msg})") from None
+                yield f"{f}:{lineno}", obj
+
+
+def _parquet_records(f: pathlib.Path, columns: Sequence[str]):
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(f)
+    names = pf.schema_arrow.names
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise ValueError(f"{f}: no column {missing[0]!r} (columns: {names})")
+    columns = list(columns) + (["system"] if "system" in names and "system" not in columns else [])
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=columns):
+        for obj in batch.to_pylist():
+            yield f"{f}: row {row}", obj
+            row += 1
 
 
 def _conversation(where: str, messages: list[dict], source: str) -> Example:
@@ -1008,8 +1039,7 @@ def read_chat_jsonl(path, *, field: str = "messages", limit: int | None = None) 
       without role/content, an unknown role, a conversation with no assistant message.
     """
     out = []
-    for f, lineno, obj in _records(path):
-        where = f"{f}:{lineno}"
+    for where, obj in _records(path, (field,)):
         msgs = obj.get(field) if isinstance(obj, dict) else None
         if not isinstance(msgs, list) or not msgs:
             raise ValueError(f"{where}: expected an object with a non-empty list {field!r}")
@@ -1018,7 +1048,7 @@ def read_chat_jsonl(path, *, field: str = "messages", limit: int | None = None) 
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"{where}: message {i} needs 'role' and 'content'")
             conv.append({"role": m["role"], "content": m["content"]})
-        out.append(_conversation(where, conv, str(f)))
+        out.append(_conversation(where, conv, where))
         if limit is not None and len(out) >= limit:
             break
     return out
@@ -1034,8 +1064,7 @@ def read_sharegpt(path, *, field: str = "conversations", limit: int | None = Non
       unknown 'from' value.
     """
     out = []
-    for f, lineno, obj in _records(path):
-        where = f"{f}:{lineno}"
+    for where, obj in _records(path, (field,)):
         turns = obj.get(field) if isinstance(obj, dict) else None
         if not isinstance(turns, list) or not turns:
             raise ValueError(f"{where}: expected an object with a non-empty list {field!r}")
@@ -1051,7 +1080,7 @@ def read_sharegpt(path, *, field: str = "conversations", limit: int | None = Non
             if not isinstance(t["value"], str):
                 raise ValueError(f"{where}: turn {i} 'value' must be a string")
             conv.append({"role": role, "content": t["value"]})
-        out.append(_conversation(where, conv, str(f)))
+        out.append(_conversation(where, conv, where))
         if limit is not None and len(out) >= limit:
             break
     return out
@@ -1067,8 +1096,7 @@ def read_gsm8k_conversations(path, *, order: str = "reasoning_first", tools_on: 
       ValueError naming file and line: bad JSON, missing fields, no '#### N' line.
     """
     out = []
-    for f, lineno, obj in _records(path):
-        where = f"{f}:{lineno}"
+    for where, obj in _records(path, ("question", "answer")):
         if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not isinstance(obj.get("answer"), str):
             raise ValueError(f"{where}: a GSM8K record needs string fields 'question' and 'answer'")
         if "####" not in obj["answer"]:

@@ -167,6 +167,17 @@ def test_heldout_numbers_and_words_never_appear_in_train(mixture, heldout_sets, 
     assert len(C.HELDOUT_WORDS) > 20 and len(C.TRAIN_WORDS) > 100
 
 
+def test_eval_sets_with_train_phrasings_keep_heldout_material(world):
+    probe = C.eval_set(world, "fact", 40, seed=0, templates="train")
+    assert all(e.meta["template"].startswith("train:") for e in probe)
+    held = C.heldout_entities(world)
+    assert all(world.entity(e.meta["entity"]).id in held for e in probe)
+    mult = C.eval_set(world, "mult", 20, seed=0, templates="train", digits=3)
+    assert all(C.heldout_numbers(*e.meta["numbers"]) and e.meta["template"].startswith("train:") for e in mult)
+    with pytest.raises(ValueError, match="templates"):
+        C.eval_set(world, "fact", 1, seed=0, templates="test")
+
+
 def test_eval_sets_are_distinct_and_selectable(world):
     for tier in synthetic.TIERS:
         probe = C.eval_set(world, "fact", 30, seed=0, tier=tier)
@@ -293,6 +304,7 @@ def _ex(answer, judge="contains", **meta):
 @pytest.mark.parametrize("example, reply, ok", [
     (_ex("1850"), "Brana Tolk was born in 1850.", True),
     (_ex("1850"), "Brana Tolk was born in 1851.", False),
+    (_ex("1850"), "Brana Tolk was born in 18501.", False),
     (_ex("8,014,000"), "It has a population of 8014000.", True),
     (_ex("Vestra Bank"), "She worked for vestra bank.", True),
     (_ex("Vestra Bank"), "She worked for Vestra Press.", False),
@@ -406,6 +418,21 @@ def test_chat_readers(tmp_path):
     for name in ("sg.jsonl", "sg.json"):
         assert [list(e.messages) for e in C.read_sharegpt(tmp_path / name)] == expected
     assert len(C.read_sharegpt(tmp_path / "sg.json", limit=1)) == 1
+
+
+def test_parquet_conversations(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    msgs = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(5)]
+    pq.write_table(pa.table({"messages": msgs, "source": ["x"] * 5}), tmp_path / "smol.parquet", row_group_size=2)
+    out = C.read_chat_jsonl(tmp_path, limit=4)
+    assert [list(e.messages) for e in out] == msgs[:4]
+    pq.write_table(pa.table({"messages": [[{"role": "user", "content": "q"}]]}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'bad.parquet'}: row 0: the conversation has no assistant")):
+        C.read_chat_jsonl(tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="no column 'conversations'"):
+        C.read_sharegpt(tmp_path / "smol.parquet")
 
 
 @pytest.mark.parametrize("reader, line2, match", [
