@@ -631,7 +631,8 @@ class JinjaTemplate(ChatTemplate):
             if any(p["type"] != "text" for p in parts):
                 raise ValueError(f"message {i}: the chat template {self.name!r} has no tool-call tokens; "
                                  f"tool_call/tool_output parts need zipchat's template")
-            out.append({**m, "content": "".join(p["text"] for p in parts)})
+            # Keys set to None are dropped, as transformers does (templates test presence).
+            out.append({**{k: v for k, v in m.items() if v is not None}, "content": "".join(p["text"] for p in parts)})
         return out
 
     def _render_text(self, messages: list[Message], add_generation_prompt: bool, spans: list | None = None) -> str:
@@ -674,11 +675,12 @@ class JinjaTemplate(ChatTemplate):
 
         return [mark(m) for m in messages]
 
-    def _encode(self, text: str) -> tuple[list[int], list[int]]:
-        """Ids of rendered (marked) text and each token's start as a byte offset in the text."""
+    def _encode(self, text: str) -> tuple[list[int], list[int], list[int]]:
+        """Ids of rendered (marked) text and each token's [start, end) as byte offsets in the text."""
         tok = self.tokenizer
         ids: list[int] = []
         starts: list[int] = []
+        ends: list[int] = []
 
         def emit(piece_ids, at_char):
             at = len(text[:at_char].encode("utf-8"))
@@ -686,6 +688,7 @@ class JinjaTemplate(ChatTemplate):
                 ids.append(i)
                 starts.append(at)
                 at += len(tok.id_to_bytes(i))
+                ends.append(at)
 
         pos = 0
         marked = re.compile(f"{_MARK_START}(.*?){_MARK_END}|[{_MARK_START}{_MARK_END}]", re.S)
@@ -695,7 +698,7 @@ class JinjaTemplate(ChatTemplate):
                 emit(tok.encode(m.group(1)), m.start(1))
             pos = m.end()
         emit(tok.encode_with_special_tokens(text[pos:]), pos)
-        return ids, starts
+        return ids, starts, ends
 
     def _assistant_spans(self, messages: list[Message], text: str) -> list[tuple[int, int]]:
         """Character spans of the assistant messages by the prefix method (see above)."""
@@ -712,6 +715,11 @@ class JinjaTemplate(ChatTemplate):
             spans.append((len(before), len(through)))
         return spans
 
+    def render_text(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> str:
+        """The rendered conversation as text (what `apply_chat_template(tokenize=False)` gives)."""
+        text = self._render_text(self._messages(messages), add_generation_prompt)
+        return text
+
     def render(self, messages, *, add_generation_prompt=False):
         messages = self._marked(self._messages(messages))
         generation_blocks = bool(_GENERATION_TAG.search(self.source))
@@ -719,8 +727,7 @@ class JinjaTemplate(ChatTemplate):
         text = self._render_text(messages, add_generation_prompt, spans if generation_blocks else None)
         if not generation_blocks:
             spans = self._assistant_spans(messages, text)
-        ids, starts = self._encode(text)
-        ends = starts[1:] + [len(text.encode("utf-8"))]
+        ids, starts, ends = self._encode(text)
         to_byte = lambda c: len(text[:c].encode("utf-8"))  # noqa: E731
         mask = [0] * len(ids)
         for s, e in spans:
