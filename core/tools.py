@@ -11,30 +11,50 @@ becomes a line of text starting with "error:" that the model can read and react 
 - search: BM25 over passages of a document collection handed in by the caller (core never
   imports data/; experiments pass the synthetic encyclopedia).
 
-Python sandbox layers (defence in depth; each one alone contains the attacks in the tests):
-1. Operating system (when the kernel allows it): new network, mount, IPC and UTS namespaces, so
-   there is no network at all; a size-capped tmpfs as working directory; fresh empty tmpfs over
-   /tmp, /var/tmp and /dev/shm; when running as root, the child switches to a random unused uid
-   (files of other users become read-only or invisible, signals to other processes fail, and
-   RLIMIT_NPROC=1 forbids any new process or thread; root is exempt from NPROC, which is why
-   the uid changes). Not root: an unprivileged user namespace gives the same namespaces and the
-   process keeps its own uid (NPROC=1 then applies to it directly).
-2. Resource limits, always: CPU seconds, address space, file size, open files, no core dumps,
-   and a wall-clock deadline enforced by the parent, which kills the whole process group.
-   Output is read through a bounded reader; the process is killed once it writes too much.
-3. An audit hook in the child (`sys.addaudithook`), always unless disabled: refuses process
-   creation (fork, exec, spawn, subprocess, system), sockets, ctypes and a few native modules,
-   writes, deletes, renames or permission changes outside the working directory, and the
-   introspection (`gc.get_objects`, ...) that could reach the hook's own state. Audit hooks are
-   not a security boundary on their own (CPython says so); they are the second layer here.
-The child runs `python -I -S -B` (isolated mode: no environment variables, no user site, no
-site-packages, no bytecode writing) with an empty environment except PATH, HOME, TMPDIR, LANG:
-the standard library is available, third-party packages are not.
+Python sandbox layers (defence in depth; the tests run every attack under each layer alone):
+1. Operating system: bubblewrap (`bwrap`, Debian package `bubblewrap`), run unprivileged. New
+   user, PID, network, mount, IPC, UTS and cgroup namespaces; nested user namespaces disabled;
+   the child sees a root of its own holding only the interpreter, its standard library and the
+   C libraries, read-only (site-packages hidden), a /proc of its own processes, a minimal /dev,
+   and a size-capped tmpfs scratch directory as its only writable place: nothing it writes
+   outlives the run, and when the run ends the PID namespace takes every process with it.
+2. A system-call filter (seccomp-BPF, written out in `seccomp_program`, no libseccomp): no new
+   processes (threads allowed), sockets, namespaces, mounts, FIFOs or device nodes, ptrace or
+   reading other processes' memory, kernel modules, bpf, io_uring, keyrings; signals only to
+   itself.
+3. An audit hook in the child (`sys.addaudithook`): refuses process creation, sockets, ctypes,
+   imports whose any dotted component is denied, fresh copies of builtin modules and native
+   extensions from outside the standard library, writes outside the scratch directory, reads
+   and listings outside it and the standard library, sqlite `file:` URIs, and the introspection
+   that could reach the hook's own state. Audit hooks are not a security boundary on their own
+   (CPython says so); here they are the third layer and a source of clear error messages.
+Always: resource limits (CPU seconds, address space, file size, open files, no core dumps,
+RLIMIT_NPROC=1 so no new process or thread), a wall-clock deadline, a bounded output reader, an
+environment of PATH, HOME, TMPDIR, LANG only, `python -I -S -B`, and never root: a root caller
+runs the code (bubblewrap included) under a fresh, otherwise unused uid, and kills every
+process of that uid and removes its files from the shared world-writable directories when the
+run ends. Without the operating-system layer (`isolate=False`, or no bubblewrap) the sandbox
+refuses to run unless `SandboxConfig(allow_unisolated=True)` asks for it explicitly.
+
+Why bubblewrap rather than extending the hand-written namespace code this module had: the
+properties wanted (a root of its own with a read-only runtime, a PID namespace whose end kills
+every process, no path to the host's files, working without root) are exactly what bubblewrap
+does, in C, maintained and audited for Flatpak, in Debian's main archive, and without setuid
+when unprivileged user namespaces exist. Rewriting mount/pivot_root setup here would duplicate
+it with less review. nsjail does more (cgroups, its own seccomp language) but is not packaged by
+Debian 12, so a fresh machine could not install it with apt. The seccomp filter stays ours:
+bubblewrap only loads a compiled filter, and the filter must also guard the unisolated mode.
+A root caller's interpreter under a private directory (pyenv under /root, mode 700) cannot be
+reached by the throwaway uid: it is hard-linked (or copied) once, without site-packages, into
+RUNTIME_CACHE (/var/cache/zipchat-sandbox, root-owned) and bound from there.
+The child runs `python -I -S -B`: the standard library is available, third-party packages are not.
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
+import hashlib
 import json
 import math
 import operator
@@ -44,6 +64,7 @@ import secrets
 import selectors
 import shutil
 import signal
+import stat as stat_mod
 import subprocess
 import sys
 import tempfile
@@ -219,18 +240,25 @@ class SandboxConfig:
     """Limits and layers of the python sandbox.
 
     Attributes:
-      wall_time_s: wall-clock limit; the process group is killed when it passes.
+      wall_time_s: wall-clock limit; every process of the run is killed when it passes.
       cpu_time_s: RLIMIT_CPU in seconds (SIGXCPU at the limit, SIGKILL one second later).
       memory_bytes: RLIMIT_AS, the address-space cap (MemoryError inside python).
-      max_output_bytes: stdout+stderr kept; past it the process is killed and output truncated.
+      max_output_bytes: stdout+stderr kept; past it the run is killed and output truncated.
       max_file_bytes: RLIMIT_FSIZE, the largest file the code may write.
-      disk_bytes: size of the tmpfs working directory (when a mount namespace is available).
+      disk_bytes: size of the tmpfs scratch directory (operating-system layer).
       max_open_files: RLIMIT_NOFILE.
       max_code_bytes: longest program accepted.
-      isolate: use the operating-system layer (namespaces, tmpfs, uid switch) where possible.
-      audit_hook: install the in-process audit hook layer.
-      require_isolation: refuse to run (error text) if the operating-system layer is unavailable.
+      isolate: the operating-system layer (bubblewrap: user, PID, network, mount, IPC, UTS
+        namespaces; a read-only runtime; a size-capped tmpfs scratch directory).
+      seccomp: the system-call filter layer.
+      audit_hook: the in-process audit hook layer.
+      allow_unisolated: run model code even without the operating-system layer (`isolate=False`
+        or bubblewrap missing). Off by default: without it the sandbox refuses to run. The code
+        still never runs as root (a throwaway uid when the caller is root).
+      max_processes: RLIMIT_NPROC for the run's uid; 1 forbids any new process or thread (the
+        default). Tests raise it to show that each layer alone still kills what was started.
       python: interpreter for the child; default the current one.
+      bwrap: the bubblewrap executable (a name looked up on PATH, or a path).
     """
 
     wall_time_s: float = 10.0
@@ -242,13 +270,16 @@ class SandboxConfig:
     max_open_files: int = 64
     max_code_bytes: int = 100_000
     isolate: bool = True
+    seccomp: bool = True
     audit_hook: bool = True
-    require_isolation: bool = False
+    allow_unisolated: bool = False
+    max_processes: int = 1
     python: str = sys.executable
+    bwrap: str = "bwrap"
 
     def __post_init__(self):
         for name in ("wall_time_s", "cpu_time_s", "memory_bytes", "max_output_bytes",
-                     "max_file_bytes", "disk_bytes", "max_open_files", "max_code_bytes"):
+                     "max_file_bytes", "disk_bytes", "max_open_files", "max_code_bytes", "max_processes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SandboxConfig.{name} must be positive, got {getattr(self, name)}")
 
@@ -261,8 +292,8 @@ class PythonResult:
       output: stdout and stderr interleaved as written (tracebacks included), decoded as UTF-8.
       returncode: exit status (negative: killed by that signal); None when never started.
       timed_out: the wall-clock deadline passed.
-      truncated: output exceeded `max_output_bytes` and the process was killed.
-      layers: the isolation layers that were active, e.g. ("netns", "mountns", "uid", ...).
+      truncated: output exceeded `max_output_bytes` and the run was killed.
+      layers: the layers that were active, e.g. ("bwrap", "uid", "rlimits", "seccomp", "audit_hook").
       error: a sandbox-level error line ("error: ..."), empty when the code ran to completion
         (a python exception in the code is part of `output`, not an error here).
     """
@@ -285,145 +316,320 @@ class PythonResult:
 
 
 _LAYERS_MARKER = b"\x1ezipchat-sandbox-layers "
-_SETUP_FAILED_EXIT = 97
+_SCRATCH = "/scratch"  # the scratch directory's path inside the operating-system layer
+# Where a root caller keeps a copy of an interpreter that its throwaway uid cannot reach (pyenv
+# under /root, mode 700): root-owned, world-readable, rebuilt when the interpreter changes.
+RUNTIME_CACHE = "/var/cache/zipchat-sandbox"
+_RUNTIME_SKIP = ("site-packages", "dist-packages", "test", "tests", "idlelib", "tkinter",
+                 "turtledemo", "ensurepip", "lib2to3")
 
-# Stage 1 runs first in the child, with the parent's privileges: namespaces, tmpfs mounts, uid
-# switch, resource limits; then it execs stage 2 in a fresh interpreter, so nothing it loaded
-# (ctypes) or knew stays reachable from the user's code.
+# ---- the system-call filter ------------------------------------------------------------------
+# A classic-BPF seccomp program, written out here (no libseccomp): the process may not create
+# processes (threads are allowed), sockets, namespaces, mounts, FIFOs or device nodes, trace or
+# read other processes, load kernel code, or signal anything but itself. Everything else is
+# allowed; exec is allowed because it keeps every layer (the filter, rlimits, uid, namespaces).
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+_SYSCALLS = {  # name -> number, per architecture (asm/unistd_64.h; asm-generic/unistd.h)
+    "x86_64": dict(
+        fork=57, vfork=58, clone=56, clone3=435, execveat=322, socket=41, unshare=272, setns=308,
+        mount=165, umount2=166, pivot_root=155, chroot=161, ptrace=101, process_vm_readv=310,
+        process_vm_writev=311, kexec_load=246, kexec_file_load=320, init_module=175,
+        finit_module=313, delete_module=176, bpf=321, perf_event_open=298, keyctl=250,
+        add_key=248, request_key=249, userfaultfd=323, io_uring_setup=425, io_uring_enter=426,
+        io_uring_register=427, open_by_handle_at=304, name_to_handle_at=303, reboot=169,
+        swapon=167, swapoff=168, syslog=103, acct=163, settimeofday=164, clock_settime=227,
+        adjtimex=159, quotactl=179, iopl=172, ioperm=173, mknod=133, mknodat=259, kill=62,
+        tkill=200, tgkill=234, memfd_create=319, personality=135, open_tree=428, move_mount=429,
+        fsopen=430, fsconfig=431, fsmount=432, fspick=433, pidfd_open=434,
+        pidfd_send_signal=424, pidfd_getfd=438, mount_setattr=442),
+    "aarch64": dict(
+        clone=220, clone3=435, execveat=281, socket=198, unshare=97, setns=268, mount=40,
+        umount2=39, pivot_root=41, chroot=51, ptrace=117, process_vm_readv=270,
+        process_vm_writev=271, kexec_load=104, kexec_file_load=294, init_module=105,
+        finit_module=273, delete_module=106, bpf=280, perf_event_open=241, keyctl=219,
+        add_key=217, request_key=218, userfaultfd=282, io_uring_setup=425, io_uring_enter=426,
+        io_uring_register=427, open_by_handle_at=265, name_to_handle_at=264, reboot=142,
+        swapon=224, swapoff=225, syslog=116, acct=89, settimeofday=170, clock_settime=112,
+        adjtimex=171, quotactl=60, mknodat=33, kill=129, tkill=130, tgkill=131,
+        memfd_create=279, personality=92, open_tree=428, move_mount=429, fsopen=430,
+        fsconfig=431, fsmount=432, fspick=433, pidfd_open=434, pidfd_send_signal=424,
+        pidfd_getfd=438, mount_setattr=442),
+}
+_OWN_PID = -1  # placeholder for the sandboxed process's pid, filled in by the child itself
+_CLONE_THREAD = 0x00010000
+_CLONE_NEW_NAMESPACES = 0x7E020000  # NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+_EPERM, _ENOSYS = 1, 38
+
+
+def seccomp_program(machine: str | None = None) -> list[tuple[int, int, int, int]]:
+    """The sandbox's seccomp filter as classic-BPF instructions (code, jt, jf, k).
+
+    `k == _OWN_PID` marks the comparisons with the sandboxed process's own pid (kill, tgkill),
+    which only the child knows; it substitutes them before loading the program.
+
+    Args:
+      machine: `os.uname().machine` of the target (default this machine's).
+    Returns:
+      The instructions.
+    Raises:
+      ValueError: no syscall table for this architecture.
+    """
+    machine = machine or os.uname().machine
+    if machine not in _SYSCALLS:
+        raise ValueError(f"no seccomp syscall table for architecture {machine!r} "
+                         f"(known: {', '.join(_SYSCALLS)}); set SandboxConfig(seccomp=False)")
+    nr = _SYSCALLS[machine]
+    ld_w, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, kill_process = 0x7FFF0000, 0x80000000
+    errno_ret = lambda e: 0x00050000 | e
+    prog: list[tuple[int, int, int, int]] = [
+        (ld_w, 0, 0, 4), (jeq, 1, 0, _AUDIT_ARCH[machine]), (ret, 0, 0, kill_process),
+        (ld_w, 0, 0, 0),
+    ]
+    if machine == "x86_64":  # x32 syscalls (bit 30) would bypass the numbers below
+        prog += [(jge, 0, 1, 0x40000000), (ret, 0, 0, kill_process)]
+    # clone: threads only. A = flags (low word of args[0], little-endian).
+    prog += [(jeq, 0, 5, nr["clone"]), (ld_w, 0, 0, 16),
+             (jset, 2, 0, _CLONE_NEW_NAMESPACES), (jset, 0, 1, _CLONE_THREAD),
+             (ret, 0, 0, allow), (ret, 0, 0, errno_ret(_EPERM))]
+    # clone3 gets ENOSYS so that the C library falls back to clone (and its flag check above).
+    prog += [(jeq, 0, 1, nr["clone3"]), (ret, 0, 0, errno_ret(_ENOSYS))]
+    # kill and tgkill: only the process itself (args[0] is the target pid / thread group).
+    for name in ("kill", "tgkill"):
+        prog += [(jeq, 0, 4, nr[name]), (ld_w, 0, 0, 16), (jeq, 0, 1, _OWN_PID),
+                 (ret, 0, 0, allow), (ret, 0, 0, errno_ret(_EPERM)), (ld_w, 0, 0, 0)]
+    denied = [n for name, n in nr.items() if name not in ("clone", "clone3", "kill", "tgkill")]
+    for i, number in enumerate(denied):
+        # jump to the shared EPERM return after the last comparison; fall through otherwise
+        prog.append((jeq, len(denied) - i, 0, number))
+    prog += [(ret, 0, 0, allow), (ret, 0, 0, errno_ret(_EPERM))]
+    assert all(jt < 256 and jf < 256 for _, jt, jf, _ in prog)
+    return prog
+
+
+# ---- the runtime the child sees --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Runtime:
+    """Where an interpreter lives and what of it the sandbox exposes.
+
+    Attributes:
+      exe: the interpreter's path as the child runs it (inside the sandbox: the host path).
+      binds: (host source, sandbox destination) read-only binds for the operating-system layer.
+      hide: directories to cover with an empty tmpfs inside the sandbox (site-packages).
+      unisolated_exe: interpreter path to run without the operating-system layer.
+      unisolated_env: extra environment for that (LD_LIBRARY_PATH of a copied runtime).
+    """
+
+    exe: str
+    binds: tuple[tuple[str, str], ...]
+    hide: tuple[str, ...]
+    unisolated_exe: str
+    unisolated_env: tuple[tuple[str, str], ...]
+
+
+_INFO_CODE = r'''
+import json, os, site, sys, sysconfig
+libdir = sysconfig.get_config_var("LIBDIR") or ""
+soname = sysconfig.get_config_var("INSTSONAME") or ""
+print(json.dumps({
+    "exe": os.path.realpath(sys.executable), "prefix": os.path.realpath(sys.base_prefix),
+    "stdlib": os.path.realpath(sysconfig.get_paths()["stdlib"]),
+    "platstdlib": os.path.realpath(sysconfig.get_paths()["platstdlib"]),
+    "libpython": os.path.realpath(os.path.join(libdir, soname)) if libdir and soname and
+        os.path.exists(os.path.join(libdir, soname)) else "",
+    "site": [os.path.realpath(p) for p in site.getsitepackages() + [site.getusersitepackages()]],
+}))
+'''
+
+
+@functools.lru_cache(maxsize=8)
+def _interpreter_info(python: str) -> dict:
+    """Paths of an interpreter (executable, prefix, stdlib, libpython, site dirs), asked once."""
+    out = subprocess.run([python, "-I", "-c", _INFO_CODE], capture_output=True, text=True,
+                         timeout=60, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    if out.returncode != 0:
+        raise RuntimeError(f"cannot query interpreter {python}: {out.stderr.strip()[-300:]}")
+    return json.loads(out.stdout)
+
+
+def _traversable_by_others(path: str) -> bool:
+    """Whether a user other than the owner can reach `path` (every ancestor o+x, the file o+r)."""
+    parts = os.path.realpath(path).strip("/").split("/")
+    for i in range(1, len(parts)):
+        if not os.stat("/" + "/".join(parts[:i])).st_mode & 0o001:
+            return False
+    return bool(os.stat(path).st_mode & 0o004)
+
+
+def _system_lib_dirs() -> list[str]:
+    """The C library's directories (merged-/usr aware): what the dynamic loader needs."""
+    return [d for d in ("/usr/lib", "/usr/lib64", "/usr/lib32", "/lib", "/lib64", "/lib32")
+            if os.path.lexists(d)]
+
+
+def _copy_runtime(info: dict) -> str:
+    """A root-owned, world-readable copy of the interpreter, its libpython and its standard
+    library (no site-packages, no tests), hard-linked where possible; built once per interpreter.
+
+    Needed when the caller is root and the interpreter sits under a private directory: the
+    throwaway uid that runs the code could not reach it, and the operating-system layer binds
+    only what that uid can reach. Returns the copy's prefix (same layout as the original).
+    """
+    prefix = info["prefix"]
+    st = os.stat(info["exe"])
+    key = hashlib.sha256(json.dumps([info, st.st_mtime_ns, st.st_size]).encode()).hexdigest()[:16]
+    os.makedirs(RUNTIME_CACHE, mode=0o755, exist_ok=True)
+    cache = os.lstat(RUNTIME_CACHE)
+    if cache.st_uid != 0 or cache.st_mode & 0o022 or not stat_mod.S_ISDIR(cache.st_mode):
+        raise RuntimeError(f"{RUNTIME_CACHE} must be a root-owned directory writable only by root")
+    os.chmod(RUNTIME_CACHE, 0o755)
+    target = os.path.join(RUNTIME_CACHE, key)
+    if os.path.isdir(target):
+        return target
+    tmp = tempfile.mkdtemp(prefix=".build-", dir=RUNTIME_CACHE)
+
+    def place(src: str) -> None:
+        dst = os.path.join(tmp, os.path.relpath(src, prefix))
+        if os.path.isdir(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy,
+                            ignore=shutil.ignore_patterns(*_RUNTIME_SKIP), dirs_exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            _link_or_copy(src, dst)
+
+    try:
+        for src in {info["exe"], info["stdlib"], info["platstdlib"], info["libpython"]} - {""}:
+            if not (src + "/").startswith(prefix + "/"):
+                raise RuntimeError(f"{src} lies outside the interpreter prefix {prefix}")
+            place(src)
+        for root, dirs, files in os.walk(tmp):
+            os.chmod(root, 0o755)
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process built it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    os.chmod(dst, 0o755 if os.access(src, os.X_OK) else 0o644)
+
+
+@functools.lru_cache(maxsize=8)
+def _runtime(python: str, as_root: bool) -> _Runtime:
+    """What the sandbox binds (operating-system layer) and runs for interpreter `python`."""
+    info = _interpreter_info(python)
+    prefix = info["prefix"]
+    sources = [p for p in (info["exe"], info["stdlib"], info["platstdlib"], info["libpython"]) if p]
+    copy = as_root and not all(_traversable_by_others(p) for p in sources)
+    base = _copy_runtime(info) if copy else prefix
+    moved = lambda p: os.path.join(base, os.path.relpath(p, prefix)) if copy else p
+    binds: list[tuple[str, str]] = []
+    for path in sorted(set(sources)):
+        if any((path + "/").startswith(d + "/") for d in _system_lib_dirs()):
+            continue  # bound with the system libraries below
+        if not any((path + "/").startswith(dst + "/") for _, dst in binds):
+            binds.append((moved(path), path))
+    for d in _system_lib_dirs():
+        if not os.path.islink(d):
+            binds.append((d, d))
+    bound = [dst for _, dst in binds]
+    hide = tuple(sorted({s for s in info["site"] if os.path.isdir(s) and not copy
+                         and any((s + "/").startswith(b + "/") for b in bound)}))
+    env = (("LD_LIBRARY_PATH", os.path.dirname(moved(info["libpython"]))),) if copy and info["libpython"] else ()
+    return _Runtime(info["exe"], tuple(binds), hide, moved(info["exe"]), env)
+
+
+def _bwrap_args(bwrap: str, runtime: _Runtime, config: SandboxConfig) -> list[str]:
+    """The bubblewrap command line up to the interpreter: every namespace (user, PID, network,
+    mount, IPC, UTS, cgroup), the runtime read-only, site-packages hidden, /proc of the run's own
+    processes, a minimal /dev, a size-capped tmpfs scratch directory, the rest of / read-only."""
+    args = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+            "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox", "--clearenv",
+            "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8"]
+    for src, dst in runtime.binds:
+        args += ["--ro-bind", src, dst]
+    for d in _system_lib_dirs():
+        if os.path.islink(d):
+            args += ["--symlink", os.readlink(d), d]
+    for d in runtime.hide:  # empty and read-only
+        args += ["--size", "4096", "--tmpfs", d, "--remount-ro", d]
+    args += ["--proc", "/proc", "--dev", "/dev",
+             "--perms", "0700", "--size", str(config.disk_bytes), "--tmpfs", _SCRATCH,
+             "--chdir", _SCRATCH, "--remount-ro", "/dev", "--remount-ro", "/"]
+    return args
+
+
+# Stage 1 runs first in the child, never as root (the parent starts it under a throwaway uid
+# when it is root itself): resource limits, death with the parent, the seccomp filter; then it
+# execs stage 2 in a fresh interpreter, so nothing it loaded (ctypes) stays reachable.
 _STAGE1 = r'''
 import json, os, sys, resource
 cfg = json.loads(sys.argv[1])
-layers = []
+layers = cfg["layers"]
 code = sys.stdin.buffer.read(cfg["max_code_bytes"] + 1)
-base = os.getcwd()
-root = os.geteuid() == 0
-run_uid, run_gid = (cfg["uid"], cfg["uid"]) if root else (os.getuid(), os.getgid())
 
 def fail(msg):
     sys.stderr.write("sandbox setup failed: " + msg + "\n")
     sys.stderr.flush()
     os._exit(97)
 
-def untraversable_ancestor(path):
-    """Topmost directory on the way to path that others cannot search (e.g. /root, mode 700)."""
-    parts = path.strip("/").split("/")
-    for i in range(1, len(parts) + 1):
-        d = "/" + "/".join(parts[:i])
-        if not os.stat(d).st_mode & 0o001:
-            return d
-    return None
-
-def interpreter():
-    exe = os.path.realpath(sys.executable)
-    prefix = os.path.realpath(sys.base_prefix)
-    if exe.startswith(prefix + "/"):
-        return exe, prefix
-    alt = os.path.join(prefix, "bin", "python%d.%d" % sys.version_info[:2])
-    return (alt if os.path.exists(alt) else exe), prefix
-
-def isolate(exe, prefix):
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-    def mount(src, dst, fstype, flags, data=None):
-        enc = lambda s: None if s is None else s.encode()
-        if libc.mount(enc(src), enc(dst), enc(fstype), flags, enc(data)) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, "mount %s: %s" % (dst, os.strerror(e)))
-    MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = (
-        1, 2, 4, 32, 4096, 8192, 16384, 1 << 18)
-    CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWNET = (
-        0x20000, 0x04000000, 0x08000000, 0x10000000, 0x40000000)
-    flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET
-    uid, gid = os.getuid(), os.getgid()
-    if libc.unshare(flags | (0 if root else CLONE_NEWUSER)) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, "unshare: " + os.strerror(e))
-    if not root:  # keep our own uid inside the user namespace
-        for name, text in (("setgroups", "deny"), ("uid_map", "%d %d 1" % (uid, uid)),
-                           ("gid_map", "%d %d 1" % (gid, gid))):
-            with open("/proc/self/" + name, "w") as f:
-                f.write(text)
-    layers.append("netns")
-    mount(None, "/", None, MS_REC | MS_PRIVATE)
-    mount("tmpfs", base, "tmpfs", MS_NOSUID | MS_NODEV,
-          "size=%d,mode=0700,uid=%d,gid=%d" % (cfg["disk_bytes"], run_uid, run_gid))
-    base_fd = os.open(base, os.O_PATH | os.O_DIRECTORY)
-    for d in ("/tmp", "/var/tmp", "/dev/shm"):
-        if os.path.isdir(d) and not os.path.islink(d):
-            mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=1777")
-    if root:
-        # The uid we switch to must reach the interpreter: when its prefix sits under a private
-        # directory (/root, mode 700), cover that directory with an empty tmpfs (hiding its other
-        # contents, a bonus) and bind the prefix back at the same path, read-only.
-        blocker = untraversable_ancestor(prefix)
-        if blocker is not None:
-            prefix_fd = os.open(prefix, os.O_PATH | os.O_DIRECTORY)
-            mount("tmpfs", blocker, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
-            os.makedirs(prefix, mode=0o755, exist_ok=True)
-            mount("/proc/self/fd/%d" % prefix_fd, prefix, None, MS_BIND | MS_REC)
-            mount(None, prefix, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
-            os.close(prefix_fd)
-    if not os.path.isdir(base) or not os.path.samestat(os.stat(base), os.fstat(base_fd)):
-        # base lived under a directory we just covered: put its mount back at the same path
-        os.makedirs(base, mode=0o755, exist_ok=True)
-        mount("/proc/self/fd/%d" % base_fd, base, None, MS_MOVE)
-    os.close(base_fd)
-    layers.append("mountns")
-
-exe, prefix = interpreter()
-isolated = False
-if cfg["isolate"]:
-    try:
-        isolate(exe, prefix)
-        isolated = True
-    except Exception as e:
-        if cfg["require_isolation"]:
-            fail("operating-system isolation unavailable (%s)" % e)
-        layers.append("no-isolation: %s" % e)
-elif cfg["require_isolation"]:
-    fail("require_isolation is set but isolate is off")
-
-with open(os.path.join(base, "main.py"), "wb") as f:
+if os.getuid() == 0 or os.geteuid() == 0 or os.getgid() == 0:
+    fail("refusing to run model code as root")
+with open("main.py", "wb") as f:
     f.write(code)
-switch_uid = root and cfg["isolate"] and (isolated or untraversable_ancestor(prefix) is None)
-if switch_uid:
-    os.chown(base, run_uid, run_gid)
-    os.chown(os.path.join(base, "main.py"), run_uid, run_gid)
-
-limits = [
+for which, value in [
     (resource.RLIMIT_CPU, (cfg["cpu_time_s"], cfg["cpu_time_s"] + 1)),
     (resource.RLIMIT_AS, (cfg["memory_bytes"], cfg["memory_bytes"])),
     (resource.RLIMIT_FSIZE, (cfg["max_file_bytes"], cfg["max_file_bytes"])),
     (resource.RLIMIT_NOFILE, (cfg["max_open_files"], cfg["max_open_files"])),
     (resource.RLIMIT_CORE, (0, 0)),
-]
-if cfg["isolate"]:
-    limits.append((resource.RLIMIT_NPROC, (1, 1)))
-for which, value in limits:
+    # no new process or thread for this uid (a fresh uid per run when the caller is root)
+    (resource.RLIMIT_NPROC, (cfg["max_processes"], cfg["max_processes"])),
+]:
     resource.setrlimit(which, value)
 layers.append("rlimits")
-if switch_uid:
-    os.setgroups([])
-    os.setgid(run_gid)
-    os.setuid(run_uid)
-    layers.append("uid")
-if cfg["isolate"] and os.getuid() != 0:
-    layers.append("nproc")
-try:  # die with the parent (set after the uid switch, which clears it; kept across exec)
-    import ctypes
-    ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-except Exception:
-    pass
-if os.getppid() != cfg["parent_pid"]:
-    os._exit(1)
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL: die with the parent
+if cfg["parent_pid"] and os.getppid() != cfg["parent_pid"]:
+    os._exit(1)  # the parent died before the line above
+if cfg["seccomp"] is not None:
+    class Filter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                    ("k", ctypes.c_uint32)]
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Filter))]
+    pid = os.getpid()
+    insns = (Filter * len(cfg["seccomp"]))(
+        *[Filter(c, jt, jf, pid if k == -1 else k) for c, jt, jf, k in cfg["seccomp"]])
+    prog = Prog(len(cfg["seccomp"]), insns)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        fail("no_new_privs: " + os.strerror(ctypes.get_errno()))
+    if libc.prctl(22, 2, ctypes.cast(ctypes.byref(prog), ctypes.c_void_p).value, 0, 0) != 0:
+        fail("seccomp filter refused by the kernel: " + os.strerror(ctypes.get_errno())
+             + " (set SandboxConfig(seccomp=False) to run without it)")
+    layers.append("seccomp")
 if cfg["audit_hook"]:
     layers.append("audit_hook")
 sys.stderr.buffer.write(b"\x1ezipchat-sandbox-layers " + json.dumps(layers).encode() + b"\n")
 sys.stderr.flush()
-os.chdir(base)  # re-enter: the old cwd is the directory under the tmpfs, not the tmpfs
-env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": base, "TMPDIR": base, "LANG": "C.UTF-8"}
+cwd = os.getcwd()
+env = {"PATH": "/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd, "LANG": "C.UTF-8"}
+env.update(cfg["env"])
 stage2_cfg = json.dumps({"audit_hook": cfg["audit_hook"]})
+exe = sys.executable
 os.execve(exe, [exe, "-I", "-S", "-B", "-u", "-X", "utf8", "-c", cfg["stage2"], stage2_cfg], env)
 '''
 
@@ -436,20 +642,50 @@ _STAGE2 = r'''
 import sys
 
 def _harden():
-    import posix, _posixsubprocess
+    import posix, _posixsubprocess, _imp
     def _refuse_fork_exec(*args, **kwargs):
         raise PermissionError("blocked by sandbox: creating processes is not allowed")
     _posixsubprocess.fork_exec = _refuse_fork_exec  # used by subprocess/multiprocessing, unaudited
+    # A fresh builtin module (e.g. a second `posix` with the functions deleted below) or a native
+    # extension from outside the standard library would bypass everything here: refuse both.
+    _create_builtin, _create_dynamic, _loaded = _imp.create_builtin, _imp.create_dynamic, sys.modules
+    _dynload = [p for p in sys.path if p.endswith("/lib-dynload")]
+    class _Spec:  # what the originals receive: read once here, so nothing can change in between
+        __slots__ = ("name", "origin")
+        def __init__(self, name, origin):
+            self.name, self.origin = name, origin
+    # only captured names below: user code can rebind builtins (any, getattr, ...) but not these
+    _getattr, _exact, _Refused, _starts = getattr, str.__add__, PermissionError, str.startswith
+    def _guarded_builtin(spec):
+        name = _exact("", _getattr(spec, "name"))
+        if name in _loaded or name in ("posix", "_posixsubprocess", "_imp"):
+            raise _Refused(_exact("blocked by sandbox: re-creating builtin module ", name))
+        return _create_builtin(_Spec(name, None))
+    def _guarded_dynamic(spec, file=None):
+        name = _exact("", _getattr(spec, "name"))
+        origin = _exact("", _getattr(spec, "origin"))
+        allowed = False
+        for d in _dynload:
+            allowed = allowed or _starts(origin, _exact(d, "/"))
+        if not allowed or ".." in origin:
+            raise _Refused("blocked by sandbox: native extension outside the standard library")
+        return _create_dynamic(_Spec(name, origin))
+    _imp.create_builtin, _imp.create_dynamic = _guarded_builtin, _guarded_dynamic
     for module in (posix, sys.modules.get("os")):
         for name in ("mkfifo", "mknod"):  # unaudited file creation
             if module is not None and hasattr(module, name):
                 delattr(module, name)
 
     workdir = posix.getcwd()
+    # what may be read: its own directory, the standard library (not site-packages), a few devices
+    _read_roots = tuple(p for p in sys.path if p.startswith("/") and not p.endswith(".zip"))
+    _read_denied = tuple(r + "/site-packages" for r in _read_roots) + tuple(
+        r + "/dist-packages" for r in _read_roots)
+    _read_files = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
     _getcwd, _readlink, _stat, _getpid = posix.getcwd, posix.readlink, posix.stat, posix.getpid
     _type, _str, _bytes, _int, _tuple = type, str, bytes, int, tuple
     _str_add, _startswith, _split, _join = str.__add__, str.startswith, str.split, str.join
-    _partition, _contains, _mod, _decode = str.partition, str.__contains__, str.__mod__, bytes.decode
+    _lower, _strip, _contains, _mod, _decode = str.lower, str.strip, str.__contains__, str.__mod__, bytes.decode
     _and, _as_int, _issubclass = int.__and__, int.__int__, issubclass
     _Denied = PermissionError
     _O_WRITE = posix.O_WRONLY | posix.O_RDWR | posix.O_CREAT | posix.O_TRUNC | posix.O_APPEND
@@ -523,6 +759,20 @@ def _harden():
         r = resolve(p, dir_fd)
         return r is not None and (r == workdir or _startswith(r, _str_add(workdir, "/")))
 
+    def under(r, roots):
+        for root in roots:
+            if r == root or _startswith(r, _str_add(root, "/")):
+                return True
+        return False
+
+    def readable(p, dir_fd=None):
+        r = resolve(p, dir_fd)
+        if r is None:
+            return False
+        if r == workdir or _startswith(r, _str_add(workdir, "/")) or r in _read_files:
+            return True
+        return under(r, _read_roots) and not under(r, _read_denied)
+
     def is_dir(path):
         try:
             return _and(_stat(path).st_mode, _S_IFMT) == _S_IFDIR
@@ -545,6 +795,9 @@ def _harden():
                 writing = _contains(m, "w") or _contains(m, "a") or _contains(m, "x") or _contains(m, "+")
             if writing and not inside(path):
                 deny(_str_add("writing outside the working directory: ", as_str(path) or "?"))
+            if not readable(path):
+                deny(_str_add("reading outside the working directory and the standard library: ",
+                              as_str(path) or "?"))
             if mode is None and not inside(path):
                 # a directory fd from os.open would let dir_fd-relative calls escape the checks
                 s = as_str(path)
@@ -552,8 +805,16 @@ def _harden():
                     deny("os.open of a directory outside the working directory")
         elif event == "import":
             name = as_str(args[0]) or ""
-            if _partition(name, ".")[0] in _DENY_IMPORTS:
-                deny(_str_add("import of ", name))
+            for part in _split(name, "."):  # every component: a.ctypes is as bad as ctypes
+                if part in _DENY_IMPORTS:
+                    deny(_str_add("import of ", name))
+        elif event == "os.listdir" or event == "os.scandir":
+            path = args[0]
+            if path is None:
+                path = "."
+            if not readable(path):
+                deny(_str_add("listing outside the working directory and the standard library: ",
+                              as_str(path) or "?"))
         elif event in _PATH_EVENTS:
             for index, fd_index in _PATH_EVENTS[event]:
                 dir_fd = args[fd_index] if fd_index >= 0 else None
@@ -568,8 +829,10 @@ def _harden():
                 deny("signalling other processes")
         elif event == "sqlite3.connect":
             db = as_str(args[0])
-            if db is None or (db != ":memory:" and db != "" and not inside(db)):
-                deny("sqlite database outside the working directory")
+            # "file:" URIs name their file in a way inside() cannot read: refused altogether
+            if db is None or _startswith(_lower(_strip(db)), "file:") or (
+                    db != ":memory:" and db != "" and not inside(db)):
+                deny("sqlite database outside the working directory (or a file: URI)")
 
     sys.addaudithook(hook)
 
@@ -624,14 +887,17 @@ _SIGNAL_MESSAGES = {
     signal.SIGABRT: "the python process aborted",
     signal.SIGKILL: "the python process was killed (CPU or memory limit)",
     signal.SIGXFSZ: "file size limit exceeded",
+    signal.SIGSYS: "the python process was killed by the system-call filter",
 }
+_NO_ISOLATION_HINT = ("refusing to run model code without operating-system isolation; pass "
+                      "SandboxConfig(allow_unisolated=True) to accept that risk explicitly")
 
 
 def execute_python(code: str, config: SandboxConfig = SandboxConfig()) -> PythonResult:
     """Runs python source in the sandbox and reports what happened. Never raises.
 
     The final bare expression, if any, is printed like in a notebook. The child's working
-    directory is a fresh temporary directory, deleted afterwards.
+    directory is a fresh scratch directory, gone afterwards, and so is every process it started.
 
     Args:
       code: python source.
@@ -650,47 +916,147 @@ def run_python(code: str, config: SandboxConfig = SandboxConfig()) -> str:
     return execute_python(code, config).text
 
 
+def _refused(message: str) -> PythonResult:
+    return PythonResult("", None, False, False, (), "error: " + message)
+
+
 def _execute_python(code: str, config: SandboxConfig) -> PythonResult:
     if not isinstance(code, str):
-        return PythonResult("", None, False, False, (),
-                            f"error: expected python source text, got {type(code).__name__}")
+        return _refused(f"expected python source text, got {type(code).__name__}")
     data = code.encode("utf-8", "replace")
     if len(data) > config.max_code_bytes:
-        return PythonResult("", None, False, False, (),
-                            f"error: program too long ({len(data)} > {config.max_code_bytes} bytes)")
+        return _refused(f"program too long ({len(data)} > {config.max_code_bytes} bytes)")
+    bwrap = None
+    if config.isolate:
+        bwrap = shutil.which(config.bwrap)
+        if bwrap is None and not config.allow_unisolated:
+            return _refused(f"the python sandbox needs bubblewrap ({config.bwrap!r} not found; "
+                            f"Debian/Ubuntu: apt-get install bubblewrap); {_NO_ISOLATION_HINT}")
+    elif not config.allow_unisolated:
+        return _refused(f"isolate=False: {_NO_ISOLATION_HINT}")
+    as_root = os.geteuid() == 0
+    # never run model code as root: a root caller hands it to a fresh, otherwise unused uid
+    uid = 1_500_000_000 + secrets.randbelow(100_000_000) if as_root else None
+    runtime = _runtime(config.python, as_root)
+    layers = (["bwrap"] if bwrap else ["no-isolation"]) + (["uid"] if as_root else [])
     child_cfg = {
-        "max_code_bytes": config.max_code_bytes, "disk_bytes": config.disk_bytes,
-        "cpu_time_s": int(math.ceil(config.cpu_time_s)), "memory_bytes": config.memory_bytes,
-        "max_file_bytes": config.max_file_bytes, "max_open_files": config.max_open_files,
-        "isolate": config.isolate, "audit_hook": config.audit_hook,
-        "require_isolation": config.require_isolation,
-        # an otherwise unused uid per run, so that RLIMIT_NPROC and signals see only this run
-        "uid": 1_500_000_000 + secrets.randbelow(100_000_000), "stage2": _STAGE2,
-        "parent_pid": os.getpid(),
+        "max_code_bytes": config.max_code_bytes, "cpu_time_s": int(math.ceil(config.cpu_time_s)),
+        "memory_bytes": config.memory_bytes, "max_file_bytes": config.max_file_bytes,
+        "max_open_files": config.max_open_files, "audit_hook": config.audit_hook,
+        "max_processes": config.max_processes,
+        "seccomp": seccomp_program() if config.seccomp else None, "stage2": _STAGE2,
+        "layers": layers, "parent_pid": 0 if bwrap else os.getpid(),
+        "env": {} if bwrap else dict(runtime.unisolated_env),
     }
-    base = tempfile.mkdtemp(prefix="zipchat_sandbox_")
+    stage1 = ["-I", "-S", "-B", "-c", _STAGE1, json.dumps(child_cfg)]
+    base = None
+    if bwrap:
+        argv, cwd, env = _bwrap_args(bwrap, runtime, config) + [runtime.exe] + stage1, "/", {}
+    else:
+        base = tempfile.mkdtemp(prefix="zipchat_sandbox_")
+        if uid is not None:
+            os.chown(base, uid, uid)
+        argv, cwd, env = [runtime.unisolated_exe] + stage1, base, dict(runtime.unisolated_env)
+    env.update({"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
     deadline = time.monotonic() + config.wall_time_s
     proc = None
     try:
         proc = subprocess.Popen(
-            [config.python, "-I", "-S", "-B", "-c", _STAGE1, json.dumps(child_cfg)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=base,
-            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, start_new_session=True, close_fds=True)
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd,
+            env=env, start_new_session=True, close_fds=True,
+            **({"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}))
         raw, status = _exchange(proc, data, deadline, config.max_output_bytes)
         if status == "ok":
             status = _await_exit(proc, deadline)
-        _kill_group(proc)  # also takes any process left in the group, before reaping the leader
-        returncode = proc.wait()
+        _end_run(proc, uid)
+        returncode = proc.returncode
+        if bwrap and returncode > 128 and returncode - 128 in _SIGNAL_MESSAGES:
+            returncode = 128 - returncode  # bwrap reports a child killed by signal N as 128 + N
     finally:
         if proc is not None:
             if proc.returncode is None:
-                _kill_group(proc)
-                proc.wait()
+                _end_run(proc, uid)
             for stream in (proc.stdin, proc.stdout):
                 if stream is not None and not stream.closed:
                     stream.close()
-        shutil.rmtree(base, ignore_errors=True)
+        if uid is not None:
+            _sweep_uid(uid)
+        if base is not None:
+            shutil.rmtree(base, ignore_errors=True)
     return _result(raw, returncode, status, config)
+
+
+def _live_processes(match: Callable[[int, int], bool]) -> list[int]:
+    """Pids of processes, zombies excluded, for which match(ppid, real uid) holds."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if fields[0] in (b"Z", b"X"):
+                continue
+            if match(int(fields[1]), entry.stat().st_uid):
+                pids.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return pids
+
+
+def _kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _end_run(proc: subprocess.Popen, uid: int | None) -> None:
+    """Kills every process of a run, detached ones included, then reaps the child.
+
+    The inside goes first, so that bubblewrap reaps its own child and exits by itself (killed
+    first, its init would be left to the host's init as a zombie); then the child's process
+    group; then, for a throwaway uid, every process that still has it.
+    """
+    _kill_all(_live_processes(lambda ppid, _: ppid == proc.pid))  # bwrap's init: its namespace dies
+    if uid is not None:
+        _kill_all([p for p in _live_processes(lambda _, u: u == uid) if p != proc.pid])
+    try:
+        proc.wait(timeout=1.0)
+    except subprocess.TimeoutExpired:
+        pass
+    _kill_group(proc)
+    proc.wait()
+    for _ in range(100 if uid is not None else 0):
+        left = _live_processes(lambda _, u: u == uid)
+        if not left:
+            break
+        _kill_all(left)
+        time.sleep(0.01)
+
+
+# World-writable places a throwaway uid could have written to without the operating-system layer.
+_SHARED_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue")
+
+
+def _sweep_uid(uid: int) -> None:
+    """Deletes what a run's throwaway uid left in the shared world-writable directories."""
+    for d in _SHARED_WRITABLE + (tempfile.gettempdir(),):
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+            except OSError:
+                pass
 
 
 def _exchange(proc: subprocess.Popen, data: bytes, deadline: float, max_bytes: int) -> tuple[bytes, str]:
