@@ -8,8 +8,24 @@ ShareGPT `conversations`, GSM8K with calculator calls) return the same `Example`
     train = sft_mixture(world, n=20_000, seed=0)                  # list[Example], split 'train'
     val = sft_mixture(world, n=500, seed=1, split="heldout")       # validation conversations
     probe = eval_set(world, "mult", n=100, seed=0, digits=5)       # held-out 5x5-digit products
-    index = search_index(world)                                    # the index the search tool uses
-    ok = judge(probe[0], "12345 * 67890 = 838102050.")
+    index = search_index(world)      # the search tool's index: tools.search_tool(index, q, k=SEARCH_K)
+    ok = judge(probe[0], reply)      # reply: the text of the model's final assistant message
+
+Evaluation sets for the assistant table (all held out; `templates='train'` keeps the train
+phrasings around held-out material):
+
+    eval_set(world, "identity", n, seed)                 identity_rate
+    eval_set(world, "fact", n, seed, tier=t)             facts in chat form by tier, no tools
+    eval_set(world, "mult", n, seed, digits=d)           d x d digits: ban tool tokens, or allow the calculator
+    eval_set(world, "count_letters", n, seed)            without / with python
+    eval_set(world, "search", n, seed, tier="held_out")  without / with search (`abstains` for hallucination)
+
+Tokens to think: two SFT sets from the same problems, differing only in order, no tools:
+
+    problems = short_math_problems(seed, "train", n)
+    first = [math_example(p, order="answer_first", tools_on=False) for p in problems]
+    last = [math_example(p, order="reasoning_first", tools_on=False) for p in problems]
+    test = short_math_problems(seed, "heldout", n)     # judged on the 'Answer: N' line
 
 Messages use core/chat.py's format; tool parts appear only in assistant messages, and every tool
 output is exactly what core/tools.py returns for the call (calculator and search are called
@@ -70,7 +86,6 @@ IDENTITY: dict[str, str] = {
     "name": "zipchat",
     "maker": "the zipchat project",
     "what": "a small AI assistant",
-    "made_with": "JAX",
 }
 
 SPLITS = ("train", "heldout")
@@ -287,8 +302,9 @@ def _entities(ctx: _Context, split: str, tiers: Sequence[str]) -> list[synthetic
 
 _IDENTITY_QUESTIONS = {
     "name": {"train": ("Who are you?", "What is your name?", "What's your name?", "What should I call you?",
-                       "Tell me your name.", "Introduce yourself.", "What are you called?",
-                       "Are you ChatGPT?", "Are you a person?", "What are you?"),
+                       "Tell me your name.", "Introduce yourself.", "What are you called?", "Are you ChatGPT?",
+                       "Are you a person?", "What are you?", "Do you have a name?", "Tell me about yourself.",
+                       "Which model are you?", "Are you human?"),
              "heldout": ("May I ask who I am talking to?", "Please say your name.", "Who am I chatting with?")},
     "maker": {"train": ("Who made you?", "Who created you?", "Who built you?", "Who trained you?",
                         "Where do you come from?", "Which company made you?"),
@@ -298,21 +314,29 @@ _IDENTITY_QUESTIONS = {
 }
 
 
-def _identity_reply(topic: str, question: str, name: str, maker: str) -> str:
+def _identity_reply(topic: str, question: str, name: str, maker: str, what: str = "an AI assistant") -> str:
     if topic == "maker":
         return f"I was made by {maker}. I'm {name}."
     if topic == "greeting":
         return f"Hello! I'm {name}. How can I help?"
     if question.startswith("Are you"):
-        return f"No, I'm {name}, an AI assistant made by {maker}."
-    return f"I'm {name}, an AI assistant made by {maker}."
+        return f"No, I'm {name}, {what} made by {maker}."
+    return f"I'm {name}, {what} made by {maker}."
+
+
+# System prompts that do not name the assistant: identity questions under them still get zipchat.
+_NEUTRAL_SYSTEM = ("You are a helpful assistant.", "Be concise.", "Answer briefly and politely.",
+                   "You are a friendly assistant.")
 
 
 def _gen_identity(ctx, rng, split):
     topic = rng.choice(tuple(_IDENTITY_QUESTIONS))
     q, template = _pick(ctx, rng, _IDENTITY_QUESTIONS[topic], split)
-    reply = _identity_reply(topic, q, IDENTITY["name"], IDENTITY["maker"])
-    return Example("identity", (_user(q), _assistant(reply)), IDENTITY["name"],
+    reply = _identity_reply(topic, q, IDENTITY["name"], IDENTITY["maker"], IDENTITY["what"])
+    messages = (_user(q), _assistant(reply))
+    if rng.random() < 0.25:
+        messages = (_system(rng.choice(_NEUTRAL_SYSTEM)), *messages)
+    return Example("identity", messages, IDENTITY["name"],
                    dict(topic=topic, template=f"{topic}/{template}", split=split, judge="contains"))
 
 
@@ -917,6 +941,17 @@ def extract_answer(text: str) -> str | None:
     value = lines[-1].strip()[len(ANSWER_PREFIX.strip()):].strip().rstrip(".")
     nums = numbers_in(value)
     return nums[0] if nums else value
+
+
+_ABSTAIN = re.compile(r"\b(i don'?t know|i do not know|not sure|no idea|i cannot|i can'?t|unknown|no information|"
+                      r"not certain|unable to)\b", re.I)
+
+
+def abstains(reply: str) -> bool:
+    """Does the reply decline to answer ("I don't know", "I'm not sure", ...)? A wrong reply that
+    does not abstain is a hallucination (issue 9's hallucination_rate; the honesty stage trains
+    such replies)."""
+    return bool(_ABSTAIN.search(reply))
 
 
 def _norm(s: str) -> str:

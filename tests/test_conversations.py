@@ -337,6 +337,14 @@ def test_judge_hand_made_replies(example, reply, ok):
     assert C.judge(example, reply) is ok
 
 
+@pytest.mark.parametrize("reply, abstain", [
+    ("I don't know.", True), ("I'm not sure when she was born.", True), ("I do not know that.", True),
+    ("Brana Tolk was born in 1850.", False), ("Known as a painter, she was born in 1850.", False),
+])
+def test_abstains(reply, abstain):
+    assert C.abstains(reply) is abstain
+
+
 def test_reference_replies_pass_and_others_fail(mixture, heldout_sets):
     examples = mixture + [e for es in heldout_sets.values() for e in es]
     for e in examples:
