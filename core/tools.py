@@ -656,14 +656,20 @@ def _harden():
             self.name, self.origin = name, origin
     # only captured names below: user code can rebind builtins (any, getattr, ...) but not these
     _getattr, _exact, _Refused, _starts = getattr, str.__add__, PermissionError, str.startswith
+    def _denied_name(name):  # importlib.import_module raises no "import" event: checked here too
+        for part in _split(name, "."):
+            if part in _DENY_IMPORTS:
+                raise _Refused(_exact("blocked by sandbox: import of ", name))
     def _guarded_builtin(spec):
         name = _exact("", _getattr(spec, "name"))
+        _denied_name(name)
         if name in _loaded or name in ("posix", "_posixsubprocess", "_imp"):
             raise _Refused(_exact("blocked by sandbox: re-creating builtin module ", name))
         return _create_builtin(_Spec(name, None))
     def _guarded_dynamic(spec, file=None):
         name = _exact("", _getattr(spec, "name"))
         origin = _exact("", _getattr(spec, "origin"))
+        _denied_name(name)
         allowed = False
         for d in _dynload:
             allowed = allowed or _starts(origin, _exact(d, "/"))

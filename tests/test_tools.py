@@ -1,6 +1,7 @@
 """Tools: calculator refusals and exactness, BM25 against hand-computed scores, the registry, and
 the python sandbox against each attack, with each isolation layer on its own and both together."""
 import concurrent.futures
+import dataclasses
 import math
 import os
 import pathlib
@@ -494,3 +495,137 @@ def _state_of(proc_dir: pathlib.Path) -> str | None:
         return (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
+
+
+# ----------------------------------------------------------------------------------------------
+# What the code may see, what survives it, and when the sandbox refuses to run
+
+
+def test_host_is_invisible(confining, monkeypatch):
+    monkeypatch.setenv("ZIPCHAT_PARENT_SECRET", "swordfish")
+    repo_file = pathlib.Path(tools.__file__).resolve()
+    numpy_init = pathlib.Path(__import__("numpy").__file__).resolve()
+    home = pathlib.Path.home()
+    home_names = sorted(p.name for p in home.iterdir() if p.name != ".pyenv")[:20]
+    pid = os.getpid()
+    code = _attempts(
+        f"print('READ repo', len(open(r'{repo_file}').read()))",
+        f"print('READ site-packages', len(open(r'{numpy_init}').read()))",
+        "print('READ etc', len(open('/etc/passwd').read()))",
+        "names = os.listdir('/')\nprint('LISTED root' if {'etc', 'home', 'var'} & set(names) else 'root ok', names)",
+        f"names = set(os.listdir(r'{home}'))\nprint('LISTED home' if names & set({home_names!r}) else 'home ok')",
+        f"print('SAW host process' if '{pid}' in os.listdir('/proc') else 'proc ok')",
+        f"print('READ cmdline', open('/proc/{pid}/cmdline', 'rb').read()[:40])",
+        f"print('READ environ' if b'swordfish' in open('/proc/{pid}/environ', 'rb').read() else 'env ok')",
+        "import numpy\nprint('IMPORTED numpy')",
+    )
+    out = tools.run_python(code, confining)
+    for marker in ("READ", "LISTED", "SAW", "IMPORTED"):
+        assert marker not in out, out
+    assert out.count("refused:") + out.count(" ok") == 9, out
+
+
+def test_writes_do_not_outlive_the_run(writing_layer):
+    tag = f"zipchat_probe_{os.getpid()}_{time.monotonic_ns()}"
+    targets = [f"/tmp/{tag}", f"/var/tmp/{tag}", f"/dev/shm/{tag}"]
+    code = _attempts(
+        *[f"open(r'{t}', 'w').write('x')\nprint('WROTE {t}')" for t in targets],
+        f"import sqlite3\nc = sqlite3.connect('file:/tmp/{tag}.db?mode=rwc', uri=True)\n"
+        "c.execute('create table t(x)')\nc.commit()\nprint('WROTE sqlite uri')",
+        "import _imp, importlib.machinery\nposix = _imp.create_builtin(importlib.machinery.ModuleSpec('posix', None))\n"
+        f"posix.mkfifo('/tmp/{tag}.fifo')\nprint('WROTE fifo')",
+        f"os.mkfifo('/tmp/{tag}.fifo2')\nprint('WROTE fifo2')",
+    )
+    out = tools.run_python(code, writing_layer)
+    leftovers = [p for p in pathlib.Path("/").glob(f"*/{tag}*")] + list(pathlib.Path("/dev/shm").glob(f"{tag}*"))
+    leftovers += list(pathlib.Path("/var/tmp").glob(f"{tag}*"))
+    assert leftovers == [], (leftovers, out)
+    if writing_layer.isolate or writing_layer.audit_hook:  # refused, not just cleaned up
+        assert "WROTE" not in out and out.count("refused:") == 6, out
+
+
+def test_scratch_space_is_capped():
+    for name in ("full", "os_only"):
+        _probe(name)
+        config = dataclasses.replace(LAYERS[name], disk_bytes=2**20, max_file_bytes=600_000)
+        code = ("import errno\ntry:\n    for i in range(4):\n        open(f'f{i}', 'wb').write(b'x' * 500_000)\n"
+                "    print('NOT CAPPED')\nexcept OSError as e:\n    print('full', e.errno == errno.ENOSPC)")
+        assert tools.run_python(code, config) == "full True\n", name
+
+
+def test_import_deny_list_matches_every_component():
+    _probe("hook_only")
+    config = LAYERS["hook_only"]
+    out = tools.run_python("__import__('json.ctypes')", config)
+    assert "blocked by sandbox: import of json.ctypes" in out, out
+    # importlib.import_module raises no "import" audit event; the module's creation is checked
+    out = tools.run_python("import importlib\nimportlib.import_module('_testcapi')", config)
+    assert "blocked by sandbox: import of _testcapi" in out, out
+    out = tools.run_python("import importlib.util\nimportlib.util.find_spec('json')\nprint('fine')", config)
+    assert out == "fine\n"
+
+
+def test_refuses_to_run_without_isolation(tmp_path):
+    marker = tmp_path / "ran"
+    code = f"open(r'{marker}', 'w').write('x')"
+    for config in (SandboxConfig(isolate=False), SandboxConfig(bwrap=str(tmp_path / "no-bwrap"))):
+        result = tools.execute_python(code, config)
+        assert result.returncode is None and "allow_unisolated=True" in result.error, result
+        assert "refusing to run model code without operating-system isolation" in result.error
+    assert "bubblewrap" in tools.run_python(code, SandboxConfig(bwrap=str(tmp_path / "no-bwrap")))
+    assert not marker.exists()
+    # asked for explicitly, it runs (still never as root; see test_sandbox_reports_its_layers...)
+    result = tools.execute_python("print('ran')", SandboxConfig(bwrap=str(tmp_path / "no-bwrap"),
+                                                                allow_unisolated=True))
+    assert result.output == "ran\n" and "no-isolation" in result.layers
+
+
+@pytest.mark.skipif(not ROOT, reason="finding a run's processes from outside needs its throwaway uid (root)")
+@pytest.mark.parametrize("name", ["os_only", "unisolated"])
+def test_detached_processes_die_with_the_run(name):
+    # processes allowed (max_processes) and no seccomp or hook: only the PID namespace (os_only)
+    # or the throwaway uid's sweep (unisolated) can end the detached grandchild
+    if name == "os_only":
+        _probe("os_only")
+        config = dataclasses.replace(LAYERS["os_only"], max_processes=16)
+    else:
+        config = SandboxConfig(seccomp=False, audit_hook=False, max_processes=16, **UNISOLATED, **FAST)
+    code = ("import os, time\nprint(os.getuid(), flush=True)\nif os.fork() == 0:\n    os.setsid()\n"
+            "    if os.fork() == 0:\n        time.sleep(60)\n    os._exit(0)\ntime.sleep(0.3)\nprint('forked')")
+    result = tools.execute_python(code, config)
+    assert result.output.endswith("forked\n"), result.text
+    uid = int(result.output.split()[0])
+    assert _live_of_uid(uid) == []
+
+
+def test_seccomp_layer_alone_denies_dangerous_system_calls():
+    _probe("seccomp_only")
+    code = _attempts(
+        "pid = os.fork()\nif pid == 0: os._exit(0)\nos.waitpid(pid, 0)\nprint('DONE fork')",
+        "import socket\nsocket.socket(socket.AF_UNIX)\nprint('DONE socket')",
+        "os.mkfifo('fifo')\nprint('DONE mkfifo')",
+        "os.kill(1, 0)\nprint('DONE kill')",
+        "import ctypes\nassert ctypes.CDLL(None).unshare(0x10000000) == 0\nprint('DONE unshare')",
+        "import ctypes\nassert ctypes.CDLL(None).ptrace(0, 0, 0, 0) == 0\nprint('DONE ptrace')",
+        "import threading\nt = threading.Thread(target=print, args=('thread ran',))\nt.start()\nt.join()",
+    )
+    limits = dict(max_processes=64, **UNISOLATED, **FAST)
+    with_filter = tools.run_python(code, SandboxConfig(audit_hook=False, **limits))
+    assert "DONE" not in with_filter and with_filter.count("refused:") == 6, with_filter
+    assert "thread ran" in with_filter  # threads are not processes
+    # the control: without the filter (and nothing else in the way) the same calls go through,
+    # so the refusals above are the filter's
+    without = tools.run_python(code, SandboxConfig(audit_hook=False, seccomp=False, **limits))
+    for call in ("fork", "socket", "mkfifo", "unshare", "ptrace"):
+        assert f"DONE {call}" in without, without
+
+
+def test_seccomp_program_shape():
+    for machine in ("x86_64", "aarch64"):
+        prog = tools.seccomp_program(machine)
+        assert prog[0] == (0x20, 0, 0, 4) and prog[-2] == (0x06, 0, 0, 0x7FFF0000)  # arch check, allow
+        for i, (code, jt, jf, k) in enumerate(prog):  # every jump lands inside the program
+            if code & 0x07 == 0x05:
+                assert i + 1 + max(jt, jf) < len(prog)
+    with pytest.raises(ValueError, match="seccomp=False"):
+        tools.seccomp_program("sparc")
