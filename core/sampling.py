@@ -63,6 +63,8 @@ class SamplingConfig:
     max_new_tokens: per-row cap on generated tokens (tool outputs count too); per-row overrides
       can only be given to `generate`.
     stop_ids: a sampled token in this set ends the row (the stop token is kept in the output).
+    banned_ids: ids never sampled (their logits are -inf before any filter), e.g. the tool-call
+      start tokens to measure what a model answers without tools. Log-probs stay the model's own.
     """
 
     temperature: float = 1.0
@@ -71,6 +73,7 @@ class SamplingConfig:
     min_p: float = 0.0
     max_new_tokens: int = 256
     stop_ids: tuple[int, ...] = ()
+    banned_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
@@ -84,14 +87,15 @@ class SamplingConfig:
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         object.__setattr__(self, "stop_ids", tuple(int(s) for s in self.stop_ids))
+        object.__setattr__(self, "banned_ids", tuple(sorted({int(s) for s in self.banned_ids})))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
     def static(self) -> tuple:
-        """The compiled-in part: (greedy, top_k, top_p on, min_p on)."""
-        return (self.greedy, int(self.top_k), self.top_p < 1.0, self.min_p > 0.0)
+        """The compiled-in part: (greedy, top_k, top_p on, min_p on, banned ids)."""
+        return (self.greedy, int(self.top_k), self.top_p < 1.0, self.min_p > 0.0, self.banned_ids)
 
     def knobs(self) -> jax.Array:
         """The traced part: [temperature, top_p, min_p] float32."""
@@ -139,9 +143,11 @@ class GenerateResult:
 def _sample(logits_bv: jax.Array, key: jax.Array, knobs: jax.Array, static: tuple):
     """Draws one token per row. Returns (tokens_b int32, sample_logprob_b float32).
 
-    knobs: [temperature, top_p, min_p]; static: (greedy, top_k, use_top_p, use_min_p).
+    knobs: [temperature, top_p, min_p]; static: (greedy, top_k, use_top_p, use_min_p, banned ids).
     """
-    greedy, top_k, use_top_p, use_min_p = static
+    greedy, top_k, use_top_p, use_min_p, banned = static
+    if banned:
+        logits_bv = logits_bv.at[:, jnp.asarray(banned, jnp.int32)].set(-jnp.inf)
     if greedy:
         return jnp.argmax(logits_bv, -1).astype(jnp.int32), jnp.zeros(logits_bv.shape[0], jnp.float32)
     z_bv = logits_bv.astype(jnp.float32) / knobs[0]
@@ -195,31 +201,21 @@ def _batch_multiple(mesh) -> int:
     return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in _batch_axes(mesh) or ()]))
 
 
-@functools.lru_cache(maxsize=None)
-def _kv_heads_axis(cfg: model_lib.ModelConfig) -> int:
-    """Which axis of the cache's k/v holds the kv heads ([L, B, S, K, E] today); read from
-    init_cache's shapes so a layout change in core/model.py cannot silently mis-shard."""
-    n_slots = cfg.k + 3  # differs from K and from the batch of 2
-    shape = jax.eval_shape(lambda: model_lib.init_cache(cfg, 2, n_slots))["k"].shape
-    return [i for i in (2, 3) if shape[i] == cfg.k][0]
-
-
 def _constrain(state: State, mesh, cfg: model_lib.ModelConfig) -> State:
     """Pins per-row arrays to the batch axes, and cache kv heads to 'tensor' when it divides them
-    (the same rule as the wk/wv params, so attention needs no resharding)."""
+    (the same rule as the wk/wv params, so attention needs no resharding). Cache buffers are
+    [B, K, E, S] (keys) and [B, K, S, E] (values) per layer: batch first, kv heads second."""
     if mesh is None:
         return state
     b_axes = _batch_axes(mesh)
     kv = "tensor" if mesh.shape.get("tensor", 1) > 1 and cfg.k % mesh.shape["tensor"] == 0 else None
-    kv_spec = [None, b_axes, None, None, None]
-    kv_spec[_kv_heads_axis(cfg)] = kv
 
     def pin(path, x):
-        name = getattr(path[-1], "key", "")
+        in_cache = getattr(path[0], "key", "") == "cache" and getattr(path[1], "key", "") in ("k", "v")
         if x.ndim == 0:
             spec = P()
-        elif name in ("k", "v"):
-            spec = P(*kv_spec)
+        elif in_cache:
+            spec = P(b_axes, kv, None, None)
         else:
             spec = P(b_axes, *([None] * (x.ndim - 1)))
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
@@ -277,7 +273,7 @@ def _prefill_state(params, tokens_bp, lengths_b, max_new_n, stop_ns, *, cfg, cac
         pad[axis] = (0, n_rows - n_real)
         return jnp.pad(x, pad)
 
-    cache = {"k": rows(cache["k"], 1), "v": rows(cache["v"], 1),
+    cache = {"k": tuple(rows(k) for k in cache["k"]), "v": tuple(rows(v) for v in cache["v"]),
              "lengths": jnp.pad(jnp.repeat(cache["lengths"], n_samples), (0, n_rows - n_real),
                                 constant_values=1)}
     real_n = jnp.arange(n_rows) < n_real

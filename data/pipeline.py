@@ -11,6 +11,13 @@ T inputs and T targets):
     tokens       int32 [B, T+1]  token ids; every document starts with <|endoftext|> (= BOS)
     segment_ids  int32 [B, T+1]  1, 2, 3, ... per document piece within a row; 0 = padding
     positions    int32 [B, T+1]  0, 1, 2, ... restarting at each segment start; 0 on padding
+    mask         int32 [B, T]    only for rendered examples (`render=`, e.g. SFT conversations):
+                                 the loss mask over *targets* (core/loss.py's convention)
+
+Rendered examples: with `render=fn`, each source item goes through fn(item) -> (ids, mask)
+instead of the tokenizer (e.g. a conversation through a chat template; ids carry their own BOS)
+where mask[i] = 1 when ids[i] is a token to train on. The per-token mask is packed with its
+tokens (0 on padding), and the batch's `mask` is that of the targets, row_mask[:, 1:].
 
 The training step slices them: inputs = tokens[:, :-1], targets = tokens[:, 1:],
 segment_ids[:, :-1] and positions[:, :-1] go to the model with the inputs, and the loss mask is
@@ -199,14 +206,25 @@ class DocOrder:
 
 
 class _TokenizeChunk:
-    """chunk index -> {'tokens': int32 [n], 'lengths': int32 [docs]}; each doc = [eot] + ids."""
+    """chunk index -> {'tokens': int32 [n], 'lengths': int32 [docs]}; each doc = [eot] + ids.
+    With `render`, each doc is render(item) = (ids, mask) and the chunk has 'mask' int32 [n]."""
 
-    def __init__(self, source: Sequence[str], order: DocOrder, tokenizer: TokenizerLike, docs_per_chunk: int):
+    def __init__(self, source: Sequence[str], order: DocOrder, tokenizer: TokenizerLike, docs_per_chunk: int,
+                 render=None):
         self.source, self.order, self.tokenizer, self.docs_per_chunk = source, order, tokenizer, docs_per_chunk
+        self.render = render
 
     def __call__(self, chunk: int) -> dict[str, np.ndarray]:
         lo = chunk * self.docs_per_chunk
         hi = min(lo + self.docs_per_chunk, len(self.order))
+        if self.render is not None:
+            pairs = [self.render(self.source[self.order[k]]) for k in range(lo, hi)]
+            lengths = np.fromiter((len(ids) for ids, _ in pairs), np.int32, len(pairs))
+            if (lengths == 0).any() or any(len(ids) != len(m) for ids, m in pairs):
+                raise ValueError("render() must return non-empty (ids, mask) of equal lengths")
+            return {"tokens": np.concatenate([np.asarray(ids, np.int32) for ids, _ in pairs]),
+                    "mask": np.concatenate([np.asarray(m, np.int32) for _, m in pairs]),
+                    "lengths": lengths}
         texts = [self.source[self.order[k]] for k in range(lo, hi)]
         ids = self.tokenizer.encode_batch(texts)
         eot = self.tokenizer.eot_id
@@ -224,8 +242,9 @@ class _TokenizeChunk:
 # 3. Packing.
 
 
-def _empty_row(row_len: int) -> dict[str, np.ndarray]:
-    return {k: np.zeros(row_len, np.int32) for k in ("tokens", "segment_ids", "positions")}
+def _empty_row(row_len: int, with_mask: bool = False) -> dict[str, np.ndarray]:
+    keys = ("tokens", "segment_ids", "positions") + (("row_mask",) if with_mask else ())
+    return {k: np.zeros(row_len, np.int32) for k in keys}
 
 
 class _ConcatPackIterator(grain.DatasetIterator):
@@ -248,25 +267,30 @@ class _ConcatPackIterator(grain.DatasetIterator):
             self._chunk, self._done = None, True
             return False
         starts = np.concatenate([[0], np.cumsum(c["lengths"])[:-1]]).astype(np.int64)
-        self._chunk, self._doc, self._offset = (c["tokens"], starts, c["lengths"]), 0, 0
+        self._chunk, self._doc, self._offset = (c["tokens"], starts, c["lengths"], c.get("mask")), 0, 0
+        self._with_mask = "mask" in c
         return True
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._done:
             raise StopIteration
-        row = _empty_row(self._row_len)
+        row = None
         filled, seg = 0, 0
         while filled < self._row_len:
             if self._chunk is None or self._doc >= len(self._chunk[2]):
                 if not self._load_chunk():
                     break
                 continue
-            tokens, starts, lengths = self._chunk
+            tokens, starts, lengths, mask = self._chunk
+            if row is None:
+                row = _empty_row(self._row_len, mask is not None)
             n = min(self._row_len - filled, int(lengths[self._doc]) - self._offset)
             if n > 0:
                 seg += 1
                 s = int(starts[self._doc]) + self._offset
                 row["tokens"][filled:filled + n] = tokens[s:s + n]
+                if mask is not None:
+                    row["row_mask"][filled:filled + n] = mask[s:s + n]
                 row["segment_ids"][filled:filled + n] = seg
                 row["positions"][filled:filled + n] = np.arange(n, dtype=np.int32)
                 filled += n
@@ -346,11 +370,13 @@ class _BestFitPackIterator(grain.DatasetIterator):
             except StopIteration:
                 break
             starts = np.concatenate([[0], np.cumsum(c["lengths"])])
-            docs.extend(c["tokens"][starts[i]:starts[i + 1]] for i in range(len(c["lengths"])))
+            docs.extend((c["tokens"][starts[i]:starts[i + 1]],
+                         None if "mask" not in c else c["mask"][starts[i]:starts[i + 1]])
+                        for i in range(len(c["lengths"])))
         if not docs:
             self._rows = None
             return False
-        rows = bestfit_pack([len(d) for d in docs], self._row_len)
+        rows = bestfit_pack([len(d) for d, _ in docs], self._row_len)
         perm = np.random.default_rng([self._seed & 0xFFFFFFFF, self._window_index]).permutation(len(rows))
         self._rows = [(docs, rows[i]) for i in perm]
         self._emitted = 0
@@ -364,11 +390,13 @@ class _BestFitPackIterator(grain.DatasetIterator):
                 raise StopIteration
         docs, pieces = self._rows[self._emitted]
         self._emitted += 1
-        row = _empty_row(self._row_len)
+        row = _empty_row(self._row_len, docs[0][1] is not None)
         filled = 0
         for seg, (d, start, stop) in enumerate(pieces, 1):
             n = stop - start
-            row["tokens"][filled:filled + n] = docs[d][start:stop]
+            row["tokens"][filled:filled + n] = docs[d][0][start:stop]
+            if docs[d][1] is not None:
+                row["row_mask"][filled:filled + n] = docs[d][1][start:stop]
             row["segment_ids"][filled:filled + n] = seg
             row["positions"][filled:filled + n] = np.arange(n, dtype=np.int32)
             filled += n
@@ -411,7 +439,8 @@ class _PackIterDataset(grain.IterDataset):
 # 4. Assembly.
 
 
-def make_dataset(doc_source: Sequence[str], tokenizer: TokenizerLike, cfg: PipelineConfig) -> grain.IterDataset:
+def make_dataset(doc_source: Sequence[str], tokenizer: TokenizerLike, cfg: PipelineConfig,
+                 render=None) -> grain.IterDataset:
     """The grain IterDataset of batches for this process (see the module docstring)."""
     cfg = cfg.resolved()
     n_docs = len(doc_source)
@@ -420,7 +449,7 @@ def make_dataset(doc_source: Sequence[str], tokenizer: TokenizerLike, cfg: Pipel
     order = DocOrder(n_docs, getattr(doc_source, "block_sizes", None), cfg.seed, cfg.shuffle,
                      cfg.process_index, cfg.process_count, cfg.num_epochs)
     n_chunks = -(-len(order) // cfg.docs_per_chunk)
-    ds = grain.MapDataset.range(n_chunks).map(_TokenizeChunk(doc_source, order, tokenizer, cfg.docs_per_chunk))
+    ds = grain.MapDataset.range(n_chunks).map(_TokenizeChunk(doc_source, order, tokenizer, cfg.docs_per_chunk, render))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                               prefetch_buffer_size=max(2, 2 * cfg.read_threads)))
     ds = _PackIterDataset(ds, cfg)
@@ -467,10 +496,10 @@ class TrainIterator:
     exactly where the saved one was. A state from a different config raises ValueError.
     """
 
-    def __init__(self, dataset: grain.IterDataset, cfg: PipelineConfig, n_docs: int):
+    def __init__(self, dataset: grain.IterDataset, cfg: PipelineConfig, n_docs: int, rendered: bool = False):
         self.config = cfg
         self._fingerprint = {
-            "version": _STATE_VERSION, "n_docs": n_docs,
+            "version": _STATE_VERSION, "n_docs": n_docs, **({"rendered": True} if rendered else {}),
             **{k: getattr(cfg, k) for k in ("seq_len", "batch_size", "seed", "packing", "shuffle",
                                               "num_epochs", "process_index", "process_count",
                                               "num_workers", "docs_per_chunk", "bestfit_window")}}
@@ -483,7 +512,10 @@ class TrainIterator:
         batch = next(self._it)
         # Worker processes hand over shared-memory arrays; copying into plain arrays frees that
         # shared memory right away instead of at interpreter exit.
-        return {k: np.array(v, dtype=np.int32) for k, v in batch.items()}
+        out = {k: np.array(v, dtype=np.int32) for k, v in batch.items()}
+        if "row_mask" in out:  # per-token mask -> the mask over targets (core/loss.py)
+            out["mask"] = out.pop("row_mask")[:, 1:]
+        return out
 
     def get_state(self) -> dict[str, Any]:
         state = {"pipeline": self._fingerprint, "grain": _jsonable(self._it.get_state())}
@@ -516,7 +548,7 @@ class TrainIterator:
 
 def make_train_iterator(doc_source: Sequence[str], tokenizer: TokenizerLike, seq_len: int, batch_size: int,
                         seed: int = 0, process_index: int | None = None, process_count: int | None = None,
-                        **options) -> TrainIterator:
+                        render=None, **options) -> TrainIterator:
     """Batches for this JAX process; see the module docstring for their layout.
 
     Args:
@@ -527,10 +559,14 @@ def make_train_iterator(doc_source: Sequence[str], tokenizer: TokenizerLike, seq
       batch_size: rows per batch on this process (the global batch / process_count).
       seed: shuffling seed.
       process_index, process_count: default jax.process_index() / jax.process_count().
+      render: None, or item -> (ids, mask) for rendered examples (the items of doc_source are then
+        anything render accepts, e.g. conversations; picklable for num_workers > 0).
       **options: any other PipelineConfig field (packing, num_epochs, num_workers, ...).
     Returns:
-      TrainIterator yielding {'tokens', 'segment_ids', 'positions'} int32 [batch_size, seq_len+1].
+      TrainIterator yielding {'tokens', 'segment_ids', 'positions'} int32 [batch_size, seq_len+1]
+      (+ 'mask' int32 [batch_size, seq_len] with render).
     """
     cfg = PipelineConfig(seq_len=seq_len, batch_size=batch_size, seed=seed, process_index=process_index,
                          process_count=process_count, **options).resolved()
-    return TrainIterator(make_dataset(doc_source, tokenizer, cfg), cfg, len(doc_source))
+    return TrainIterator(make_dataset(doc_source, tokenizer, cfg, render), cfg, len(doc_source),
+                         rendered=render is not None)

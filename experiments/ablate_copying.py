@@ -67,12 +67,12 @@ def train_and_probe(smear_keys: bool, *, steps: int, vocab: int, model_vocab: in
                                                          total_steps=steps))
     state = train_lib.init_train_state(jax.random.PRNGKey(seed), cfg, opt, mesh)
     step_fn = train_lib.make_train_step(cfg, opt, mesh)
-    forward = jax.jit(lambda p, t: model_lib.forward(p, t, cfg)[0])
+    score = jax.jit(lambda p, t: loss_lib.token_logprobs(p, {"tokens": t}, cfg)[0])
     data_rng, probe_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
     probe = repeated_rows(probe_rng, 16, 2 * period + 1, period, vocab)
 
     def evaluate(step: int, loss: float) -> dict:
-        nll = np.asarray(loss_lib.token_nll(forward(state["params"], probe[:, :-1]), probe[:, 1:])[0])
+        nll = -np.asarray(score(state["params"], probe))
         # Skip each copy's first token: nothing in context predicts it.
         return {"step": step, "loss": loss, "first_copy": float(nll[:, 1:period].mean()),
                 "second_copy": float(nll[:, period + 1:].mean())}

@@ -207,7 +207,6 @@ def induction(model, cfg: PhenomenaConfig, n_rows: int = 16, n_words: int = 16) 
     import numpy as np
 
     from core import loss as loss_lib
-    from core import model as model_lib
     from data import synthetic
 
     tokenizer, mcfg, params, _ = model
@@ -216,8 +215,7 @@ def induction(model, cfg: PhenomenaConfig, n_rows: int = 16, n_words: int = 16) 
     length = min(len(r) for r in rows)
     seq = np.array([r[:length] for r in rows])
     x = np.concatenate([np.full((n_rows, 1), tokenizer.eot_id), seq, seq], axis=1).astype(np.int32)
-    logits = jax.jit(lambda p, t: model_lib.forward(p, t, mcfg)[0])(params, x[:, :-1])
-    nll = np.asarray(loss_lib.token_nll(logits, x[:, 1:])[0])
+    nll = -np.asarray(jax.jit(lambda p, t: loss_lib.token_logprobs(p, {"tokens": t}, mcfg)[0])(params, x))
     # Skip the first token of each copy: nothing in context predicts it.
     first, second = float(nll[:, 1:length].mean()), float(nll[:, length + 1:].mean())
     return [{"phenomenon": "in-context copying", "condition": f"{n_words} random common words shown twice",
@@ -280,7 +278,11 @@ def run(cfg: PhenomenaConfig, loaded=None, verbose: bool = True) -> list[Row]:
 
 def define_flags() -> None:
     common.define_common_flags()
-    flags.DEFINE_enum("mode", "phenomena", ["phenomena"], "what to evaluate")
+    flags.DEFINE_enum("mode", "phenomena", ["phenomena", "assistant"],
+                      "phenomena: a base model's phenomena table; assistant: what SFT must show "
+                      "(experiments/assistant_eval.py)")
+    flags.DEFINE_integer("n_per_row", 50, "assistant mode: prompts per row")
+    flags.DEFINE_bool("compare_base", False, "assistant mode: also evaluate the run's base model (base_ keys)")
     flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
     flags.DEFINE_integer("docs_per_group", 32, "documents per copies-group (regurgitation)")
     flags.DEFINE_integer("entities_per_tier", 40, "entities per tier (facts)")
@@ -293,6 +295,11 @@ def main(argv):
     common.quiet_logging()
     F = flags.FLAGS
     common.require_out_dir(F.out_dir)
+    if F.mode == "assistant":
+        from experiments import assistant_eval
+
+        assistant_eval.run(F.out_dir, n=F.n_per_row, seed=F.seed, mesh=F.mesh, compare_base=F.compare_base)
+        return
     run(PhenomenaConfig(out_dir=F.out_dir, step=F.step, docs_per_group=F.docs_per_group,
                         entities_per_tier=F.entities_per_tier, fewshot_queries=F.fewshot_queries,
                         seed=F.seed, mesh=F.mesh))
@@ -300,4 +307,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(common.cli(main))
