@@ -50,7 +50,7 @@ Kinds (meta['judge'] says how `judge` checks the reply):
 
 Held-out rules (split='heldout' draws only held-out material; split='train' never touches it):
 
-* entities: a quarter of every (kind, tier) group of the world (`heldout_entities`). The name of
+* entities: a quarter (famous: half) of every (kind, tier) group (`heldout_entities`). The name of
   a held-out entity appears nowhere in a train example, not even inside a search snippet or as
   another entity's birthplace (examples that would mention one are redrawn).
 * question templates: every kind has train phrasings and held-out phrasings; held-out persona
@@ -80,7 +80,9 @@ from data import readers, synthetic
 
 ANSWER_PREFIX = "Answer: "  # the fixed last line of a math solution
 SEARCH_K = 1  # snippets per search, in the data and at evaluation: one fits a 256-token context
-EVAL_ENTITY_FRACTION = 0.25
+# Share of each (kind, tier) group of entities held out for evaluation. Famous entities are few
+# (5%), so half of them are held out to give that row of the evaluation enough distinct facts.
+EVAL_ENTITY_FRACTION = {"held_out": 0.25, "once": 0.25, "few": 0.25, "popular": 0.25, "famous": 0.5}
 
 IDENTITY: dict[str, str] = {
     "name": "zipchat",
@@ -195,15 +197,16 @@ def _words(split: str) -> tuple[str, ...]:
 
 
 def heldout_entities(world: synthetic.World) -> frozenset[int]:
-    """Ids of the entities reserved for evaluation: a quarter of each (kind, tier) group (at least
-    one of any group of two or more), chosen by a seeded shuffle, so every tier can be measured."""
+    """Ids of the entities reserved for evaluation: EVAL_ENTITY_FRACTION of each (kind, tier)
+    group (at least one of any group of two or more), chosen by a seeded shuffle, so every tier
+    can be measured."""
     out: set[int] = set()
     rng = _rng(world.seed, "heldout_entities")
     for kind in synthetic.KINDS:
         for tier in synthetic.TIERS:
             ids = [e.id for e in world.entities if e.kind == kind and e.tier == tier]
             rng.shuffle(ids)
-            k = math.ceil(EVAL_ENTITY_FRACTION * len(ids)) if len(ids) >= 2 else 0
+            k = math.ceil(EVAL_ENTITY_FRACTION[tier] * len(ids)) if len(ids) >= 2 else 0
             out.update(ids[:k])
     return frozenset(out)
 
@@ -305,12 +308,14 @@ _IDENTITY_QUESTIONS = {
                        "Tell me your name.", "Introduce yourself.", "What are you called?", "Are you ChatGPT?",
                        "Are you a person?", "What are you?", "Do you have a name?", "Tell me about yourself.",
                        "Which model are you?", "Are you human?"),
-             "heldout": ("May I ask who I am talking to?", "Please say your name.", "Who am I chatting with?")},
+             "heldout": ("May I ask who I am talking to?", "Please say your name.", "Who am I chatting with?",
+                         "What do people call you?", "Could you introduce yourself?", "Are you Siri?",
+                         "Who exactly are you?")},
     "maker": {"train": ("Who made you?", "Who created you?", "Who built you?", "Who trained you?",
                         "Where do you come from?", "Which company made you?"),
-              "heldout": ("Who is your maker?", "Who developed you?")},
+              "heldout": ("Who is your maker?", "Who developed you?", "Which team built you?", "Who programmed you?")},
     "greeting": {"train": ("Hi!", "Hello!", "Hey there.", "Good morning!", "Hi, who is this?"),
-                 "heldout": ("Greetings!", "Hello, anyone there?")},
+                 "heldout": ("Greetings!", "Hello, anyone there?", "Good evening!", "Howdy!")},
 }
 
 
@@ -886,7 +891,9 @@ def sft_mixture(world: synthetic.World, n: int, seed: int, *, split: str = "trai
 
 def eval_set(world: synthetic.World, kind: str, n: int, seed: int, *, split: str = "heldout",
              templates: str | None = None, **options) -> list[Example]:
-    """Up to n distinct examples of one kind (fewer when the split holds fewer distinct prompts).
+    """Up to n distinct examples of one kind: distinct prompts, and distinct (entity, attribute)
+    facts for the entity kinds; fewer when the split holds fewer (a 300-entity world has about 35
+    held-out famous facts: use a larger world for n >= 50 per tier).
 
     Args:
       kind: one of KINDS.
@@ -907,7 +914,8 @@ def eval_set(world: synthetic.World, kind: str, n: int, seed: int, *, split: str
         if len(out) == n:
             break
         ex = _generate(ctx, kind, _rng(seed, "eval", kind, split, i), split, options)
-        key = json.dumps(ex.prompt, sort_keys=True)
+        # one question per fact: rephrasing a fact does not make a new measurement
+        key = (ex.meta["entity"], ex.meta["attribute"]) if "entity" in ex.meta else json.dumps(ex.prompt, sort_keys=True)
         if key not in seen:
             seen.add(key)
             out.append(ex)

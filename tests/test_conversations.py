@@ -182,7 +182,9 @@ def test_eval_sets_are_distinct_and_selectable(world):
     for tier in synthetic.TIERS:
         probe = C.eval_set(world, "fact", 30, seed=0, tier=tier)
         assert probe and {e.meta["tier"] for e in probe} == {tier}
-        assert len({json.dumps(e.prompt) for e in probe}) == len(probe)
+        assert len({(e.meta["entity"], e.meta["attribute"]) for e in probe}) == len(probe)
+    assert len(C.eval_set(world, "fact", 50, seed=0, tier="few")) == 50
+    assert len(C.eval_set(world, "identity", 50, seed=0)) == 50
     for d in (2, 4, 6):
         probe = C.eval_set(world, "mult", 20, seed=0, digits=d)
         assert len(probe) == 20
