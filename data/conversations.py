@@ -1,8 +1,10 @@
 """Conversations with ground truth for supervised fine-tuning and the assistant evaluation.
 
 Every conversation is generated from the synthetic world (data/synthetic.py), deterministic by
-seed, and carries the answer a judge looks for. Readers for real chat data (jsonl `messages`,
-ShareGPT `conversations`, GSM8K with calculator calls) return the same `Example` type.
+seed, and carries the answer a judge looks for. Readers for real chat data (`read_messages`:
+role/content lists as SmolTalk and UltraChat ship them; `read_sharegpt`: from/value;
+`read_gsm8k_conversations`: GSM8K with calculator calls) return the same `Example` type, and
+`open_conversations("synthetic:n=20000+gsm8k:PATH", world)` reads a flag string.
 
     world = synthetic.make_world(seed=0, n_entities=300)
     train = sft_mixture(world, n=20_000, seed=0)                  # list[Example], split 'train'
@@ -1073,9 +1075,10 @@ def _conversation(where: str, messages: list[dict], source: str) -> Example:
     return Example("chat", tuple(messages), "", dict(source=source, judge="contains"))
 
 
-def read_chat_jsonl(path, *, field: str = "messages", limit: int | None = None) -> list[Example]:
-    """Conversations stored as {"messages": [{"role", "content"}, ...]} per line (SmolTalk,
-    UltraChat, OpenAI fine-tuning files). Extra keys are ignored.
+def read_messages(path, *, field: str = "messages", limit: int | None = None) -> list[Example]:
+    """Conversations stored as {"messages": [{"role", "content"}, ...]}: one per line of .jsonl
+    files (OpenAI fine-tuning files), a list in .json files, or a column of .parquet files
+    (SmolTalk, UltraChat). Extra keys are ignored.
 
     Raises:
       ValueError naming file and line: bad JSON, a missing or non-list `field`, a message
@@ -1103,7 +1106,7 @@ def read_sharegpt(path, *, field: str = "conversations", limit: int | None = Non
     "system" string (some exports) becomes the first message.
 
     Raises:
-      ValueError naming file and line (item number for .json): as read_chat_jsonl, plus an
+      ValueError naming file and line (item number for .json): as read_messages, plus an
       unknown 'from' value.
     """
     out = []
@@ -1150,4 +1153,57 @@ def read_gsm8k_conversations(path, *, order: str = "reasoning_first", tools_on: 
         out.append(dataclasses.replace(ex, meta=ex.meta | {"source": where}))
         if limit is not None and len(out) >= limit:
             break
+    return out
+
+
+def open_conversations(spec: str, world: synthetic.World | None = None) -> list[Example]:
+    """Conversations from a flag string; several joined with '+' are concatenated (in order: the
+    SFT pipeline shuffles).
+
+    Forms (options after commas):
+      synthetic[:n=20000,seed=0,split=train]      sft_mixture of `world` (the base model's world)
+      messages:PATH[,field=messages,limit=N]        read_messages
+      sharegpt:PATH[,field=conversations,limit=N]   read_sharegpt
+      gsm8k:PATH[,limit=N,tools=1,order=reasoning_first]   read_gsm8k_conversations
+    Raises:
+      ValueError naming the part of the spec: unknown kind or option, missing path, a synthetic
+      part without a world.
+    """
+    parts = [p.strip() for p in spec.split("+") if p.strip()]
+    if not parts:
+        raise ValueError("conversation spec is empty (try synthetic:n=20000)")
+    out: list[Example] = []
+    for part in parts:
+        kind, _, rest = part.partition(":")
+        fields = [f for f in rest.split(",") if f]
+        path = None
+        if kind != "synthetic":
+            if not fields or "=" in fields[0]:
+                raise ValueError(f"conversation source {part!r}: {kind} needs a path, e.g. {kind}:/data/file.jsonl")
+            path, fields = fields[0], fields[1:]
+        opts = {}
+        for f in fields:
+            k, eq, v = f.partition("=")
+            if not eq:
+                raise ValueError(f"conversation source {part!r}: option {f!r} is not key=value")
+            opts[k.strip()] = v.strip()
+        allowed = {"synthetic": ("n", "seed", "split"), "messages": ("field", "limit"),
+                   "sharegpt": ("field", "limit"), "gsm8k": ("limit", "tools", "order")}.get(kind)
+        if allowed is None:
+            raise ValueError(f"conversation source {part!r}: unknown kind {kind!r} (synthetic, messages, sharegpt, gsm8k)")
+        unknown = sorted(set(opts) - set(allowed))
+        if unknown:
+            raise ValueError(f"conversation source {part!r}: unknown option(s) {unknown}; allowed: {allowed}")
+        limit = int(opts["limit"]) if "limit" in opts else None
+        if kind == "synthetic":
+            if world is None:
+                raise ValueError(f"conversation source {part!r}: synthetic conversations need the base model's world")
+            out += sft_mixture(world, int(opts.get("n", 20000)), int(opts.get("seed", 0)), split=opts.get("split", "train"))
+        elif kind == "messages":
+            out += read_messages(path, field=opts.get("field", "messages"), limit=limit)
+        elif kind == "sharegpt":
+            out += read_sharegpt(path, field=opts.get("field", "conversations"), limit=limit)
+        else:
+            out += read_gsm8k_conversations(path, order=opts.get("order", "reasoning_first"),
+                                            tools_on=opts.get("tools", "1") not in ("0", "false", "False"), limit=limit)
     return out

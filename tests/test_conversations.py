@@ -413,7 +413,7 @@ def test_chat_readers(tmp_path):
             {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
                           {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6"}]}]
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    out = C.read_chat_jsonl(f)
+    out = C.read_messages(f)
     assert [list(e.messages) for e in out] == [r["messages"] for r in rows]
     assert out[1].prompt[-1]["content"] == "And 3+3?" and out[1].reply_text == "6"
 
@@ -436,28 +436,42 @@ def test_parquet_conversations(tmp_path):
 
     msgs = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(5)]
     pq.write_table(pa.table({"messages": msgs, "source": ["x"] * 5}), tmp_path / "smol.parquet", row_group_size=2)
-    out = C.read_chat_jsonl(tmp_path, limit=4)
+    out = C.read_messages(tmp_path, limit=4)
     assert [list(e.messages) for e in out] == msgs[:4]
     pq.write_table(pa.table({"messages": [[{"role": "user", "content": "q"}]]}), tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'bad.parquet'}: row 0: the conversation has no assistant")):
-        C.read_chat_jsonl(tmp_path / "bad.parquet")
+        C.read_messages(tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match="no column 'conversations'"):
         C.read_sharegpt(tmp_path / "smol.parquet")
 
 
+def test_open_conversations(tmp_path, world):
+    f = tmp_path / "g.jsonl"
+    f.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": f"{i}+1 = <<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"})
+                           for i in range(3)) + "\n")
+    out = C.open_conversations(f"synthetic:n=5,seed=2+gsm8k:{f},limit=2,tools=0", world)
+    assert [e.kind for e in out[5:]] == ["gsm8k", "gsm8k"] and len(out) == 7
+    assert _dump(out[:5]) == _dump(C.sft_mixture(world, 5, seed=2))
+    assert not _tool_pairs(out[5].messages)
+    for bad, match in (("synthetic:n=5", "need the base model's world"), ("poems:x", "unknown kind"),
+                       (f"gsm8k:{f},tool=1", "unknown option"), ("messages:limit=3", "needs a path"), ("", "empty")):
+        with pytest.raises(ValueError, match=match):
+            C.open_conversations(bad, None if "world" in match else world)
+
+
 @pytest.mark.parametrize("reader, line2, match", [
-    (C.read_chat_jsonl, "{not json", "not valid JSON"),
-    (C.read_chat_jsonl, json.dumps({"text": "hi"}), "non-empty list 'messages'"),
-    (C.read_chat_jsonl, json.dumps({"messages": [{"role": "robot", "content": "x"}]}), "role 'robot'"),
-    (C.read_chat_jsonl, json.dumps({"messages": [{"role": "user"}]}), "needs 'role' and 'content'"),
-    (C.read_chat_jsonl, json.dumps({"messages": [{"role": "user", "content": "x"}]}), "no assistant message"),
+    (C.read_messages, "{not json", "not valid JSON"),
+    (C.read_messages, json.dumps({"text": "hi"}), "non-empty list 'messages'"),
+    (C.read_messages, json.dumps({"messages": [{"role": "robot", "content": "x"}]}), "role 'robot'"),
+    (C.read_messages, json.dumps({"messages": [{"role": "user"}]}), "needs 'role' and 'content'"),
+    (C.read_messages, json.dumps({"messages": [{"role": "user", "content": "x"}]}), "no assistant message"),
     (C.read_sharegpt, json.dumps({"conversations": [{"from": "alien", "value": "x"}]}), "unknown 'from'"),
     (C.read_sharegpt, json.dumps({"conversations": [{"from": "human"}]}), "needs 'from' and 'value'"),
     (C.read_gsm8k_conversations, json.dumps({"question": "q", "answer": "no final line"}), "'####"),
     (C.read_gsm8k_conversations, json.dumps({"question": "q"}), "'question' and 'answer'"),
 ])
 def test_readers_name_file_and_line_on_bad_records(tmp_path, reader, line2, match):
-    good = {C.read_chat_jsonl: {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+    good = {C.read_messages: {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
             C.read_sharegpt: {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
             C.read_gsm8k_conversations: {"question": "q", "answer": "1+1 = <<1+1=2>>2\n#### 2"}}[reader]
     f = tmp_path / "bad.jsonl"
