@@ -251,7 +251,7 @@ def search_documents(world: synthetic.World) -> list[tuple[str, str]]:
         by_entity.setdefault(r["entity"], []).append(r)
     docs = []
     for e in world.entities:
-        lines = [f"{e.name} is a {e.kind}."]
+        lines = [f"{e.name} is {'an' if e.kind[0] in 'aeiou' else 'a'} {e.kind}."]
         lines += [f"{NOUNS[r['attribute']].capitalize()}: {r['value']}." for r in by_entity.get(e.name, ())]
         docs.append((e.name, " ".join(lines)))
     return docs
@@ -392,8 +392,7 @@ def _question(rng, name: str, kind: str, attr: str) -> str:
     return f"What is the {NOUNS[attr]} of {name}?"
 
 
-def fact_sentence(world: synthetic.World, e: synthetic.Entity, attr: str, value: str, *,
-                  subject: str | None = None) -> str:
+def fact_sentence(e: synthetic.Entity, attr: str, value: str, *, subject: str | None = None) -> str:
     """The reply sentence: the first (most frequent) sentence form the corpus uses for the fact."""
     subj = subject or e.name
     poss = {"she": "her", "he": "his", "it": "its"}[e.pronoun]
@@ -414,7 +413,7 @@ def _gen_fact(ctx, rng, split, tier=None):
     e, r = _fact_record(ctx, rng, split, DIRECT_TIERS, tier)
     wrapper, template = _pick(ctx, rng, _FACT_WRAPPERS, split)
     q = wrapper.format(q=_question(rng, e.name, e.kind, r["attribute"]))
-    reply = fact_sentence(ctx.world, e, r["attribute"], r["value"])
+    reply = fact_sentence(e, r["attribute"], r["value"])
     return Example("fact", (_user(q), _assistant(reply)), r["value"],
                    dict(entity=e.name, tier=e.tier, attribute=r["attribute"], template=template,
                         split=split, judge="contains"))
@@ -430,9 +429,9 @@ def _gen_fact_followup(ctx, rng, split, tier=None):
     subject = e.pronoun if e.kind == "person" else e.name  # "It has a population..." reads oddly
     messages = (
         _user(wrapper.format(q=_question(rng, e.name, e.kind, r1["attribute"]))),
-        _assistant(fact_sentence(ctx.world, e, r1["attribute"], r1["value"])),
+        _assistant(fact_sentence(e, r1["attribute"], r1["value"])),
         _user(follow.format(poss=poss, noun=NOUNS[r2["attribute"]])),
-        _assistant(fact_sentence(ctx.world, e, r2["attribute"], r2["value"], subject=subject)),
+        _assistant(fact_sentence(e, r2["attribute"], r2["value"], subject=subject)),
     )
     return Example("fact_followup", messages, r2["value"],
                    dict(entity=e.name, tier=e.tier, attribute=r2["attribute"], first_attribute=r1["attribute"],
@@ -448,7 +447,7 @@ def _gen_search(ctx, rng, split, tier=None):
     found = f": {r['value']}." in snippet
     if split == "train" and not found:
         return None  # a training reply must take its answer from the snippet: redraw (rare)
-    reply = [_call("search", query), _output(snippet), _text(fact_sentence(ctx.world, e, r["attribute"], r["value"]))]
+    reply = [_call("search", query), _output(snippet), _text(fact_sentence(e, r["attribute"], r["value"]))]
     return Example("search", (_user(q), _assistant(reply)), r["value"],
                    dict(entity=e.name, tier=e.tier, attribute=r["attribute"], template=template, split=split,
                         tool="search", snippet_has_answer=found, judge="contains"))
@@ -460,8 +459,8 @@ def _gen_search(ctx, rng, split, tier=None):
 _ANNOTATION = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
 
 
-def annotated_parts(text: str, *, tools_on: bool = True) -> list[dict]:
-    """GSM8K-annotated text -> message parts: each '<<expr=result>>' becomes a calculator call on
+def annotated_parts(text: str, *, tools_on: bool = True) -> str | list[dict]:
+    """GSM8K-annotated text -> message content (canonical form: a str when no call is left): each '<<expr=result>>' becomes a calculator call on
     expr with the calculator's own output (tools_on), or is dropped (tools off: the written
     result that follows it stays). An expression the calculator refuses is dropped too, so no
     training reply shows a tool error."""
@@ -536,12 +535,12 @@ _SHORT_MATH = {
     "pages": ("{n} reads {a} pages a day for {b} days. Then {p} reads {c} more pages. How many pages does {n} read in all?",
               ("{a}*{b} = <<{a}*{b}={ab}>>{ab} pages.", "{ab}+{c} = <<{ab}+{c}={r}>>{r} pages in all."),
               lambda a, b, c: a * b + c),
-    "eat_then_buy": ("{n} has {a}{b} {things}. {P} eats {c} and then buys {c} more twice. How many {things} does {n} have?",
-                     ("After eating, {a}{b}-{c} = <<{a}{b}-{c}={amc}>>{amc} {things}.",
-                      "Then {amc}+{c}+{c} = <<{amc}+{c}+{c}={r}>>{r} {things}."),
-                     lambda a, b, c: 10 * a + b + c),
+    # held out: a new story over the same two operations
+    "trays": ("{n} bakes {a} trays with {b} muffins on each tray and drops {c} muffins. How many muffins are left?",
+              ("{a}*{b} = <<{a}*{b}={ab}>>{ab} muffins were baked.", "{ab}-{c} = <<{ab}-{c}={r}>>{r} muffins are left."),
+              lambda a, b, c: a * b - c),
 }
-SHORT_MATH_HELDOUT_TEMPLATES = ("eat_then_buy",)
+SHORT_MATH_HELDOUT_TEMPLATES = ("trays",)
 
 
 def short_math_problems(seed: int, split: str = "train", n: int = 100) -> list[dict]:
@@ -568,7 +567,7 @@ def short_math_problems(seed: int, split: str = "train", n: int = 100) -> list[d
         _, things = rng.choice(synthetic._ITEMS)
         r = fn(a, b, c)
         values = dict(n=who, p=pron, P=pron.capitalize(), o={"she": "her", "he": "him"}[pron], things=things, a=a, b=b, c=c,
-                      ab=a * b, apb=a + b, amc=10 * a + b - c, r=r)
+                      ab=a * b, apb=a + b, r=r)
         steps = "\n".join(s.format(**values) for s in steps_t)
         out.append(dict(question=q_t.format(**values), solution=f"{steps}\n#### {r}", answer=str(r),
                         template=name, split=split, numbers=[a, b, c]))
