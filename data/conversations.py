@@ -74,7 +74,7 @@ import random
 import re
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable
+from typing import Callable
 
 from core import chat as chat_lib
 from core import tools
@@ -354,8 +354,10 @@ _PERSONAS = {"train": ("Nova", "Atlas", "Sage", "Echo", "Orion", "Pixel", "Junip
 _MAKERS = {"train": ("Acme Labs", "Blue Harbor AI", "Northwind Research", "the Tinker Company",
                      "Silverleaf", "Orbit Systems", "Lantern Works", "Redwood AI"),
            "heldout": ("Brightpath", "Copperfield Labs", "Moonbeam Inc.")}
-_PERSONA_PROMPTS = {"train": ("You are {name}, an assistant made by {maker}.", "Your name is {name}. You were made by {maker}.",
-                              "You are {name}, built by {maker}. Be helpful.", "Act as {name}, the assistant of {maker}."),
+_PERSONA_PROMPTS = {"train": ("You are {name}, an assistant made by {maker}.",
+                              "Your name is {name}. You were made by {maker}.",
+                              "You are {name}, built by {maker}. Be helpful.",
+                              "Act as {name}, the assistant of {maker}."),
                     "heldout": ("From now on your name is {name}, and {maker} created you.",)}
 
 
@@ -460,10 +462,11 @@ _ANNOTATION = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
 
 
 def annotated_parts(text: str, *, tools_on: bool = True) -> str | list[dict]:
-    """GSM8K-annotated text -> message content (canonical form: a str when no call is left): each '<<expr=result>>' becomes a calculator call on
-    expr with the calculator's own output (tools_on), or is dropped (tools off: the written
-    result that follows it stays). An expression the calculator refuses is dropped too, so no
-    training reply shows a tool error."""
+    """GSM8K-annotated text -> message content (canonical form: a str when no call is left).
+
+    Each '<<expr=result>>' becomes a calculator call on expr with the calculator's own output
+    (tools_on), or is dropped (tools off: the written result that follows it stays). An
+    expression the calculator refuses is dropped too, so no training reply shows a tool error."""
     parts: list[dict] = []
     pos = 0
     for m in _ANNOTATION.finditer(text):
@@ -522,22 +525,26 @@ def _gen_math(ctx, rng, split):
 _SHORT_MATH = {
     "bags_give": ("{n} has {a} bags with {b} {things} in each bag. {P} gives away {c} {things}. "
                   "How many {things} does {n} have left?",
-                  ("{n} has {a}*{b} = <<{a}*{b}={ab}>>{ab} {things}.", "{ab}-{c} = <<{ab}-{c}={r}>>{r} {things} are left."),
+                  ("{n} has {a}*{b} = <<{a}*{b}={ab}>>{ab} {things}.",
+                   "{ab}-{c} = <<{ab}-{c}={r}>>{r} {things} are left."),
                   lambda a, b, c: a * b - c),
     "buy_packs": ("{n} has {c} {things}. {P} buys {a} packs with {b} {things} in each pack. "
                   "How many {things} does {n} have now?",
-                  ("The packs hold {a}*{b} = <<{a}*{b}={ab}>>{ab} {things}.", "{ab}+{c} = <<{ab}+{c}={r}>>{r} {things} in all."),
+                  ("The packs hold {a}*{b} = <<{a}*{b}={ab}>>{ab} {things}.",
+                   "{ab}+{c} = <<{ab}+{c}={r}>>{r} {things} in all."),
                   lambda a, b, c: a * b + c),
     "three_friends": ("{n} has {a} {things}. A friend gives {o} {b} more, and another friend gives {o} {c} more. "
                       "How many {things} does {n} have?",
                       ("{a}+{b} = <<{a}+{b}={apb}>>{apb} {things}.", "{apb}+{c} = <<{apb}+{c}={r}>>{r} {things}."),
                       lambda a, b, c: a + b + c),
-    "pages": ("{n} reads {a} pages a day for {b} days. Then {p} reads {c} more pages. How many pages does {n} read in all?",
+    "pages": ("{n} reads {a} pages a day for {b} days. Then {p} reads {c} more pages. "
+              "How many pages does {n} read in all?",
               ("{a}*{b} = <<{a}*{b}={ab}>>{ab} pages.", "{ab}+{c} = <<{ab}+{c}={r}>>{r} pages in all."),
               lambda a, b, c: a * b + c),
     # held out: a new story over the same two operations
     "trays": ("{n} bakes {a} trays with {b} muffins on each tray and drops {c} muffins. How many muffins are left?",
-              ("{a}*{b} = <<{a}*{b}={ab}>>{ab} muffins were baked.", "{ab}-{c} = <<{ab}-{c}={r}>>{r} muffins are left."),
+              ("{a}*{b} = <<{a}*{b}={ab}>>{ab} muffins were baked.",
+               "{ab}-{c} = <<{ab}-{c}={r}>>{r} muffins are left."),
               lambda a, b, c: a * b - c),
 }
 SHORT_MATH_HELDOUT_TEMPLATES = ("trays",)
@@ -566,8 +573,8 @@ def short_math_problems(seed: int, split: str = "train", n: int = 100) -> list[d
         pron = synthetic._PRONOUN[who]
         _, things = rng.choice(synthetic._ITEMS)
         r = fn(a, b, c)
-        values = dict(n=who, p=pron, P=pron.capitalize(), o={"she": "her", "he": "him"}[pron], things=things, a=a, b=b, c=c,
-                      ab=a * b, apb=a + b, r=r)
+        values = dict(n=who, p=pron, P=pron.capitalize(), o={"she": "her", "he": "him"}[pron], things=things,
+                      a=a, b=b, c=c, ab=a * b, apb=a + b, r=r)
         steps = "\n".join(s.format(**values) for s in steps_t)
         out.append(dict(question=q_t.format(**values), solution=f"{steps}\n#### {r}", answer=str(r),
                         template=name, split=split, numbers=[a, b, c]))
@@ -596,8 +603,7 @@ def _operand(rng, digits: int) -> int:
 
 
 def _draw_numbers(rng, split: str, draw: Callable[[], tuple]) -> tuple:
-    """Draws operand tuples until one belongs to `split`; small spaces where every tuple is
-    held-out-free are impossible (1 in 8 are held out), so this ends quickly."""
+    """Draws operand tuples until one belongs to `split` (1 in 8 is held out, so a few draws do)."""
     for _ in range(1000):
         nums = draw()
         if heldout_numbers(*nums) == (split == "heldout"):
@@ -607,7 +613,8 @@ def _draw_numbers(rng, split: str, draw: Callable[[], tuple]) -> tuple:
 
 def _gen_mult(ctx, rng, split, digits=None):
     if digits is None:  # a third small (answered directly), the rest up to 6 x 6 digits (calculator)
-        da, db = rng.choice(((1, 1), (1, 1), (2, 1), (1, 2))) if rng.random() < 0.35 else (rng.randint(1, 6), rng.randint(1, 6))
+        small = rng.random() < 0.35
+        da, db = rng.choice(((1, 1), (1, 1), (2, 1), (1, 2))) if small else (rng.randint(1, 6), rng.randint(1, 6))
     elif isinstance(digits, int):
         da = db = digits
     else:
@@ -635,7 +642,8 @@ def _gen_sum(ctx, rng, split, n_terms=None, digits=None):
     total = sum(nums)
     line = f"{expr} = {total}."
     direct = k == 2 and d <= 2
-    reply = line if direct else [_call("calculator", expr.replace(" ", "")), _output(tools.calculator(expr.replace(" ", ""))), _text(line)]
+    call = expr.replace(" ", "")
+    reply = line if direct else [_call("calculator", call), _output(tools.calculator(call)), _text(line)]
     return Example("sum", (_user(q), _assistant(reply)), str(total),
                    dict(numbers=list(nums), digits=d, template=template, split=split,
                         tool=None if direct else "calculator", judge="number"))
@@ -649,8 +657,9 @@ def _ordinal(n: int) -> str:
 
 
 _LETTER_QUESTIONS = {
-    "count_letters": {"train": ('How many times does the letter "{l}" appear in "{w}"?', 'How many "{l}" are in the word "{w}"?',
-                                'Count the letter "{l}" in "{w}".', 'How often does "{l}" occur in "{w}"?'),
+    "count_letters": {"train": ('How many times does the letter "{l}" appear in "{w}"?',
+                                'How many "{l}" are in the word "{w}"?', 'Count the letter "{l}" in "{w}".',
+                                'How often does "{l}" occur in "{w}"?'),
                       "heldout": ("How many {l} in {w}?", 'In the word "{w}", how many times is there a "{l}"?')},
     "spell": {"train": ('Spell the word "{w}".', 'How do you spell "{w}"?', 'Spell "{w}" letter by letter.'),
               "heldout": ("Can you spell {w} for me?",)},
@@ -667,17 +676,18 @@ _LETTER_QUESTIONS = {
 def _letter_task(kind: str, rng, w: str):
     """(python code, the value it prints, reply sentence, answer, judge mode)."""
     if kind == "count_letters":
-        letter = rng.choice(w) if rng.random() < 0.85 else rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c not in w])
+        absent = [c for c in "abcdefghijklmnopqrstuvwxyz" if c not in w]
+        letter = rng.choice(w) if rng.random() < 0.85 else rng.choice(absent)  # sometimes 0
         c = w.count(letter)
-        return (f'print("{w}".count("{letter}"))', c, f'The letter "{letter}" appears {c} {"time" if c == 1 else "times"} in "{w}".',
-                str(c), "number", dict(letter=letter))
+        sentence = f'The letter "{letter}" appears {c} {"time" if c == 1 else "times"} in "{w}".'
+        return f'print("{w}".count("{letter}"))', c, sentence, str(c), "number", dict(letter=letter)
     if kind == "spell":
         s = "-".join(w)
         return f'print("-".join("{w}"))', s, f'"{w}" is spelled {s}.', s, "contains", {}
     if kind == "nth_letter":
         n = rng.randint(1, len(w))
-        return (f'print("{w}"[{n - 1}])', w[n - 1], f'The {_ordinal(n)} letter of "{w}" is "{w[n - 1]}".', w[n - 1], "quoted",
-                dict(n=n, nth=_ordinal(n)))
+        sentence = f'The {_ordinal(n)} letter of "{w}" is "{w[n - 1]}".'
+        return f'print("{w}"[{n - 1}])', w[n - 1], sentence, w[n - 1], "quoted", dict(n=n, nth=_ordinal(n))
     if kind == "reverse":
         return f'print("{w}"[::-1])', w[::-1], f'"{w}" backwards is "{w[::-1]}".', w[::-1], "quoted", {}
     if kind == "length":
@@ -706,7 +716,8 @@ def _gen_letters(kind):
 # System prompts, memory, presets
 
 _INSTRUCTIONS = {
-    "upper": {"train": ("Answer in capital letters.", "Write your replies in uppercase only.", "ALWAYS REPLY IN CAPITALS."),
+    "upper": {"train": ("Answer in capital letters.", "Write your replies in uppercase only.",
+                        "ALWAYS REPLY IN CAPITALS."),
               "heldout": ("Use only upper-case letters when you answer.",)},
     "prefix": {"train": ('Begin every reply with "{w}"', 'Start each answer with the word "{w}".'),
                "heldout": ('Your replies must open with "{w}"',)},
@@ -715,7 +726,8 @@ _INSTRUCTIONS = {
     "answer_only": {"train": ("Reply with the answer only, no sentence.", "Give just the answer, nothing else."),
                     "heldout": ("Be terse: only the bare answer.",)},
 }
-_MARKER_WORDS = {"train": ("Sure!", "Okay.", "Ahoy!", "Indeed.", "Cheers!", "Bye!", "Done.", "Right.", "Hello!", "Yes."),
+_MARKER_WORDS = {"train": ("Sure!", "Okay.", "Ahoy!", "Indeed.", "Cheers!", "Bye!", "Done.", "Right.", "Hello!",
+                           "Yes."),
                  "heldout": ("Roger.", "Splendid!", "Voila!")}
 
 
@@ -733,7 +745,7 @@ def _gen_system_instruction(ctx, rng, split):
     tmpl, template = _pick(ctx, rng, _INSTRUCTIONS[rule], split)
     word = rng.choice(_MARKER_WORDS[split])
     reply = base.reply_text
-    meta = dict(base.meta, base_kind=base.kind, instruction=rule, template=f"{rule}/{template}", judge=base.meta["judge"])
+    meta = dict(base.meta, base_kind=base.kind, instruction=rule, template=f"{rule}/{template}")
     if rule == "upper":
         reply = reply.upper()
     elif rule == "prefix":
@@ -770,11 +782,13 @@ _MEMORY_FIELDS = {
     "name": ("My name is {v}.", ("Tom", "Anna", "Ravi", "Lena", "Carlos", "Mei", "Jonas", "Fatima", "Peter", "Sara"),
              ("Boris", "Ingrid", "Kenji"), {"train": ("What's my name?", "Do you know my name?", "What is my name?"),
                                            "heldout": ("Remind me what I'm called.",)}, "Your name is {v}."),
-    "city": ("I live in {v}.", ("Oslo", "Lima", "Cairo", "Dublin", "Perth", "Quito", "Porto", "Riga"), ("Accra", "Hanoi"),
+    "city": ("I live in {v}.", ("Oslo", "Lima", "Cairo", "Dublin", "Perth", "Quito", "Porto", "Riga"),
+             ("Accra", "Hanoi"),
              {"train": ("Where do I live?", "Which city do I live in?"), "heldout": ("What's my home town?",)},
              "You live in {v}."),
     "pet": ("My dog is called {v}.", ("Rex", "Bella", "Max", "Daisy", "Buddy", "Luna"), ("Pepper", "Biscuit"),
-            {"train": ("What is my dog's name?", "What's my dog called?"), "heldout": ("Do you remember my dog's name?",)},
+            {"train": ("What is my dog's name?", "What's my dog called?"),
+             "heldout": ("Do you remember my dog's name?",)},
             "Your dog is called {v}."),
     "color": ("My favourite colour is {v}.", ("blue", "green", "red", "purple", "yellow", "orange"), ("teal", "maroon"),
               {"train": ("What is my favourite colour?", "Which colour do I like best?"),
@@ -793,7 +807,8 @@ def _gen_memory(ctx, rng, split):
     if rng.random() < 0.25:  # memories present but not asked about: answer as usual
         base = _base_qa(ctx, rng, split)
         msgs = (*opening_messages(system, "", memories), *base.prompt, base.reply)
-        return Example("memory", msgs, base.answer, dict(base.meta, base_kind=base.kind, uses_memory=False, memories=memories))
+        meta = dict(base.meta, base_kind=base.kind, uses_memory=False, memories=memories)
+        return Example("memory", msgs, base.answer, meta)
     f = rng.choice(fields)
     q, template = _pick(ctx, rng, _MEMORY_FIELDS[f][3], split)
     msgs = (*opening_messages(system, "", memories), _user(q), _assistant(_MEMORY_FIELDS[f][4].format(v=values[f])))
@@ -804,11 +819,13 @@ def _gen_memory(ctx, rng, split):
 # Presets: rule -> (name, instructions {split: ...}, function word -> reply). Few-shot inputs are
 # words; the query is a word of the split.
 _PRESETS = {
-    "upper": ("shouter", {"train": ("Rewrite the user's word in capital letters.",), "heldout": ("Capitalise every letter of the word.",)},
+    "upper": ("shouter", {"train": ("Rewrite the user's word in capital letters.",),
+                          "heldout": ("Capitalise every letter of the word.",)},
               lambda w, _: w.upper()),
     "repeat": ("echo", {"train": ("Repeat the user's word twice.",), "heldout": ("Say the word two times.",)},
                lambda w, _: f"{w} {w}"),
-    "first_letter": ("initials", {"train": ("Reply with the first letter of the word.",), "heldout": ("Give only the word's initial.",)},
+    "first_letter": ("initials", {"train": ("Reply with the first letter of the word.",),
+                                  "heldout": ("Give only the word's initial.",)},
                      lambda w, _: w[0]),
     "tag": ("tagger", {"train": ('Reply with the word followed by "{m}"',), "heldout": ('Append "{m}" to the word.',)},
             lambda w, m: f"{w} {m}"),
@@ -826,7 +843,8 @@ def _gen_preset(ctx, rng, split):
     query = words[-1]
     msgs = (*opening_messages("", inst, (), shots), _user(query), _assistant(fn(query, marker)))
     preset = {"name": name, "instructions": inst, "examples": [{"user": u, "assistant": a} for u, a in shots]}
-    return Example("preset", msgs, fn(query, marker), dict(rule=rule, word=query, preset=preset, template=f"{rule}/{template}",
+    return Example("preset", msgs, fn(query, marker), dict(rule=rule, word=query, preset=preset,
+                                                           template=f"{rule}/{template}",
                                                            split=split, judge="exact"))
 
 
@@ -916,7 +934,8 @@ def eval_set(world: synthetic.World, kind: str, n: int, seed: int, *, split: str
             break
         ex = _generate(ctx, kind, _rng(seed, "eval", kind, split, i), split, options)
         # one question per fact: rephrasing a fact does not make a new measurement
-        key = (ex.meta["entity"], ex.meta["attribute"]) if "entity" in ex.meta else json.dumps(ex.prompt, sort_keys=True)
+        key = ((ex.meta["entity"], ex.meta["attribute"]) if "entity" in ex.meta
+               else json.dumps(ex.prompt, sort_keys=True))
         if key not in seen:
             seen.add(key)
             out.append(ex)
@@ -1121,7 +1140,8 @@ def read_sharegpt(path, *, field: str = "conversations", limit: int | None = Non
                 raise ValueError(f"{where}: turn {i} needs 'from' and 'value'")
             role = _SHAREGPT_ROLES.get(str(t["from"]).lower())
             if role is None:
-                raise ValueError(f"{where}: turn {i} has unknown 'from' {t['from']!r} (known: {sorted(_SHAREGPT_ROLES)})")
+                raise ValueError(f"{where}: turn {i} has unknown 'from' {t['from']!r} "
+                                 f"(known: {sorted(_SHAREGPT_ROLES)})")
             if not isinstance(t["value"], str):
                 raise ValueError(f"{where}: turn {i} 'value' must be a string")
             conv.append({"role": role, "content": t["value"]})
@@ -1142,7 +1162,7 @@ def read_gsm8k_conversations(path, *, order: str = "reasoning_first", tools_on: 
     """
     out = []
     for where, obj in _records(path, ("question", "answer")):
-        if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not isinstance(obj.get("answer"), str):
+        if not (isinstance(obj, dict) and isinstance(obj.get("question"), str) and isinstance(obj.get("answer"), str)):
             raise ValueError(f"{where}: a GSM8K record needs string fields 'question' and 'answer'")
         if "####" not in obj["answer"]:
             raise ValueError(f"{where}: the answer has no '#### <number>' line")
@@ -1189,7 +1209,8 @@ def open_conversations(spec: str, world: synthetic.World | None = None) -> list[
         allowed = {"synthetic": ("n", "seed", "split"), "messages": ("field", "limit"),
                    "sharegpt": ("field", "limit"), "gsm8k": ("limit", "tools", "order")}.get(kind)
         if allowed is None:
-            raise ValueError(f"conversation source {part!r}: unknown kind {kind!r} (synthetic, messages, sharegpt, gsm8k)")
+            raise ValueError(f"conversation source {part!r}: unknown kind {kind!r} "
+                             "(synthetic, messages, sharegpt, gsm8k)")
         unknown = sorted(set(opts) - set(allowed))
         if unknown:
             raise ValueError(f"conversation source {part!r}: unknown option(s) {unknown}; allowed: {allowed}")
@@ -1197,7 +1218,8 @@ def open_conversations(spec: str, world: synthetic.World | None = None) -> list[
         if kind == "synthetic":
             if world is None:
                 raise ValueError(f"conversation source {part!r}: synthetic conversations need the base model's world")
-            out += sft_mixture(world, int(opts.get("n", 20000)), int(opts.get("seed", 0)), split=opts.get("split", "train"))
+            out += sft_mixture(world, int(opts.get("n", 20000)), int(opts.get("seed", 0)),
+                               split=opts.get("split", "train"))
         elif kind == "messages":
             out += read_messages(path, field=opts.get("field", "messages"), limit=limit)
         elif kind == "sharegpt":

@@ -105,7 +105,8 @@ def _heldout_template_patterns():
     for g in groups:
         for t in g["heldout"]:
             pieces = re.split(r"(\{\w+\})", t)
-            rx = "".join(".+" if p == "{q}" else r"\S+" if re.fullmatch(r"\{\w+\}", p) else re.escape(p) for p in pieces)
+            rx = "".join(".+" if p == "{q}" else r"\S+" if re.fullmatch(r"\{\w+\}", p) else re.escape(p)
+                         for p in pieces)
             patterns.append((t, re.compile(rx, re.S)))
     return patterns
 
@@ -419,8 +420,10 @@ def test_chat_readers(tmp_path):
 
     share = [{"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q"},
                                 {"from": "gpt", "value": "A"}]},
-             {"system": "Be terse.", "conversations": [{"from": "human", "value": "Q2"}, {"from": "gpt", "value": "A2"}]}]
-    expected = [[{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+             {"system": "Be terse.",
+              "conversations": [{"from": "human", "value": "Q2"}, {"from": "gpt", "value": "A2"}]}]
+    expected = [[{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
+                 {"role": "assistant", "content": "A"}],
                 [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Q2"},
                  {"role": "assistant", "content": "A2"}]]
     (tmp_path / "sg.jsonl").write_text("\n".join(json.dumps(r) for r in share) + "\n")
@@ -439,7 +442,8 @@ def test_parquet_conversations(tmp_path):
     out = C.read_messages(tmp_path, limit=4)
     assert [list(e.messages) for e in out] == msgs[:4]
     pq.write_table(pa.table({"messages": [[{"role": "user", "content": "q"}]]}), tmp_path / "bad.parquet")
-    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'bad.parquet'}: row 0: the conversation has no assistant")):
+    where = f"{tmp_path / 'bad.parquet'}: row 0"
+    with pytest.raises(ValueError, match=re.escape(f"{where}: the conversation has no assistant")):
         C.read_messages(tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match="no column 'conversations'"):
         C.read_sharegpt(tmp_path / "smol.parquet")
@@ -447,8 +451,8 @@ def test_parquet_conversations(tmp_path):
 
 def test_open_conversations(tmp_path, world):
     f = tmp_path / "g.jsonl"
-    f.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": f"{i}+1 = <<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"})
-                           for i in range(3)) + "\n")
+    rows = [{"question": f"q{i}", "answer": f"{i}+1 = <<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"} for i in range(3)]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = C.open_conversations(f"synthetic:n=5,seed=2+gsm8k:{f},limit=2,tools=0", world)
     assert [e.kind for e in out[5:]] == ["gsm8k", "gsm8k"] and len(out) == 7
     assert _dump(out[:5]) == _dump(C.sft_mixture(world, 5, seed=2))
