@@ -26,6 +26,7 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import pathlib
 import struct
 from typing import Any, Callable, Optional, Union
@@ -58,6 +59,95 @@ _ST_DTYPES = {
 }
 _ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation
+
+# Bounds on what a file from outside may declare, checked before anything is allocated. They are
+# far above every released model (Llama 3.1 405B: 126 layers, d 16384, vocab 128256) and far
+# below what would exhaust a host.
+MAX_JSON_BYTES = 64 * 2**20          # config.json, the shard index
+MAX_JSON_DEPTH = 64
+MAX_HEADER_BYTES = 100 * 2**20       # a safetensors header (the reference library's own limit)
+MAX_TENSOR_RANK = 8
+CONFIG_BOUNDS = {  # config.json integer fields -> inclusive upper bound (all must be >= 1)
+    "vocab_size": 2**22, "hidden_size": 2**16, "n_embd": 2**16, "num_hidden_layers": 1024,
+    "n_layer": 1024, "num_attention_heads": 1024, "n_head": 1024, "num_key_value_heads": 1024,
+    "head_dim": 2**13, "intermediate_size": 2**20, "n_inner": 2**20,
+    "max_position_embeddings": 2**22, "n_positions": 2**22,
+}
+CONFIG_FLOATS = ("rms_norm_eps", "layer_norm_epsilon", "rope_theta")  # positive, finite numbers
+
+
+def _json_depth(x, limit: int) -> int:
+    """Nesting depth of parsed JSON, stopping (returning limit + 1) once past `limit`."""
+    depth, level = 0, [x]
+    while level:
+        depth += 1
+        if depth > limit:
+            return depth
+        level = [v for c in level if isinstance(c, (dict, list))
+                 for v in (c.values() if isinstance(c, dict) else c) if isinstance(v, (dict, list))]
+    return depth
+
+
+def read_json_object(path, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH) -> dict:
+    """A JSON file that must hold an object, read defensively.
+
+    Args:
+      path: the file.
+      max_bytes: larger files are refused before they are read.
+      max_depth: deeper nesting is refused (the parser's recursion would otherwise crash).
+    Returns:
+      The parsed object.
+    Raises:
+      ValueError naming the file: missing, too large, not UTF-8, not JSON, too deep, not an object.
+    """
+    path = pathlib.Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ValueError(f"{path}: {size} bytes, more than the {max_bytes} accepted for a JSON file")
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    if _json_depth(data, max_depth) > max_depth:
+        raise ValueError(f"{path}: JSON nested more than {max_depth} levels deep")
+    return data
+
+
+def check_config_fields(config: dict, source: str) -> None:
+    """Types and bounds of the size fields of a config.json (see CONFIG_BOUNDS, CONFIG_FLOATS).
+
+    Raises:
+      ValueError naming `source` and the key: a size that is not an integer (strings, floats and
+      booleans included), below 1 or above its bound; a non-numeric or non-positive float field.
+    """
+    for key, bound in CONFIG_BOUNDS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if type(value) is not int:
+            raise ValueError(f"{source}: {key} must be an integer, got {type(value).__name__} {value!r:.40}")
+        if not 1 <= value <= bound:
+            raise ValueError(f"{source}: {key}={value} is out of range [1, {bound}]")
+    for key in CONFIG_FLOATS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{source}: {key} must be a positive finite number, got {value!r:.40}")
+    for key in ("rope_scaling", "rope_parameters"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise ValueError(f"{source}: {key} must be an object, got {type(config[key]).__name__}")
+    if config.get("architectures") is not None and not (
+            isinstance(config["architectures"], list) and all(isinstance(a, str) for a in config["architectures"])):
+        raise ValueError(f"{source}: architectures must be a list of strings")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -144,14 +234,19 @@ def config_from_hf(config: dict, *, source: str = CONFIG_FILE) -> ModelConfig:
     Raises:
       ValueError naming `source` for an unsupported architecture or feature, or a missing field.
     """
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
+    check_config_fields(config, source)
     arch = _architecture(config, source)
     try:
         fields = _gpt2_from_hf(config, source) if arch == GPT2 else _llama_like_from_hf(config, arch, source)
     except KeyError as e:
         raise ValueError(f"{source}: missing field {e.args[0]!r} for {arch}") from None
+    except (TypeError, ValueError) as e:  # e.g. a rope_scaling field of the wrong type
+        raise ValueError(f"{source}: {e}") from None
     try:
         return ModelConfig(**fields)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: {e}") from None
 
 
@@ -322,19 +417,34 @@ def _hf_names(t: _Tensor, n_layers: int) -> list[str]:
 
 
 class _SafetensorsFile:
-    """Lazy reader of one .safetensors file: header parsed eagerly, tensors as memmap views."""
+    """Lazy reader of one .safetensors file: header parsed and checked eagerly, tensors as memmap
+    views. Every malformed header is a ValueError naming the file (and tensor) before any data
+    is mapped: absurd header length, a header that is not an object, missing or mistyped keys,
+    an unknown dtype, negative, reversed, overlapping or misaligned offsets, a byte range that
+    disagrees with dtype x shape, or one past the end of the file."""
 
     def __init__(self, path: pathlib.Path):
         self.path = path
         try:
+            size = os.stat(path).st_size
             with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-        except (OSError, struct.error, ValueError) as e:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise ValueError(f"{path}: not a safetensors file ({size} bytes, no header length)")
+                (n,) = struct.unpack("<Q", head)
+                if n > min(MAX_HEADER_BYTES, size - 8):
+                    raise ValueError(f"{path}: safetensors header length {n} exceeds the file "
+                                     f"({size} bytes) or the {MAX_HEADER_BYTES}-byte limit")
+                header = json.loads(f.read(n).decode("utf-8"))
+        except RecursionError:
+            raise ValueError(f"{path}: safetensors header nested too deeply") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: safetensors header must be a JSON object, got {type(header).__name__}")
         header.pop("__metadata__", None)
-        self.header: dict[str, dict] = header
         self._offset = 8 + n
+        self.header: dict[str, dict] = _checked_header(header, path, size - self._offset)
         self._data: Optional[np.memmap] = None
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -342,17 +452,59 @@ class _SafetensorsFile:
 
     def get(self, name: str) -> np.ndarray:
         info = self.header[name]
-        if info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
         if end == start:
             return np.zeros(info["shape"], _ST_DTYPES[info["dtype"]])
         if self._data is None:
             self._data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._offset)
-        if end > self._data.size:
+        if end > self._data.size:  # the file shrank since its header was checked
             raise ValueError(f"{self.path}: truncated file (tensor {name!r} ends at byte {end} of the data "
                              f"section, which holds {self._data.size})")
         return self._data[start:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def _checked_header(header: dict, path: pathlib.Path, data_bytes: int) -> dict:
+    """The tensor entries of a safetensors header, each checked against the data section.
+
+    Args:
+      header: parsed header without `__metadata__`.
+      path: the file (for messages).
+      data_bytes: size of the data section (file size minus 8 minus the header length).
+    Returns:
+      `header`, unchanged, once every entry is valid.
+    Raises:
+      ValueError naming the file and the tensor.
+    """
+    spans = []
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise ValueError(f"{where}: entry must be an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+            raise ValueError(f"{where}: unsupported dtype {dtype!r:.40} (known: {', '.join(_ST_DTYPES)})")
+        if not (isinstance(shape, list) and len(shape) <= MAX_TENSOR_RANK
+                and all(type(d) is int and d >= 0 for d in shape)):
+            raise ValueError(f"{where}: shape must be a list of at most {MAX_TENSOR_RANK} "
+                             f"non-negative integers, got {shape!r:.80}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise ValueError(f"{where}: data_offsets must be two integers, got {offsets!r:.80}")
+        start, end = offsets
+        itemsize = _ST_DTYPES[dtype].itemsize
+        if not 0 <= start <= end <= data_bytes:
+            raise ValueError(f"{where}: data_offsets {offsets} outside the data section [0, {data_bytes}] "
+                             "(negative, reversed or past the end of the file)")
+        if start % itemsize:
+            raise ValueError(f"{where}: data offset {start} is not aligned to its {itemsize}-byte dtype {dtype}")
+        if end - start != math.prod(shape) * itemsize:
+            raise ValueError(f"{where}: {dtype} {shape} needs {math.prod(shape) * itemsize} bytes but "
+                             f"data_offsets {offsets} hold {end - start}")
+        spans.append((start, end, name))
+    spans.sort()
+    for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+        if s1 < e0 and e1 > s1:
+            raise ValueError(f"{path}: tensors {n0!r} and {n1!r} overlap (bytes {s1}..{min(e0, e1)})")
+    return header
 
 
 class _CheckpointReader:
@@ -361,10 +513,16 @@ class _CheckpointReader:
     def __init__(self, directory: pathlib.Path):
         index, single = directory / INDEX_FILE, directory / WEIGHTS_FILE
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise ValueError(f"{index}: malformed index ({e!r})") from None
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise ValueError(f"{index}: weight_map must be an object of tensor name -> file name")
+            for name, fname in weight_map.items():
+                # a shard is a plain file of this directory: no absolute path, no '..', no subdir
+                if (fname in ("", ".", "..") or "/" in fname or "\\" in fname or "\0" in fname
+                        or os.path.isabs(fname)):
+                    raise ValueError(f"{index}: tensor {name!r} points to {fname!r}, which is not a "
+                                     f"file name inside {directory}")
             missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
             if missing:
                 raise ValueError(f"{index} names shard file(s) that do not exist in {directory}: {missing}")
@@ -400,6 +558,9 @@ class _CheckpointReader:
 
     def where(self, name: str) -> pathlib.Path:
         return self._files[self.weight_map[name]].path
+
+    def files(self) -> list[_SafetensorsFile]:
+        return list(self._files.values())
 
 
 def _write_safetensors(path: pathlib.Path, items: list[tuple[str, tuple, np.dtype, Callable]],
@@ -439,10 +600,7 @@ def _read_config(directory: pathlib.Path) -> tuple[ModelConfig, str]:
         raise ValueError(f"checkpoint directory {directory} does not exist")
     if not path.is_file():
         raise ValueError(f"{path} not found: a Hugging Face checkpoint directory needs a config.json")
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    config = read_json_object(path, max_bytes=4 * 2**20)
     return config_from_hf(config, source=str(path)), _architecture(config, str(path))
 
 
@@ -512,6 +670,13 @@ def load_checkpoint(path, *, mesh=None, shardings: ShardingsArg = None,
     if out_of_sync:
         raise AssertionError(f"core/hf.py tensor map out of sync with core/model.py's layout: {out_of_sync}")
 
+    # The bytes config.json implies must be in the files (at least one byte per parameter)
+    # before names are enumerated or anything is allocated.
+    n_params = sum(math.prod(shape) for _, shape in leaves)
+    stored_bytes = sum(os.stat(f.path).st_size for f in reader.files())
+    if n_params > stored_bytes:
+        raise ValueError(f"{directory / CONFIG_FILE}: implies {n_params:,} parameters but the weight "
+                         f"files hold only {stored_bytes:,} bytes")
     # Validate every name and shape from the headers before reading any data.
     used, missing = set(), []
     for ours, shape in leaves:
