@@ -490,25 +490,28 @@ def make_policy_loss_fn(rl_cfg: RLConfig, *, temperature: float = 1.0):
       'old_logp'   [B, T] float   log-probs of the targets under the sampling policy (recomputed)
       'advantages' [B]    float
       'ref_logp'   [B, T] float   only when the KL term is in the loss
-    The loss mask is core.train.split_batch's (segments and 'mask': 1 only on sampled tokens).
+    The loss mask is core.loss.split_batch's (segments and 'mask': 1 only on sampled tokens).
     logp = log softmax(logits / temperature)[target], the distribution the sampler drew from.
     aux: `policy_loss_sums`' aux (weight = the aggregation's normaliser).
     """
     from core import loss as loss_lib  # local: keep core.rl importable without the model stack
     from core import model as model_lib
-    from core import train as train_lib
 
     kw = rl_cfg.loss_kwargs()
     _check(temperature > 0, f"temperature must be > 0, got {temperature}")
 
     def loss_fn(params, batch, model_cfg):
-        x = train_lib.split_batch(batch)
-        logits_btv, _ = model_lib.forward(params, x["inputs"], model_cfg, positions=x["positions"],
-                                          segment_ids=x["segment_ids"])
-        nll_bt, _ = loss_lib.token_nll(logits_btv / temperature, x["targets"])
+        if temperature == 1.0:
+            logp_bt, mask_bt = loss_lib.token_logprobs(params, batch, model_cfg)  # the shared scorer
+        else:
+            x = loss_lib.split_batch(batch)
+            logits_btv, _ = model_lib.forward(params, x["inputs"], model_cfg, positions=x["positions"],
+                                              segment_ids=x["segment_ids"])
+            nll_bt, _ = loss_lib.token_nll(logits_btv / temperature, x["targets"])
+            logp_bt, mask_bt = -nll_bt, x["mask"]
         ref = batch.get("ref_logp") if kw["kl_coef"] > 0 else None
         _check(kw["kl_coef"] == 0 or ref is not None, "the KL term is in the loss but batch has no 'ref_logp'")
-        return policy_loss_sums(-nll_bt, batch["old_logp"], batch["advantages"], x["mask"],
+        return policy_loss_sums(logp_bt, batch["old_logp"], batch["advantages"], mask_bt,
                                 ref_logp_bt=ref, **kw)
 
     return loss_fn
