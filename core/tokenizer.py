@@ -101,6 +101,23 @@ log = logging.getLogger(__name__)
 
 # The pure-Python encoder spreads a batch over processes from this many characters on.
 _PARALLEL_ENCODE_MIN_CHARS = 1_000_000
+# Bounds on what a tokenizer file may declare, checked before tables are allocated: far above
+# every released vocabulary (o200k: 200k ids; Gemma: 256k) and far below a host's memory.
+MAX_VOCAB_SIZE = 2**22
+MAX_TOKENIZER_FILE_BYTES = 512 * 2**20
+
+
+def normalize_text(text: str) -> str:
+    """`text` with lone surrogates (e.g. "\\ud800", which no UTF-8 can hold) replaced by U+FFFD.
+
+    The rule tiktoken applies before encoding; every encoder here applies it, and so should any
+    code that writes user or model text to a UTF-8 file. Text without surrogates is returned as is.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def gpt4_pattern(max_digits: int = 3) -> str:
@@ -364,6 +381,11 @@ class Tokenizer:
         self.name = name
         self.merges = None if merges is None else [tuple(m) for m in merges]
         self._hf = _hf
+        for what, ids in (("token", self.mergeable_ranks), ("special token", self.special_tokens)):
+            for key, r in ids.items():
+                if type(r) is not int or not 0 <= r < MAX_VOCAB_SIZE:
+                    raise ValueError(f"{what} {key!r:.60} has id {r!r:.40}: not an integer in "
+                                     f"[0, {MAX_VOCAB_SIZE})")
         try:
             regex.compile(pattern)
         except regex.error as e:
@@ -459,15 +481,27 @@ class Tokenizer:
         """Token ids of ordinary text. Never yields a special id: "<|im_end|>" in `text` is plain bytes."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
+        text = normalize_text(text)
         kind, impl = self._get_backend()
         if kind == "tiktoken":
             return impl.encode_ordinary(text)
         if kind == "hf":
-            return impl.encode(text, add_special_tokens=False).ids
+            return self._no_special(impl.encode(text, add_special_tokens=False).ids, text)
         return self.encode_python(text)
+
+    def _no_special(self, ids: list[int], text: str) -> list[int]:
+        """Fast-backend ids, checked: a special id there (a crafted file whose vocabulary reaches
+        a special token's text) sends the text to the Python encoder, which cannot yield one."""
+        if self._special_by_id and not self._special_by_id.keys().isdisjoint(ids):
+            logging.getLogger(__name__).warning(
+                "tokenizer %s: fast backend produced a special id from plain text; using the "
+                "Python encoder", self.name)
+            return self.encode_python(text)
+        return ids
 
     def encode_python(self, text: str) -> list[int]:
         """The pure-Python encoder (same ids as the fast backend)."""
+        text = normalize_text(text)
         if self._hf is not None:
             return self._encode_python_hf(text)
         ranks = self.mergeable_ranks
@@ -517,7 +551,7 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
         """`encode` of many documents, spread over all cores."""
-        texts = list(texts)
+        texts = [normalize_text(t) for t in texts]
         workers = num_threads or os.cpu_count() or 1
         kind, impl = self._get_backend()
         if kind == "tiktoken":
@@ -532,7 +566,8 @@ class Tokenizer:
                 parts = list(ex.map(lambda ts: [enc(t) for t in ts], slices))
             return [ids for part in parts for ids in part]
         if kind == "hf":
-            return [e.ids for e in impl.encode_batch(texts, add_special_tokens=False)]
+            return [self._no_special(e.ids, t)
+                    for e, t in zip(impl.encode_batch(texts, add_special_tokens=False), texts)]
         total = sum(len(t) for t in texts)
         if workers < 2 or total < _PARALLEL_ENCODE_MIN_CHARS:
             return [self.encode_python(t) for t in texts]
@@ -549,6 +584,7 @@ class Tokenizer:
         """For TRUSTED template text only: spelled special tokens become their special ids."""
         if not self.special_tokens:
             return self.encode(text)
+        text = normalize_text(text)
         if self._special_splitter is None:
             names = sorted(self.special_tokens, key=len, reverse=True)  # longest first
             self._special_splitter = regex.compile("(" + "|".join(regex.escape(s) for s in names) + ")")
@@ -776,16 +812,17 @@ def load(path, *, pattern: str | None = None, special_tokens: dict[str, int] | N
     elif path.name == "vocab.bpe" or path.name == "encoder.json":
         tok = _load_gpt2(path.parent / "encoder.json", path.parent / "vocab.bpe", pattern, special_tokens)
     elif suffix == ".json":
+        d = _read_json(path)
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"malformed tokenizer file {path}: not valid JSON ({e})") from None
-        if isinstance(d, dict) and d.get("format") == _FORMAT:
-            tok = _from_dict(d, path)
-        elif isinstance(d, dict) and isinstance(d.get("model"), dict):
-            tok = _load_hf(d, path)
-        else:
-            raise ValueError(f"malformed tokenizer file {path}: neither a zipchat nor a Hugging Face tokenizer")
+            if isinstance(d, dict) and d.get("format") == _FORMAT:
+                tok = _from_dict(d, path)
+            elif isinstance(d, dict) and isinstance(d.get("model"), dict):
+                tok = _load_hf(d, path)
+            else:
+                raise ValueError("neither a zipchat nor a Hugging Face tokenizer")
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
+            text = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            raise ValueError(text if str(path) in text else f"malformed tokenizer file {path}: {text}") from None
         if pattern is not None or special_tokens is not None:
             tok = Tokenizer(
                 tok.mergeable_ranks,
@@ -798,6 +835,19 @@ def load(path, *, pattern: str | None = None, special_tokens: dict[str, int] | N
     else:
         raise ValueError(f"unknown tokenizer file type: {path} (expected .tiktoken, .json, vocab.bpe)")
     return tok
+
+
+def _read_json(path: pathlib.Path):
+    """Parsed JSON of a tokenizer file; ValueError naming it when too large, not UTF-8 or JSON."""
+    size = path.stat().st_size
+    if size > MAX_TOKENIZER_FILE_BYTES:
+        raise ValueError(f"tokenizer file {path}: {size} bytes, more than {MAX_TOKENIZER_FILE_BYTES}")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except RecursionError:
+        raise ValueError(f"malformed tokenizer file {path}: JSON nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"malformed tokenizer file {path}: not valid JSON ({e})") from None
 
 
 def _find_in_dir(d: pathlib.Path) -> pathlib.Path:
@@ -972,11 +1022,19 @@ def _load_hf(d: dict, path) -> Tokenizer:
         except KeyError:
             raise ValueError(f"malformed {path}: merge {pri} {m!r} uses a token that is not in the vocab") from None
     byte_ids = tuple(ranks.get(bytes([x]), -1) for x in range(256))
-    # The fast backend: the same file without added tokens (so text never yields them) and
-    # without post-processing (no BOS/EOS added).
+    # The fast backend: the same file without added tokens (so text never yields them), without
+    # post-processing (no BOS/EOS added), and without any vocabulary entry that is a special
+    # token (by text or id) or merge that reaches or uses one: a crafted file could otherwise
+    # spell a special token through ordinary merges.
+    special_ids = set(added.values())
+    keep = {s: i for s, i in vocab.items() if s not in added and int(i) not in special_ids}
     d_plain = dict(d)
     d_plain["added_tokens"] = []
     d_plain["post_processor"] = None
+    d_plain["model"] = dict(model, vocab=keep, merges=[
+        m for m in model.get("merges", [])
+        if all(p in keep for p in ((m.split(" ") if isinstance(m, str) else list(m)) + [
+            "".join(m.split(" ") if isinstance(m, str) else m)]))])
     hf = _HFModel(
         merges=merges,
         byte_ids=byte_ids,
