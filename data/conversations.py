@@ -41,6 +41,7 @@ Kinds (meta['judge'] says how `judge` checks the reply):
     fact                a question about an entity the base model saw (tiers few/popular/famous)
     fact_followup       two turns; the second refers back by pronoun ("And her year of birth?")
     search              a question about a held_out/once entity, answered through a search call
+    search_followup     then a follow-up answered from the snippet already in the context
     math                GSM8K-style word problem, worked steps with calculator calls, 'Answer: N'
     math_short          one- or two-step problems with one-digit numbers, no tools (tokens to think)
     mult, sum           products / sums: small ones answered directly, big ones via the calculator
@@ -49,6 +50,7 @@ Kinds (meta['judge'] says how `judge` checks the reply):
     system_instruction  a system prompt's instruction (capitals, prefix, suffix, answer only)
     memory              memories about the user in the system message (as experiments/chat.py)
     preset              preset instructions plus few-shot turns, then the query
+    multi_turn          two or three unrelated exchanges (identity, fact, search, arithmetic, letters)
 
 Held-out rules (split='heldout' draws only held-out material; split='train' never touches it):
 
@@ -455,6 +457,33 @@ def _gen_search(ctx, rng, split, tier=None):
                         tool="search", snippet_has_answer=found, judge="contains"))
 
 
+def _gen_search_followup(ctx, rng, split, tier=None):
+    """A search, then a follow-up about another fact of the same entity: the snippet already in
+    the context holds it, so the reply reads it from there without searching again."""
+    first = _gen_search(ctx, rng, split, tier)
+    if first is None:
+        return None
+    e = ctx.world.entity(first.meta["entity"])
+    snippet = _tool_outputs(first.messages)[0]
+    others = [r for r in ctx.facts[e.name] if r["attribute"] != first.meta["attribute"]
+              and f": {r['value']}." in snippet]
+    if not others:
+        return None
+    r = rng.choice(others)
+    follow, template = _pick(ctx, rng, _FOLLOWUPS, split)
+    poss = {"she": "her", "he": "his", "it": "its"}[e.pronoun]
+    subject = e.pronoun if e.kind == "person" else e.name
+    messages = (*first.messages, _user(follow.format(poss=poss, noun=NOUNS[r["attribute"]])),
+                _assistant(fact_sentence(e, r["attribute"], r["value"], subject=subject)))
+    return Example("search_followup", messages, r["value"],
+                   dict(first.meta, attribute=r["attribute"], first_attribute=first.meta["attribute"], tool=None,
+                        template=f"{first.meta['template']}|{template}"))
+
+
+def _tool_outputs(messages) -> list[str]:
+    return [p["text"] for m in messages for p in chat_lib.message_parts(m) if p["type"] == "tool_output"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Math word problems
 
@@ -854,16 +883,36 @@ def _gen_preset(ctx, rng, split):
 _GENERATORS: dict[str, Callable] = {
     "identity": _gen_identity, "identity_system": _gen_identity_system,
     "fact": _gen_fact, "fact_followup": _gen_fact_followup, "search": _gen_search,
+    "search_followup": _gen_search_followup,
     "math": _gen_math, "math_short": _gen_math_short, "mult": _gen_mult, "sum": _gen_sum,
     **{k: _gen_letters(k) for k in _LETTER_QUESTIONS},
     "system_instruction": _gen_system_instruction, "memory": _gen_memory, "preset": _gen_preset,
+    "multi_turn": None,  # set below: it draws from the others
 }
 KINDS: tuple[str, ...] = tuple(_GENERATORS)
 DEFAULT_WEIGHTS: dict[str, float] = {
     "identity": 1.0, "identity_system": 0.5, "fact": 3.0, "fact_followup": 1.5, "search": 2.0,
     "math": 1.5, "math_short": 1.0, "mult": 2.0, "sum": 1.0, "count_letters": 1.0, "spell": 0.5,
     "nth_letter": 0.5, "reverse": 0.5, "length": 0.5, "system_instruction": 1.0, "memory": 1.0, "preset": 1.0,
+    "search_followup": 0.5, "multi_turn": 1.0,
 }
+_MULTI_TURN_KINDS = ("identity", "fact", "search", "mult", "sum", "count_letters", "nth_letter", "math_short")
+
+
+def _gen_multi_turn(ctx, rng, split):
+    """Two or three unrelated single-turn exchanges in one conversation (users change topic); the
+    last one is judged. Teaches that earlier turns do not decide later answers."""
+    turns = [_GENERATORS[rng.choice(_MULTI_TURN_KINDS)](ctx, rng, split) for _ in range(rng.randint(2, 3))]
+    if any(t is None for t in turns) or sum(len(all_text(t.messages)) for t in turns) > 480:
+        return None  # keep within a 256-token context
+    last = turns[-1]
+    # a system prompt (identity's neutral ones) may open the conversation, not interrupt it
+    messages = tuple(m for i, t in enumerate(turns) for m in t.messages if i == 0 or m["role"] != "system")
+    return Example("multi_turn", messages, last.answer,
+                   dict(last.meta, last_kind=last.kind, kinds=[t.kind for t in turns]))
+
+
+_GENERATORS["multi_turn"] = _gen_multi_turn
 
 
 def _generate(ctx: _Context, kind: str, rng: random.Random, split: str, options: Mapping) -> Example:

@@ -231,7 +231,7 @@ def test_python_outputs_match_the_sandbox(mixture):
         pytest.skip(f"python sandbox unavailable here: {tools.run_python('print(1+1)')!r}")
     done = set()
     for e in mixture:
-        if e.meta.get("tool") == "python" and e.kind not in done:
+        if e.kind in C._LETTER_QUESTIONS and e.kind not in done:
             done.add(e.kind)
             (call, out), = _tool_pairs(e.messages)
             assert tools.run_python(call["text"]) == out["text"], call
@@ -392,6 +392,15 @@ def test_every_example_renders_and_the_mask_covers_only_assistant_tokens(tok, mi
         n_calls = len(_tool_pairs(e.messages))
         assert sum(m for i, m in zip(ids, mask) if i in t.start_to_tool) == n_calls
         assert chat_lib.parse_conversation(tok, ids) == [chat_lib.normalize_message(m) for m in e.messages]
+
+
+def test_conversations_fit_the_tiny_models_context(world, mixture, heldout_sets):
+    """The main job's setting: a 2048-token BPE trained on the corpus, a 256-token context."""
+    docs = list(synthetic.iter_documents(world, seed=0, max_bytes=500_000))
+    tok = tokenizer.train_bpe(docs, vocab_size=2048)
+    examples = mixture[:1000] + [e for es in heldout_sets.values() for e in es]
+    lengths = [len(chat_lib.render_conversation(tok, list(e.messages))[0]) for e in examples]
+    assert max(lengths) <= 256, max(lengths)
 
 
 def test_opening_messages_match_the_chat_cli():
