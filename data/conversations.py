@@ -405,16 +405,28 @@ def fact_sentence(e: synthetic.Entity, attr: str, value: str, *, subject: str | 
     return tmpl.format(S=subj[0].upper() + subj[1:], s=subj, v=value, av=av, poss=poss, Poss=poss.capitalize())
 
 
-def _fact_record(ctx, rng, split, tiers, tier=None):
+def _known_facts(ctx, e: synthetic.Entity) -> list[dict]:
+    """Facts about e that the corpus states (a link to a held-out entity never is), so a direct
+    answer never teaches the model to state what it cannot have learned. Held-out entities (asked
+    about only in evaluation, where the base model's guess is measured) keep all their facts."""
+    return [r for r in ctx.facts[e.name] if r["times_seen"] > 0 or e.tier == "held_out"]
+
+
+def _fact_record(ctx, rng, split, tiers, tier=None, *, known_only=False):
+    """(entity, one of its fact records) of the split and tiers; None when it has no usable fact."""
     pool = _entities(ctx, split, (tier,) if tier else tiers)
     if not pool:
         raise ValueError(f"no {split} entities of tiers {tier or tiers} in this world; use more entities")
     e = rng.choice(pool)
-    return e, rng.choice(ctx.facts[e.name])
+    records = _known_facts(ctx, e) if known_only else ctx.facts[e.name]
+    return (e, rng.choice(records)) if records else None
 
 
 def _gen_fact(ctx, rng, split, tier=None):
-    e, r = _fact_record(ctx, rng, split, DIRECT_TIERS, tier)
+    drawn = _fact_record(ctx, rng, split, DIRECT_TIERS, tier, known_only=True)
+    if drawn is None:
+        return None
+    e, r = drawn
     wrapper, template = _pick(ctx, rng, _FACT_WRAPPERS, split)
     q = wrapper.format(q=_question(rng, e.name, e.kind, r["attribute"]))
     reply = fact_sentence(e, r["attribute"], r["value"])
@@ -424,8 +436,13 @@ def _gen_fact(ctx, rng, split, tier=None):
 
 
 def _gen_fact_followup(ctx, rng, split, tier=None):
-    e, r1 = _fact_record(ctx, rng, split, DIRECT_TIERS, tier)
-    others = [r for r in ctx.facts[e.name] if r["attribute"] != r1["attribute"]]
+    drawn = _fact_record(ctx, rng, split, DIRECT_TIERS, tier, known_only=True)
+    if drawn is None:
+        return None
+    e, r1 = drawn
+    others = [r for r in _known_facts(ctx, e) if r["attribute"] != r1["attribute"]]
+    if not others:
+        return None
     r2 = rng.choice(others)
     wrapper, t1 = _pick(ctx, rng, _FACT_WRAPPERS, split)
     follow, t2 = _pick(ctx, rng, _FOLLOWUPS, split)
@@ -443,7 +460,7 @@ def _gen_fact_followup(ctx, rng, split, tier=None):
 
 
 def _gen_search(ctx, rng, split, tier=None):
-    e, r = _fact_record(ctx, rng, split, SEARCH_TIERS, tier)
+    e, r = _fact_record(ctx, rng, split, SEARCH_TIERS, tier)  # any fact: the snippet states it
     wrapper, template = _pick(ctx, rng, _FACT_WRAPPERS, split)
     q = wrapper.format(q=_question(rng, e.name, e.kind, r["attribute"]))
     query = search_query(e.name, r["attribute"])
@@ -763,9 +780,10 @@ _MARKER_WORDS = {"train": ("Sure!", "Okay.", "Ahoy!", "Indeed.", "Cheers!", "Bye
 def _base_qa(ctx, rng, split) -> Example:
     """A plain question with a one-sentence reply and a short answer: a fact (direct tiers) or a
     small product, for the instruction-following kinds to wrap."""
-    if rng.random() < 0.6:
-        return _gen_fact(ctx, rng, split)
-    return _gen_mult(ctx, rng, split, digits=(1, 1))
+    while True:  # a drawn entity without a usable fact is rare: redraw
+        ex = _gen_fact(ctx, rng, split) if rng.random() < 0.6 else _gen_mult(ctx, rng, split, digits=(1, 1))
+        if ex is not None:
+            return ex
 
 
 def _gen_system_instruction(ctx, rng, split):
