@@ -135,7 +135,13 @@ class Example:
         return reply_text(self.reply) if self.reply else ""
 
     def to_json(self) -> str:
+        """One JSON line (kind, messages, answer, meta); `from_json` reads it back."""
         return json.dumps(dataclasses.asdict(self) | {"messages": list(self.messages)}, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, line: str) -> "Example":
+        d = json.loads(line)
+        return cls(d["kind"], tuple(d["messages"]), d["answer"], d["meta"])
 
 
 def reply_text(message: Mapping) -> str:

@@ -57,6 +57,12 @@ def test_same_seed_same_data_other_seed_other_data(world, mixture):
     assert _dump(C.eval_set(world, "fact", 20, seed=5)) == _dump(C.eval_set(world, "fact", 20, seed=5))
 
 
+def test_examples_round_trip_through_json(mixture, heldout_sets):
+    for e in mixture[:200] + [e for es in heldout_sets.values() for e in es[:3]]:
+        back = C.Example.from_json(e.to_json())
+        assert back.to_json() == e.to_json() and C.judge(back, e.reply_text)
+
+
 def test_mixture_covers_every_kind_in_proportion(mixture):
     counts = {k: sum(e.kind == k for e in mixture) for k in C.KINDS}
     total = sum(C.DEFAULT_WEIGHTS.values())
