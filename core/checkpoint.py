@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Mapping, Optional
 
@@ -187,19 +188,62 @@ def save(
     return bool(manager.save(int(step), args=ocp.args.Composite(**items), force=force))
 
 
-def latest_step(manager: ocp.CheckpointManager) -> Optional[int]:
-    """The newest complete step (partially written saves are never listed), or None."""
+# Files a finished step always has: orbax's own record of the step, the state's tree metadata and
+# the meta record. A step directory without one of them (a copy cut short, a disk that filled up,
+# a step written by something else) is incomplete, whatever its name says.
+_REQUIRED_FILES = ("_CHECKPOINT_METADATA", f"{STATE_ITEM}/_METADATA", f"{META_ITEM}/metadata")
+
+
+def step_path(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+    """The directory of one step."""
+    return epath.Path(manager.directory) / str(step)
+
+
+def incomplete_reason(manager: ocp.CheckpointManager, step: int) -> Optional[str]:
+    """Why step `step` is not a complete checkpoint ("lacks state/_METADATA"), or None."""
+    missing = [f for f in _REQUIRED_FILES if not (step_path(manager, step) / f).exists()]
+    return f"lacks {', '.join(missing)}" if missing else None
+
+
+def complete_steps(manager: ocp.CheckpointManager) -> list[int]:
+    """Steps with every required file, newest first (incomplete ones are logged and skipped)."""
     manager.reload()
-    return manager.latest_step()
+    out = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        reason = incomplete_reason(manager, step)
+        if reason is None:
+            out.append(step)
+        else:
+            logging.getLogger(__name__).warning("skipping incomplete checkpoint %s: %s",
+                                                step_path(manager, step), reason)
+    return out
+
+
+def latest_step(manager: ocp.CheckpointManager) -> Optional[int]:
+    """The newest complete step (partially written or incomplete saves are skipped), or None."""
+    steps = complete_steps(manager)
+    return steps[0] if steps else None
 
 
 def read_meta(manager: ocp.CheckpointManager, step: Optional[int] = None) -> dict:
-    """The JSON `meta` record of `step` (default: the newest); reads no arrays."""
+    """The JSON `meta` record of `step` (default: the newest complete one); reads no arrays.
+
+    Raises:
+      FileNotFoundError: no complete checkpoint.
+      ValueError naming the step's path: the record is unreadable.
+    """
     step = latest_step(manager) if step is None else step
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {manager.directory}")
-    out = manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
-    return dict(out[META_ITEM] or {})
+    try:
+        out = manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
+        meta = out[META_ITEM]
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged step
+        raise ValueError(f"corrupt checkpoint {step_path(manager, step)}: cannot read its "
+                         f"{META_ITEM} record ({type(e).__name__}: {e})") from None
+    if meta is not None and not isinstance(meta, dict):
+        raise ValueError(f"corrupt checkpoint {step_path(manager, step)}: {META_ITEM} is not an object")
+    return dict(meta or {})
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -274,14 +318,37 @@ def restore(
     Returns:
       (state pytree like `target`, data_state or None, meta dict).
 
+    With `step=None`, a newest step that is incomplete or cannot be read is skipped (with a
+    warning) for the next older one, so a damaged last save costs one interval, not the run.
+
     Raises:
       FileNotFoundError: no complete checkpoint.
       CheckpointMismatchError: the saved meta disagrees with `expected_meta`, or the saved
-        arrays' shapes disagree with `target`.
+        arrays' shapes disagree with `target` (never skipped: the run, not the step, differs).
+      ValueError naming the step's path: that step (given explicitly, or every step) is corrupt.
     """
-    step = latest_step(manager) if step is None else step
-    if step is None:
+    if step is not None:
+        return _restore_step(manager, target, step, expected_meta, with_data, partial)
+    steps = complete_steps(manager)
+    if not steps:
         raise FileNotFoundError(f"no complete checkpoint in {manager.directory}")
+    errors = []
+    for candidate in steps:
+        try:
+            return _restore_step(manager, target, candidate, expected_meta, with_data, partial)
+        except CheckpointMismatchError:
+            raise
+        except ValueError as e:
+            errors.append(str(e))
+            logging.getLogger(__name__).warning("%s; trying an older step", e)
+    raise ValueError("no readable checkpoint in " + str(manager.directory) + ":\n  " + "\n  ".join(errors))
+
+
+def _restore_step(manager, target, step, expected_meta, with_data, partial):
+    """`restore` of one given step; damage becomes a ValueError naming the step's path."""
+    reason = incomplete_reason(manager, step)
+    if reason is not None:
+        raise ValueError(f"incomplete checkpoint {step_path(manager, step)}: {reason}")
     meta = read_meta(manager, step)
     if expected_meta is not None:
         check_meta(meta, expected_meta, where=f"checkpoint {manager.directory}/{step}")
@@ -297,7 +364,13 @@ def restore(
     has_data = with_data and step_dir.exists()
     if has_data:
         items[DATA_ITEM] = DataStateRestore()
-    out = manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+        out = manager.restore(step, args=ocp.args.Composite(**items))
+    except CheckpointMismatchError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many types for damaged files
+        raise ValueError(f"corrupt checkpoint {step_path(manager, step)}: "
+                         f"{type(e).__name__}: {str(e)[:500]}") from None
     return out[STATE_ITEM], (out[DATA_ITEM] if has_data else None), meta
 
 

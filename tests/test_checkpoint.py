@@ -213,3 +213,66 @@ def test_check_meta_compares_only_expected_keys():
         ck.check_meta(saved, {"batch_size": 8})
     with pytest.raises(ck.CheckpointMismatchError, match="seq_len: checkpoint has '<missing>'"):
         ck.check_meta(saved, {"seq_len": 32})
+
+
+# ----------------------------------------------------------------------------- damaged steps
+
+
+def _two_steps(tmp_path):
+    old, new = _state(0), _state(1)
+    with ck.make_manager(tmp_path / "ck", async_save=False) as mngr:
+        ck.save(mngr, 1, old, data_state={"pos": 1}, meta=META)
+        ck.save(mngr, 2, new, data_state={"pos": 2}, meta=META)
+    return old, tmp_path / "ck"
+
+
+@pytest.mark.parametrize("damage", ["no state", "no meta", "no step metadata", "empty dir"])
+def test_incomplete_newest_step_falls_back_to_older(tmp_path, damage):
+    old, d = _two_steps(tmp_path)
+    if damage == "no state":
+        shutil.rmtree(d / "2" / "state")
+    elif damage == "no meta":
+        shutil.rmtree(d / "2" / "meta")
+    elif damage == "no step metadata":
+        (d / "2" / "_CHECKPOINT_METADATA").unlink()
+    else:
+        shutil.rmtree(d / "2")
+        (d / "2").mkdir()
+    with ck.make_manager(d, read_only=True) as mngr:
+        assert ck.latest_step(mngr) == 1
+        assert ck.read_meta(mngr) == META
+        got, data, meta = ck.restore(mngr, ck.abstract_state(old), expected_meta=META)
+        with pytest.raises(ValueError, match=f"incomplete checkpoint {d}/2: lacks"):
+            ck.restore(mngr, ck.abstract_state(old), step=2)
+    _assert_trees_equal(got, old)
+    assert data == {"pos": 1} and meta == META
+
+
+@pytest.mark.parametrize("damage", ["arrays", "meta"])
+def test_corrupt_newest_step_names_its_path_and_falls_back(tmp_path, damage):
+    old, d = _two_steps(tmp_path)
+    if damage == "arrays":
+        garbled = 0
+        for f in (d / "2" / "state").rglob("*"):  # every data file garbled, the layout intact
+            if f.is_file() and f.parent.name == "d":
+                f.write_bytes(b"\0garbage" * 10)
+                garbled += 1
+        assert garbled
+    else:
+        (d / "2" / "meta" / "metadata").write_text("{not json")
+    with ck.make_manager(d, read_only=True) as mngr:
+        with pytest.raises(ValueError, match=f"corrupt checkpoint {d}/2"):
+            ck.restore(mngr, ck.abstract_state(old), step=2)
+        got, data, _ = ck.restore(mngr, ck.abstract_state(old))
+    _assert_trees_equal(got, old)
+    assert data == {"pos": 1}
+
+
+def test_every_step_corrupt_is_a_value_error_naming_them(tmp_path):
+    old, d = _two_steps(tmp_path)
+    for step in ("1", "2"):
+        (d / step / "meta" / "metadata").write_text("[")
+    with ck.make_manager(d, read_only=True) as mngr:
+        with pytest.raises(ValueError, match=f"no readable checkpoint in {d}") as info:
+            ck.restore(mngr, ck.abstract_state(old))
+    assert f"{d}/1" in str(info.value) and f"{d}/2" in str(info.value)
