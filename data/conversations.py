@@ -904,22 +904,6 @@ def _gen_preset(ctx, rng, split):
 # ----------------------------------------------------------------------------------------------
 # The mixture and the evaluation sets
 
-_GENERATORS: dict[str, Callable] = {
-    "identity": _gen_identity, "identity_system": _gen_identity_system,
-    "fact": _gen_fact, "fact_followup": _gen_fact_followup, "search": _gen_search,
-    "search_followup": _gen_search_followup,
-    "math": _gen_math, "math_short": _gen_math_short, "mult": _gen_mult, "sum": _gen_sum,
-    **{k: _gen_letters(k) for k in _LETTER_QUESTIONS},
-    "system_instruction": _gen_system_instruction, "memory": _gen_memory, "preset": _gen_preset,
-    "multi_turn": None,  # set below: it draws from the others
-}
-KINDS: tuple[str, ...] = tuple(_GENERATORS)
-DEFAULT_WEIGHTS: dict[str, float] = {
-    "identity": 1.0, "identity_system": 0.5, "fact": 3.0, "fact_followup": 1.5, "search": 2.0,
-    "math": 1.5, "math_short": 1.0, "mult": 2.0, "sum": 1.0, "count_letters": 1.0, "spell": 0.5,
-    "nth_letter": 0.5, "reverse": 0.5, "length": 0.5, "system_instruction": 1.0, "memory": 1.0, "preset": 1.0,
-    "search_followup": 0.5, "multi_turn": 1.0,
-}
 _MULTI_TURN_KINDS = ("identity", "fact", "search", "mult", "sum", "count_letters", "nth_letter", "math_short")
 
 
@@ -936,7 +920,22 @@ def _gen_multi_turn(ctx, rng, split):
                    dict(last.meta, last_kind=last.kind, kinds=[t.kind for t in turns]))
 
 
-_GENERATORS["multi_turn"] = _gen_multi_turn
+_GENERATORS: dict[str, Callable] = {
+    "identity": _gen_identity, "identity_system": _gen_identity_system,
+    "fact": _gen_fact, "fact_followup": _gen_fact_followup, "search": _gen_search,
+    "search_followup": _gen_search_followup,
+    "math": _gen_math, "math_short": _gen_math_short, "mult": _gen_mult, "sum": _gen_sum,
+    **{k: _gen_letters(k) for k in _LETTER_QUESTIONS},
+    "system_instruction": _gen_system_instruction, "memory": _gen_memory, "preset": _gen_preset,
+    "multi_turn": _gen_multi_turn,
+}
+KINDS: tuple[str, ...] = tuple(_GENERATORS)
+DEFAULT_WEIGHTS: dict[str, float] = {
+    "identity": 1.0, "identity_system": 0.5, "fact": 3.0, "fact_followup": 1.5, "search": 2.0,
+    "math": 1.5, "math_short": 1.0, "mult": 2.0, "sum": 1.0, "count_letters": 1.0, "spell": 0.5,
+    "nth_letter": 0.5, "reverse": 0.5, "length": 0.5, "system_instruction": 1.0, "memory": 1.0, "preset": 1.0,
+    "search_followup": 0.5, "multi_turn": 1.0,
+}
 
 
 def _generate(ctx: _Context, kind: str, rng: random.Random, split: str, options: Mapping) -> Example:
@@ -950,12 +949,12 @@ def _generate(ctx: _Context, kind: str, rng: random.Random, split: str, options:
 
 def sft_mixture(world: synthetic.World, n: int, seed: int, *, split: str = "train",
                 weights: Mapping[str, float] | None = None) -> list[Example]:
-    """n conversations of mixed kinds, deterministic in (world, n-independent per index, seed).
+    """n conversations of mixed kinds; example i depends only on (world, seed, i, split, weights).
 
     Args:
       world: synthetic.make_world(...), the world the base model was pretrained on.
       n: number of examples.
-      seed: example i depends only on (world, seed, i, weights, split).
+      seed: any int.
       split: 'train' (never held-out material) or 'heldout' (validation conversations).
       weights: kind -> relative weight (missing kinds: 0); default DEFAULT_WEIGHTS.
     """
