@@ -726,7 +726,7 @@ _LETTER_QUESTIONS = {
 
 
 def _letter_task(kind: str, rng, w: str):
-    """(python code, the value it prints, reply sentence, answer, judge mode)."""
+    """(python code, the value it prints, reply sentence, answer, judge mode, extra meta)."""
     if kind == "count_letters":
         absent = [c for c in "abcdefghijklmnopqrstuvwxyz" if c not in w]
         letter = rng.choice(w) if rng.random() < 0.85 else rng.choice(absent)  # sometimes 0

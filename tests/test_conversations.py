@@ -397,6 +397,7 @@ def tok(mixture):
 
 def test_every_example_renders_and_the_mask_covers_only_assistant_tokens(tok, mixture, heldout_sets):
     t = chat_lib.chat_tokens(tok)
+    template = chat_lib.zipchat_template(tok)
     examples = mixture[:600] + [e for es in heldout_sets.values() for e in es[:5]]
     for e in examples:
         ids, mask = chat_lib.render_conversation(tok, list(e.messages))
@@ -411,6 +412,7 @@ def test_every_example_renders_and_the_mask_covers_only_assistant_tokens(tok, mi
         n_calls = len(_tool_pairs(e.messages))
         assert sum(m for i, m in zip(ids, mask) if i in t.start_to_tool) == n_calls
         assert chat_lib.parse_conversation(tok, ids) == [chat_lib.normalize_message(m) for m in e.messages]
+        assert template.render(list(e.messages)) == (ids, mask)  # the template object SFT uses
 
 
 def test_conversations_fit_the_tiny_models_context(world, mixture, heldout_sets):
