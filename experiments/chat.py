@@ -4,6 +4,13 @@
     python -m experiments.chat --out_dir=runs/sft --system="You answer in one sentence."
     python -m experiments.chat --out_dir=runs/sft --preset_file=presets/tutor.json
     python -m experiments.chat --out_dir=runs/sft --prompt="What is 17 * 23?"      # for scripts
+    python -m experiments.chat --out_dir=path/to/Qwen2.5-0.5B-Instruct              # a Hugging Face checkpoint
+
+--out_dir is a zipchat run directory or a Hugging Face checkpoint directory (config.json,
+safetensors, tokenizer.json, tokenizer_config.json), chatted with in its own template (zipchat's,
+or the checkpoint's Jinja chat template; tools need zipchat's tool tokens). The banner says
+whether the model is chat-tuned (a run whose config.json has "stage": "sft", or a later stage) or
+a base model, which only continues the conversation as text.
 
 Replies stream token by token; tool calls (calculator, python) run as the model makes them and
 show inline as `[calculator: 17*23 -> 391]`. After each reply a status line shows the tokens in
@@ -17,7 +24,8 @@ Commands (interactive mode):
   /help, /quit      (Ctrl-D quits too)
 
 Memory bank: a JSON file (--memory_file) {"memories": ["...", ...]}, prepended to every new chat
-in the system message. A preset (--preset_file), like a custom GPT, is a JSON file
+in the system message. Chats running at once may share it: every change locks the file, re-reads
+it, merges, and replaces it atomically (a symlink stays a symlink; other keys are kept). A preset (--preset_file), like a custom GPT, is a JSON file
   {"name": "tutor", "instructions": "You are a patient math tutor...",
    "examples": [{"user": "What is 2+2?", "assistant": "2 + 2 = 4."}, ...]}
 whose instructions join the system message and whose examples become the chat's first turns.
@@ -27,12 +35,15 @@ reply on stdout (tool calls inline as above); the status lines go to stderr.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
 import sys
+import tempfile
 import time
+import unicodedata
 from typing import Callable, Optional, Sequence, TextIO
 
 from absl import app, flags
@@ -45,41 +56,121 @@ HELP = __doc__[__doc__.index("Commands"): __doc__.index("Memory bank")].rstrip()
 # ----------------------------------------------------------------------------- memory and presets
 
 
+def clean_text(text: str) -> str:
+    """User or file text made safe to encode and store: lone surrogates (from a JSON "\\ud800"
+    escape or undecodable terminal input) become U+FFFD, as tiktoken does."""
+    from core import tokenizer as tok_lib
+
+    return tok_lib.normalize_text(text)
+
+
+def _read_json_file(path: pathlib.Path, flag: str):
+    """Parsed JSON of a user file; ValueError naming the flag and file for every way it is bad."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot read it ({e.strerror or e})") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {path} is not valid UTF-8 (byte {e.start}: {e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} {path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{flag} {path} is not valid JSON: nested too deeply") from None
+
+
 class MemoryBank:
-    """Memories in a JSON file {"memories": [str, ...]}, written atomically on every change."""
+    """Memories in a JSON file {"memories": [str, ...], ...other keys kept...}.
+
+    Safe for several chats on one file: every change takes an exclusive lock (a `.lock` file next
+    to the real file), re-reads the file, applies the change to what is there now (so memories
+    another chat added are kept), and replaces the resolved file atomically (a symlinked memory
+    file keeps its link; the file keeps its permissions). Keys other than "memories" are kept.
+    """
 
     def __init__(self, path):
         self.path = pathlib.Path(os.path.expanduser(str(path)))
-        self.items: list[str] = []
-        if self.path.exists():
+        self.items: list[str] = self._read()[1]
+
+    @property
+    def target(self) -> pathlib.Path:
+        """The file actually written: the symlink's target when `path` is one."""
+        return pathlib.Path(os.path.realpath(self.path))
+
+    def _read(self) -> tuple[dict, list[str]]:
+        """(whole JSON object, memories) from the file now; ({}, []) when there is none."""
+        if not self.path.exists():
+            return {}, []
+        data = _read_json_file(self.path, "--memory_file")
+        items = data.get("memories", []) if isinstance(data, dict) else None
+        if not isinstance(items, list) or not all(isinstance(m, str) for m in items):
+            raise ValueError(f"--memory_file {self.path}: expected {{\"memories\": [str, ...]}}")
+        return data, [clean_text(m) for m in items]
+
+    @contextlib.contextmanager
+    def _locked(self):
+        import fcntl
+
+        target = self.target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(str(target) + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                data = json.loads(self.path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--memory_file {self.path} is not valid JSON: {e}") from None
-            items = data.get("memories") if isinstance(data, dict) else None
-            if not isinstance(items, list) or not all(isinstance(m, str) for m in items):
-                raise ValueError(f"--memory_file {self.path}: expected {{\"memories\": [str, ...]}}")
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _update(self, change: Callable[[list[str]], list[str]]) -> None:
+        """Under the lock: re-read, apply `change` to the current memories, write atomically."""
+        with self._locked():
+            data, items = self._read()
+            items = change(items)
+            self._write(dict(data, memories=items))
             self.items = items
 
+    def _write(self, data: dict) -> None:
+        target = self.target
+        text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+        fd, tmp = tempfile.mkstemp(prefix="." + target.name + ".", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            if target.exists():
+                os.chmod(tmp, target.stat().st_mode & 0o7777)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
     def add(self, text: str) -> None:
-        text = " ".join(text.split())
+        text = " ".join(clean_text(text).split())
         if not text:
             raise ValueError("nothing to remember: /remember TEXT")
-        self.items.append(text)
-        self._save()
+        self._update(lambda items: items + [text])
 
     def forget(self, index: int) -> str:
+        """Forgets memory `index` (1-based, as last listed); it is found by text in the file as it
+        is now, so another chat's additions or removals do not shift what is forgotten."""
         if not 1 <= index <= len(self.items):
             raise ValueError(f"no memory {index}; there are {len(self.items)}")
-        gone = self.items.pop(index - 1)
-        self._save()
-        return gone
+        gone = self.items[index - 1]
 
-    def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text(json.dumps({"memories": self.items}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, self.path)
+        def without(items: list[str]) -> list[str]:
+            if gone not in items:
+                raise ValueError(f"memory {index} ({gone!r}) was already removed by another chat")
+            at = items.index(gone)
+            return items[:at] + items[at + 1:]
+
+        try:
+            self._update(without)
+        except ValueError:
+            self.items = self._read()[1]
+            raise
+        return gone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,21 +187,24 @@ def load_preset(path) -> Preset:
     p = pathlib.Path(path)
     if not p.is_file():
         raise ValueError(f"--preset_file {p} does not exist")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--preset_file {p} is not valid JSON: {e}") from None
+    data = _read_json_file(p, "--preset_file")
     if not isinstance(data, dict):
         raise ValueError(f"--preset_file {p}: expected a JSON object with 'instructions' and 'examples'")
+    raw_examples = data.get("examples", [])
+    if not isinstance(raw_examples, list):
+        raise ValueError(f"--preset_file {p}: 'examples' must be a list of {{\"user\": str, \"assistant\": str}}")
     examples = []
-    for i, ex in enumerate(data.get("examples", [])):
+    for i, ex in enumerate(raw_examples):
         if not (isinstance(ex, dict) and isinstance(ex.get("user"), str) and isinstance(ex.get("assistant"), str)):
             raise ValueError(f"--preset_file {p}: example {i} must be {{\"user\": str, \"assistant\": str}}")
-        examples.append((ex["user"], ex["assistant"]))
+        examples.append((clean_text(ex["user"]), clean_text(ex["assistant"])))
     instructions = data.get("instructions", "")
     if not isinstance(instructions, str):
         raise ValueError(f"--preset_file {p}: 'instructions' must be a string")
-    return Preset(name=str(data.get("name", p.stem)), instructions=instructions, examples=tuple(examples))
+    name = data.get("name", p.stem)
+    if not isinstance(name, str):
+        raise ValueError(f"--preset_file {p}: 'name' must be a string")
+    return Preset(name=clean_text(name), instructions=clean_text(instructions), examples=tuple(examples))
 
 
 def opening_messages(system: str, preset: Preset, memories: Sequence[str]) -> list[dict]:
@@ -127,12 +221,43 @@ def opening_messages(system: str, preset: Preset, memories: Sequence[str]) -> li
 
 # ----------------------------------------------------------------------------- streaming display
 
+# Shown escaped: every control character (C0, DEL, C1) but newline and tab, and the invisible
+# bidirectional overrides; model text and tool output could otherwise clear the screen, hide
+# text, rewrite lines or write the clipboard (OSC 52) through escape sequences.
+_BIDI = {"\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068", "\u2069"}
+
+
+def visible(text: str) -> str:
+    """`text` for the terminal: control characters (but newline and tab) and bidirectional
+    overrides shown as escapes (ESC -> \\x1b, U+202E -> \\u202e); everything else unchanged."""
+    if text.isprintable() and "\x7f" not in text:  # the common case, in C
+        return text
+    out = []
+    for ch in text:
+        if ch in "\n\t" or not (unicodedata.category(ch) == "Cc" or ch in _BIDI):
+            out.append(ch)
+        else:
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+    return "".join(out)
+
+
+def display_map(template) -> dict[int, str]:
+    """How the template's special ids show on screen: tool calls as `[name: input -> output]`,
+    stop tokens as nothing (other special ids are dropped by the printer too)."""
+    show = {i: "" for i in template.stop_ids}
+    p = template.tools
+    if p is not None:
+        show.update({p.output_start: " -> ", p.output_end: "]"})
+        show.update({i: f"[{name}: " for name, i in p.start.items()})
+        show.update({i: "" for i in p.end.values()})
+    return show
+
 
 class StreamPrinter:
     """Prints generated ids as they arrive: text through an incremental UTF-8 decoder, tool calls
     as `[name: input -> output]`, stop tokens not at all."""
 
-    def __init__(self, tokenizer, out: TextIO):
+    def __init__(self, tokenizer, out: TextIO, template=None):
         from core import chat as chat_lib
 
         self.tok, self.out = tokenizer, out
@@ -141,10 +266,7 @@ class StreamPrinter:
         self.t_first: Optional[float] = None
         self.t_last = 0.0
         self.n_after_first = 0
-        t = chat_lib.chat_tokens(tokenizer)
-        self.show = {t.output_start: " -> ", t.output_end: "]", t.im_end: "", t.bos: ""}
-        self.show.update({i: f"[{name}: " for name, i in t.tool_start.items()})
-        self.show.update({i: "" for i in t.tool_end.values()})
+        self.show = display_map(template if template is not None else chat_lib.zipchat_template(tokenizer))
         self.decoder = tokenizer.stream_decoder()
 
     def push(self, ids: Sequence[int]) -> None:
@@ -161,7 +283,7 @@ class StreamPrinter:
                 text.append(self.show.get(i, ""))
             else:
                 text.append(self.decoder.push(i))
-        self.out.write("".join(text))
+        self.out.write(visible("".join(text)))
         self.out.flush()
 
     def tokens_per_s(self) -> Optional[float]:
@@ -171,7 +293,7 @@ class StreamPrinter:
         return self.n_after_first / (self.t_last - self.t_first)
 
     def finish(self) -> None:
-        self.out.write(self.decoder.flush() + "\n")
+        self.out.write(visible(self.decoder.flush()) + "\n")
         self.out.flush()
 
 
@@ -211,22 +333,49 @@ class ChatSession:
     """One conversation with a loaded model; `ask` runs a turn, `command` a slash command."""
 
     def __init__(self, loaded, cfg: ChatConfig, out: TextIO = sys.stdout, status: TextIO = sys.stderr):
+        """`loaded`: a common.LoadedModel (its template and base/chat-tuned kind are used), or a
+        (tokenizer, model_cfg, params, step) tuple, chatted with in zipchat's template."""
         from core import chat as chat_lib
         from core import sampling
         from core import tools as tools_lib
 
-        self.tok, self.model_cfg, self.params, self.step = loaded
+        if isinstance(loaded, common.LoadedModel):
+            self.tok, self.model_cfg, self.params, self.step = loaded.tokenizer, loaded.cfg, loaded.params, loaded.step
+            self.template, self.loaded = loaded.template, loaded
+            if self.template is None:
+                raise ValueError(f"{loaded.path}: the tokenizer has no chat format (neither zipchat's template "
+                                 f"tokens nor a chat_template in tokenizer_config.json)")
+        else:
+            self.tok, self.model_cfg, self.params, self.step = loaded
+            self.template, self.loaded = chat_lib.zipchat_template(self.tok), None
         self.cfg, self.out, self.status = cfg, out, status
         self.memory = MemoryBank(cfg.memory_file)
         self.preset = load_preset(cfg.preset_file) if cfg.preset_file else Preset()
         self.system = cfg.system
         registry = tools_lib.make_tools()
-        self.tools = {name: (lambda text, n=name: tools_lib.run_tool(n, text, registry)) for name in cfg.tools}
+        # A template without tool tokens (a Hugging Face one) cannot call tools: they are off.
+        names = cfg.tools if self.template.tools is not None else ()
+        self.tools = {name: (lambda text, n=name: tools_lib.run_tool(n, text, registry)) for name in names}
         self.sampling_cfg = sampling.SamplingConfig(
             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
-            max_new_tokens=cfg.max_new_tokens, stop_ids=chat_lib.assistant_stop_ids(self.tok))
+            max_new_tokens=cfg.max_new_tokens, stop_ids=self.template.stop_ids)
         self.turn = 0
         self.new()
+
+    def banner(self) -> str:
+        """The first line of a chat: what the model is (base or chat-tuned, and why), its
+        template and tools, the memories."""
+        name = f" ({self.preset.name})" if self.preset.name else ""
+        tools = ", ".join(self.tools) or ("off (the template has no tool tokens)" if self.cfg.tools else "off")
+        about = f"template {self.template.name}, tools {tools}, {len(self.memory.items)} memories"
+        ld = self.loaded
+        if ld is None:
+            return f"zipchat{name}: checkpoint step {self.step}, {about}. /help for commands."
+        if ld.chat_tuned:
+            return f"zipchat{name}: chat-tuned model ({ld.why}), step {self.step}, {about}. /help for commands."
+        return (f"zipchat{name}: BASE model, not chat-tuned ({ld.why}), step {self.step}, {about}. It continues "
+                f"the conversation as text and may ramble until --max_new_tokens; experiments/sft.py makes an "
+                f"assistant of it. /help for commands.")
 
     def new(self) -> None:
         self.messages = opening_messages(self.system, self.preset, self.memory.items)
@@ -234,12 +383,10 @@ class ChatSession:
 
     def _fit(self, messages: list[dict]) -> tuple[list[int], int, int]:
         """Prompt ids, max new tokens and the number of old turns dropped to fit max_seq_len."""
-        from core import chat as chat_lib
-
         limit = self.model_cfg.max_seq_len
         dropped = 0
         while True:
-            ids = chat_lib.render_for_completion(self.tok, messages)
+            ids = self.template.render_for_completion(messages)
             room = limit - len(ids)
             if room >= min(self.cfg.max_new_tokens, 32) or len(messages) <= self.n_fixed + 1:
                 break
@@ -256,22 +403,22 @@ class ChatSession:
         """Runs one user turn: streams the reply to `out`, appends it; returns the turn's stats."""
         import jax
 
-        from core import chat as chat_lib
         from core import sampling
 
+        text = clean_text(text)
         messages = self.messages + [{"role": "user", "content": text}]
         ids, max_new, dropped = self._fit(messages)
-        if dropped:
-            self.messages = self.messages[: self.n_fixed] + self.messages[self.n_fixed + dropped:]
-        printer = StreamPrinter(self.tok, self.out)
+        # applied only once the reply is complete: a cancelled reply leaves the chat as it was
+        kept = self.messages[: self.n_fixed] + self.messages[self.n_fixed + dropped:]
+        printer = StreamPrinter(self.tok, self.out, self.template)
         res = sampling.generate(
             self.params, self.model_cfg, [ids], dataclasses.replace(self.sampling_cfg, max_new_tokens=max_new),
             jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), self.turn), tools=self.tools or None,
-            tokenizer=self.tok, chunk_size=self.cfg.chunk_size, on_tokens=lambda new: printer.push(new[0]))
+            template=self.template, chunk_size=self.cfg.chunk_size, on_tokens=lambda new: printer.push(new[0]))
         printer.finish()
         gen = res.row_tokens(0)
-        reply = chat_lib.parse_assistant(self.tok, gen)
-        self.messages = self.messages + [{"role": "user", "content": text}, reply]
+        reply = self.template.parse_assistant(gen)
+        self.messages = kept + [{"role": "user", "content": text}, reply]
         self.turn += 1
         stats = {"context_tokens": len(ids) + len(gen), "max_seq_len": self.model_cfg.max_seq_len,
                  "new_tokens": len(gen), "tokens_per_s": printer.tokens_per_s() or len(gen) / max(res.decode_s, 1e-9),
@@ -285,9 +432,9 @@ class ChatSession:
 
     def command(self, line: str) -> bool:
         """Handles a /command; returns False when the session should end."""
-        name, _, arg = line.strip().partition(" ")
+        name, _, arg = clean_text(line).strip().partition(" ")
         arg = arg.strip()
-        say = lambda s: (self.out.write(s + "\n"), self.out.flush())  # noqa: E731
+        say = lambda s: (self.out.write(visible(s) + "\n"), self.out.flush())  # noqa: E731
         if name in ("/quit", "/exit"):
             return False
         if name == "/new":
@@ -297,14 +444,14 @@ class ChatSession:
             try:
                 self.memory.add(arg)
                 say(f"(remembered; {len(self.memory.items)} memories, used from the next /new)")
-            except ValueError as e:
+            except (ValueError, OSError) as e:  # a bad or unwritable file must not end the chat
                 say(f"({e})")
         elif name == "/memory":
             say("\n".join(f"{i + 1}. {m}" for i, m in enumerate(self.memory.items)) or "(no memories)")
         elif name == "/forget":
             try:
                 say(f"(forgot: {self.memory.forget(int(arg))})")
-            except ValueError as e:
+            except (ValueError, OSError) as e:
                 say(f"({e or 'usage: /forget N'})")
         elif name == "/system":
             self.system = arg
@@ -318,16 +465,23 @@ class ChatSession:
 
 
 def interactive(session: ChatSession, read: Callable[[str], str] = input) -> None:
-    """The read-eval-print loop until /quit or end of input."""
-    name = f" ({session.preset.name})" if session.preset.name else ""
-    session.out.write(f"zipchat{name}: checkpoint step {session.step}, {len(session.memory.items)} memories. "
-                      f"/help for commands.\n")
+    """The read-eval-print loop until /quit or end of input (Ctrl-D).
+
+    Nothing a user types ends the chat with a traceback: Ctrl-C at the prompt gives a new prompt,
+    Ctrl-C during a reply cancels that reply (the conversation stays as it was before the
+    message), and a message the context cannot hold is refused with the reason.
+    """
+    session.out.write(session.banner() + "\n")
     while True:
         try:
             line = read("you> ")
         except EOFError:
             session.out.write("\n")
             return
+        except KeyboardInterrupt:
+            session.out.write("\n(Ctrl-D or /quit ends the chat)\n")
+            session.out.flush()
+            continue
         if not line.strip():
             continue
         if line.startswith("/"):
@@ -335,7 +489,14 @@ def interactive(session: ChatSession, read: Callable[[str], str] = input) -> Non
                 return
             continue
         session.out.write("assistant> ")
-        session.ask(line)
+        session.out.flush()
+        try:
+            session.ask(line)
+        except KeyboardInterrupt:
+            session.out.write("\n(reply cancelled; the conversation is as before that message)\n")
+        except ValueError as e:
+            session.out.write(f"\n({e}; nothing was sent: shorten the message or /new)\n")
+        session.out.flush()
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -369,9 +530,10 @@ def main(argv):
                      step=F.step, mesh=F.mesh, chunk_size=F.chunk_size)
     from core import sharding as sharding_lib
 
-    loaded = common.load_model(out_dir, mesh=sharding_lib.make_mesh(cfg.mesh), step=cfg.step)
+    loaded = common.load_for_inference(out_dir, mesh=sharding_lib.make_mesh(cfg.mesh), step=cfg.step)
     session = ChatSession(loaded, cfg)
     if F.prompt:
+        session.status.write(session.banner() + "\n")  # stdout carries only the replies
         for text in F.prompt:
             session.ask(text)
         return
@@ -380,4 +542,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(common.cli(main))

@@ -359,7 +359,7 @@ def load_model(out_dir, *, mesh=None, step: Optional[int] = None):
 
     Args:
       out_dir: a run directory written by experiments/pretrain.py (or any script with the same
-        layout).
+        layout), or a Hugging Face checkpoint directory (step 0).
       mesh: target mesh for the params (default: all devices on a 'data' axis: replicated).
       step: checkpoint step (default: the latest complete one).
     """
@@ -370,6 +370,8 @@ def load_model(out_dir, *, mesh=None, step: Optional[int] = None):
     out_dir = pathlib.Path(out_dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {out_dir}")
+    if is_hf_checkpoint(out_dir):
+        return _load_hf_dir(out_dir, mesh)
     cfg = load_model_config(out_dir)
     tokenizer = load_tokenizer(out_dir)
     if tokenizer.vocab_size > cfg.vocab_size:
@@ -387,52 +389,179 @@ def load_model(out_dir, *, mesh=None, step: Optional[int] = None):
     return tokenizer, cfg, state["params"], step
 
 
+# Stages whose output is a chat model (config.json "stage"; experiments/sft.py writes "sft").
+CHAT_STAGES = frozenset({"sft", "rl", "rlhf", "dpo", "honesty"})
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+HF_CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.43 may save the template
+HF_GENERATION_CONFIG = "generation_config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to sample, chat with or fine-tune (`load_for_inference`).
+
+    tokenizer, template (core.chat.ChatTemplate, None when the tokenizer has no chat format),
+    cfg, params, step (0 for a Hugging Face checkpoint);
+    stage: what made it: config.json's "stage" ('pretrain' when absent), or 'hf';
+    kind: 'chat-tuned' or 'base';
+    why: how kind was decided, one phrase (shown in the chat banner);
+    path: the directory.
+    """
+
+    tokenizer: Any
+    template: Any
+    cfg: Any
+    params: Any
+    step: int
+    stage: str
+    kind: str
+    why: str
+    path: str
+
+    @property
+    def chat_tuned(self) -> bool:
+        return self.kind == "chat-tuned"
+
+
+def is_hf_checkpoint(path) -> bool:
+    """A Hugging Face checkpoint directory (config.json + safetensors), not a zipchat run."""
+    p = pathlib.Path(path)
+    return (p / "config.json").is_file() and not (p / MODEL_CONFIG_FILE).is_file() and (
+        (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file())
+
+
+def _load_hf_dir(path: pathlib.Path, mesh):
+    """(tokenizer, cfg, params, 0) from a Hugging Face checkpoint directory."""
+    from core import hf
+    from core import sharding as sharding_lib
+
+    if not any((path / n).is_file() for n in ("tokenizer.json", TOKENIZER_FILE)):
+        raise FileNotFoundError(f"{path} is a Hugging Face checkpoint without tokenizer.json")
+    tokenizer = load_tokenizer(path)
+    params, cfg = hf.load_checkpoint(path, mesh=mesh if mesh is not None else sharding_lib.make_mesh("data:-1"))
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer in {path} has {tokenizer.vocab_size} tokens but the model only "
+                         f"{cfg.vocab_size}: they do not belong together")
+    return tokenizer, cfg, params, 0
+
+
+def load_hf_tokenizer_config(path) -> Optional[dict]:
+    """A directory's tokenizer_config.json with `chat_template` filled from chat_template.jinja
+    when the template lives there; None without tokenizer_config.json."""
+    path = pathlib.Path(path)
+    if not (path / HF_TOKENIZER_CONFIG).is_file():
+        return None
+    config = load_json(path / HF_TOKENIZER_CONFIG, "tokenizer config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / HF_TOKENIZER_CONFIG}: expected a JSON object")
+    if not config.get("chat_template") and (path / HF_CHAT_TEMPLATE_FILE).is_file():
+        config["chat_template"] = (path / HF_CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    return config
+
+
+def load_template(path, tokenizer):
+    """The chat template of a run or checkpoint directory: the Hugging Face Jinja template when the
+    directory has a tokenizer_config.json with one (HF checkpoints, and runs fine-tuned from them,
+    which copy that file), else zipchat's; None when the tokenizer has neither format's tokens."""
+    from core import chat as chat_lib
+
+    path = pathlib.Path(path)
+    config = load_hf_tokenizer_config(path)
+    if config is not None and config.get("chat_template"):
+        gen = path / HF_GENERATION_CONFIG
+        return chat_lib.hf_template(tokenizer, config, name=path.name or str(path),
+                                    generation_config=load_json(gen, "generation config") if gen.is_file() else None)
+    try:
+        return chat_lib.zipchat_template(tokenizer)
+    except KeyError:
+        return None
+
+
+def checkpoint_kind(path, template) -> tuple[str, str, str]:
+    """(stage, kind, why) of a run or checkpoint directory: kind is 'chat-tuned' or 'base'.
+
+    A zipchat run is chat-tuned when its config.json says "stage" is one of CHAT_STAGES (SFT
+    writes "sft"); a run without a stage is a pretraining run. A Hugging Face checkpoint carries
+    no such record; Instruct releases (Qwen2.5-*-Instruct, Llama-3.*-Instruct) end generation with
+    their end-of-turn token, base releases with end-of-text, so eos_token == the template's
+    end-of-turn token is read as chat-tuned.
+    """
+    path = pathlib.Path(path)
+    if is_hf_checkpoint(path):
+        eot = getattr(template, "end_of_turn", None)
+        if template is not None and eot is not None and eot in template.eos_ids:
+            return "hf", "chat-tuned", "Hugging Face checkpoint whose eos_token is its end-of-turn token"
+        return "hf", "base", "Hugging Face checkpoint whose eos_token is not an end-of-turn token"
+    try:
+        stage = str(load_run_config(path).get("stage") or "pretrain")
+    except FileNotFoundError:
+        stage = "pretrain"
+    if stage in CHAT_STAGES:
+        return stage, "chat-tuned", f'config.json stage "{stage}"'
+    return stage, "base", f'config.json stage "{stage}"'
+
+
+def load_for_inference(path, *, mesh=None, step: Optional[int] = None) -> LoadedModel:
+    """A zipchat run directory or a Hugging Face checkpoint directory (config.json, safetensors,
+    tokenizer.json, tokenizer_config.json) -> LoadedModel: what sample, chat, evaluate and the
+    post-training stages need, with the chat template and whether the model is chat-tuned."""
+    path = pathlib.Path(path)
+    tokenizer, cfg, params, step = load_model(path, mesh=mesh, step=step)
+    template = load_template(path, tokenizer)
+    stage, kind, why = checkpoint_kind(path, template)
+    return LoadedModel(tokenizer=tokenizer, template=template, cfg=cfg, params=params, step=int(step),
+                       stage=stage, kind=kind, why=why, path=str(path))
+
+
 # ----------------------------------------------------------------------------- sampling
 
 
 def sample_texts(params, cfg, tokenizer, prompts: Sequence[str], *, n_samples: int = 1,
                  max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int = 0, mesh=None, stop_at_eot: bool = True) -> list[list[str]]:
+                 seed: int = 0, mesh=None, stop_at_eot: bool = True, template=None) -> list[list[str]]:
     """Continuations of text prompts through the inference engine (core/sampling.py).
 
-    Each prompt is encoded after a BOS (<|endoftext|>, which also opens every training document);
-    generation stops at the next <|endoftext|> when stop_at_eot.
+    Each prompt is encoded after a BOS (<|endoftext|>, which also opens every training document;
+    the template's bos_ids when it has some, e.g. Llama 3's <|begin_of_text|>); generation stops
+    at the next <|endoftext|> (or the template's eos) when stop_at_eot.
 
     Returns:
       [len(prompts)][n_samples] decoded continuations (prompt not included, stop token dropped).
     """
     res = sample_tokens(params, cfg, tokenizer, prompts, n_samples=n_samples, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, mesh=mesh,
-                        stop_at_eot=stop_at_eot)
+                        stop_at_eot=stop_at_eot, template=template)
     return [[tokenizer.decode(ids) for ids in row] for row in res]
 
 
 def sample_tokens(params, cfg, tokenizer, prompts: Sequence[Any], *, n_samples: int = 1,
                   max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   seed: int = 0, mesh=None, stop_at_eot: bool = True,
-                  keep_stop: bool = False) -> list[list[list[int]]]:
+                  keep_stop: bool = False, template=None) -> list[list[list[int]]]:
     """Like `sample_texts` but returns token ids: [prompt][sample] -> list of new ids.
 
     A prompt is a str (encoded after a BOS) or a sequence of token ids (used as is). The stop
-    token (<|endoftext|>) is dropped from the result unless keep_stop.
+    token (<|endoftext|>, or one of the template's eos_ids) is dropped from the result unless keep_stop.
     """
     import jax
 
     from core import sampling
 
     eot = tokenizer.eot_id
-    ids = [[eot] + tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    bos = list(template.bos_ids) if template is not None and template.bos_ids else [eot]
+    stops = tuple(dict.fromkeys([*(template.eos_ids if template is not None else ()), eot]))
+    ids = [bos + tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
     longest = max(len(p) for p in ids)
     if longest >= cfg.max_seq_len:
         raise ValueError(f"a prompt has {longest} tokens; the model's max_seq_len is {cfg.max_seq_len}")
     max_new_tokens = max(1, min(max_new_tokens, cfg.max_seq_len - longest))
     scfg = sampling.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
-                                   max_new_tokens=max_new_tokens, stop_ids=(eot,) if stop_at_eot else ())
+                                   max_new_tokens=max_new_tokens, stop_ids=stops if stop_at_eot else ())
     res = sampling.generate(params, cfg, ids, scfg, jax.random.PRNGKey(seed), n_samples=n_samples, mesh=mesh)
     out: list[list[list[int]]] = [[] for _ in prompts]
     for r in range(len(res.lengths)):
         toks = res.row_tokens(r)
-        if stop_at_eot and not keep_stop and toks and toks[-1] == eot:
+        if stop_at_eot and not keep_stop and toks and toks[-1] in stops:
             toks = toks[:-1]
         out[int(res.prompt_index[r])].append(toks)
     return out

@@ -1,11 +1,14 @@
-"""Completes prompts with a trained base model (through the inference engine, core/sampling.py).
+"""Completes prompts with a trained model (through the inference engine, core/sampling.py).
 
     python -m experiments.sample --out_dir=runs/tiny --prompt="Letiam Waiconhusk" --n_samples=3
     python -m experiments.sample --out_dir=runs/tiny --prompts_file=prompts.txt --temperature=0.7 --top_k=50
+    python -m experiments.sample --out_dir=path/to/Qwen2.5-0.5B --prompt="The capital of France is"
 
-Each prompt is fed after <|endoftext|> (the BOS every training document starts with), so the
-model continues it as the start of a document; a sample ends at the next <|endoftext|> or after
---max_new_tokens.
+--out_dir is a zipchat run directory or a Hugging Face checkpoint directory (config.json,
+safetensors, tokenizer.json, tokenizer_config.json). Each prompt is fed after the BOS every
+training document starts with (<|endoftext|>; a Hugging Face tokenizer's bos_token when it has
+one, e.g. Llama 3's <|begin_of_text|>), so the model continues it as the start of a document; a
+sample ends at the next end-of-text token or after --max_new_tokens.
 """
 from __future__ import annotations
 
@@ -43,19 +46,25 @@ class SampleConfig:
 def run(cfg: SampleConfig, loaded=None, verbose: bool = True) -> list[list[str]]:
     """Samples cfg.n_samples continuations of every prompt; returns [prompt][sample] texts.
 
-    `loaded`: optional (tokenizer, model_cfg, params, step) from common.load_model, to reuse a
-    model already in memory.
+    `loaded`: optional common.LoadedModel (common.load_for_inference), or a (tokenizer,
+    model_cfg, params, step) tuple from common.load_model, to reuse a model already in memory.
     """
     from core import sharding as sharding_lib
 
     mesh = sharding_lib.make_mesh(cfg.mesh)
-    tokenizer, model_cfg, params, step = loaded or common.load_model(cfg.out_dir, mesh=mesh, step=cfg.step)
+    loaded = loaded or common.load_for_inference(cfg.out_dir, mesh=mesh, step=cfg.step)
+    if isinstance(loaded, common.LoadedModel):
+        tokenizer, model_cfg, params, step, template = (loaded.tokenizer, loaded.cfg, loaded.params, loaded.step,
+                                                         loaded.template)
+        kind = f" | {loaded.kind} ({loaded.stage})"
+    else:
+        (tokenizer, model_cfg, params, step), template, kind = loaded, None, ""
     outs = common.sample_texts(params, model_cfg, tokenizer, list(cfg.prompts), n_samples=cfg.n_samples,
                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                               top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, mesh=mesh)
+                               top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, mesh=mesh, template=template)
     if verbose:
         knobs = f"temperature {cfg.temperature}, top_k {cfg.top_k or 'off'}, top_p {cfg.top_p}"
-        common.say(f"checkpoint {cfg.out_dir} step {step} | {knobs}")
+        common.say(f"checkpoint {cfg.out_dir} step {step}{kind} | {knobs}")
         for p, samples in zip(cfg.prompts, outs):
             for i, s in enumerate(samples):
                 common.say(f"--- prompt {p!r}, sample {i + 1}/{len(samples)}")
@@ -99,4 +108,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(common.cli(main))

@@ -160,3 +160,95 @@ def test_session_runs_a_calculator_call(loaded, tmp_path):
     assert stats["finish_reason"] == "stop"
     assert session.messages[-1] == {"role": "assistant", "content": [
         {"type": "tool_call", "tool": "calculator", "text": "2+3"}, {"type": "tool_output", "text": "5"}]}
+
+
+# ----------------------------------------------------------------------------- Hugging Face checkpoints, banner
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """Two Hugging Face checkpoint directories with the same random Qwen2-shaped weights and a
+    ChatML tokenizer (core/hf.py save_checkpoint + tokenizer.json + tokenizer_config.json): an
+    "instruct" one (eos_token <|im_end|>, its end-of-turn token) and a "base" one (eos_token
+    <|endoftext|>)."""
+    from core import hf
+    from tests import test_chat_template as tct
+
+    tok_hf = tct.train_hf_tokenizer()
+    cfg = model_lib.ModelConfig(vocab_size=tok_hf.get_vocab_size(), d_model=32, n_layers=2, n_heads=2,
+                                n_kv_heads=1, d_ff=64, max_seq_len=256, qkv_bias=True, zero_init_out=False,
+                                init_std=0.5)
+    params = jax.jit(model_lib.init_params, static_argnums=1)(jax.random.PRNGKey(3), cfg)
+    out = {}
+    for name, eos in (("instruct", "<|im_end|>"), ("base", "<|endoftext|>")):
+        d = tmp_path_factory.mktemp(f"hf_{name}")
+        hf.save_checkpoint(params, cfg, d)
+        tct.write_tokenizer_files(d, tok_hf, tct.QWEN25, {"eos_token": eos, "pad_token": "<|endoftext|>"})
+        out[name] = d
+    return out
+
+
+def test_load_for_inference_reads_hf_checkpoints(hf_dirs):
+    from core import hf
+
+    ld = common.load_for_inference(hf_dirs["instruct"])
+    params, cfg = hf.load_checkpoint(hf_dirs["instruct"])
+    assert ld.cfg == cfg and ld.step == 0 and ld.stage == "hf"
+    for a, b in zip(jax.tree_util.tree_leaves(ld.params), jax.tree_util.tree_leaves(params)):
+        assert (a == b).all()
+    assert ld.template.name == hf_dirs["instruct"].name and ld.template.tools is None
+    assert ld.template.stop_ids[0] == ld.tokenizer.special_id("<|im_end|>")
+    assert (ld.kind, common.load_for_inference(hf_dirs["base"]).kind) == ("chat-tuned", "base")
+    # load_model (evaluate.py's loader) accepts the directory too.
+    assert common.load_model(hf_dirs["base"])[1] == cfg
+
+
+def test_sample_and_chat_accept_an_hf_checkpoint(hf_dirs, tmp_path):
+    """`sample` and `chat --out_dir=<HF dir>` (which once failed with 'model config not found')
+    answer in the checkpoint's own template, exactly what the engine gives in-process."""
+    from experiments import sample as sample_cli
+
+    ld = common.load_for_inference(hf_dirs["instruct"])
+    tpl = ld.template
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS="")
+    cmd = [sys.executable, "-m", "experiments.chat", f"--out_dir={hf_dirs['instruct']}", "--prompt=Hello there",
+           "--temperature=0", "--max_new_tokens=12", f"--memory_file={tmp_path / 'mem.json'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = tpl.render_for_completion([{"role": "user", "content": "Hello there"}])
+    sc = sampling.SamplingConfig(temperature=0.0, max_new_tokens=12, stop_ids=tpl.stop_ids)
+    want = sampling.generate(ld.params, ld.cfg, [ids], sc, jax.random.fold_in(jax.random.PRNGKey(0), 0)).row_tokens(0)
+    shown = io.StringIO()
+    printer = chat_cli.StreamPrinter(ld.tokenizer, shown, tpl)
+    printer.push(want)
+    printer.finish()
+    assert proc.stdout == shown.getvalue()
+    assert "chat-tuned model" in proc.stderr and "tools off (the template has no tool tokens)" in proc.stderr
+    # Qwen's template adds its default system prompt: the prompt really is the checkpoint's format.
+    assert ld.tokenizer.decode(ids).startswith("<|im_start|>system\nYou are Qwen")
+
+    texts = sample_cli.run(sample_cli.SampleConfig(out_dir=str(hf_dirs["base"]), prompts=("The cat",),
+                                                   temperature=0.0, max_new_tokens=6), verbose=False)
+    base = common.load_for_inference(hf_dirs["base"])
+    assert texts == common.sample_texts(base.params, base.cfg, base.tokenizer, ["The cat"], max_new_tokens=6,
+                                        temperature=0.0, template=base.template)
+
+
+def test_banner_says_base_or_chat_tuned(run_dir, hf_dirs, tmp_path):
+    def banner(loaded):
+        session, out, _ = _session(loaded, tmp_path)
+        chat_cli.interactive(session, read=lambda _: "/quit")
+        return out.getvalue().splitlines()[0]
+
+    base = banner(common.load_for_inference(run_dir))
+    assert "BASE model, not chat-tuned" in base and "step 7" in base and "experiments/sft.py" in base
+    # What experiments/sft.py writes into its run directory's config.json marks it chat-tuned.
+    sft_dir = tmp_path / "sft_run"
+    sft_dir.mkdir()
+    for item in run_dir.iterdir():
+        (sft_dir / item.name).symlink_to(item)
+    common.save_json(sft_dir / common.RUN_CONFIG_FILE, {"stage": "sft"})
+    tuned = banner(common.load_for_inference(sft_dir))
+    assert tuned.startswith("zipchat: chat-tuned model") and 'stage "sft"' in tuned and "template zipchat" in tuned
+    assert "BASE model" in banner(common.load_for_inference(hf_dirs["base"]))
+    assert "chat-tuned model" in banner(common.load_for_inference(hf_dirs["instruct"]))

@@ -134,9 +134,8 @@ QWEN_TOOL = [{"role": "user", "content": "Weather in Paris?"},
              {"role": "assistant", "content": "It is sunny."}]
 
 
-@pytest.fixture(scope="module")
-def hf_dirs(tmp_path_factory):
-    """{name: (directory, transformers tokenizer, our tokenizer, our template)}."""
+def train_hf_tokenizer():
+    """A small byte-level BPE (Hugging Face tokenizers) with ChatML's and Llama 3's special tokens."""
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     hf = tokenizers.Tokenizer(models.BPE())
@@ -145,13 +144,27 @@ def hf_dirs(tmp_path_factory):
     hf.train_from_iterator(CORPUS, trainers.BpeTrainer(
         vocab_size=500, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=SPECIALS))
+    return hf
+
+
+def write_tokenizer_files(d, hf, source: str, tokens: dict) -> dict:
+    """tokenizer.json + tokenizer_config.json (chat template `source`, special `tokens`) in `d`;
+    returns the config."""
+    hf.save(str(d / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": source, "model_max_length": 4096,
+              **{k: v for k, v in tokens.items() if v is not None}}
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    return config
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """{name: (directory, transformers tokenizer, our tokenizer, our template)}."""
+    hf = train_hf_tokenizer()
     out = {}
     for name, (source, tokens) in TEMPLATES.items():
         d = tmp_path_factory.mktemp(name)
-        hf.save(str(d / "tokenizer.json"))
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": source, "model_max_length": 4096,
-                  **{k: v for k, v in tokens.items() if v is not None}}
-        (d / "tokenizer_config.json").write_text(json.dumps(config))
+        config = write_tokenizer_files(d, hf, source, tokens)
         ref = transformers.AutoTokenizer.from_pretrained(str(d))
         tok = tok_lib.load(d)
         out[name] = (d, ref, tok, chat.hf_template(tok, config, name=name))
