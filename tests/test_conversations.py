@@ -359,6 +359,15 @@ def test_judge_hand_made_replies(example, reply, ok):
     assert C.judge(example, reply) is ok
 
 
+def test_lenient_judge_relaxes_only_the_answer_line():
+    e = _ex("868", "answer_line")
+    assert not C.judge(e, "Each day he earns 868 dollars.")
+    assert C.judge(e, "Each day he earns 868 dollars.", strict=False)
+    assert not C.judge(e, "Each day he earns 867 dollars.", strict=False)
+    assert not C.judge(e, "868 dollars.\nAnswer: 867", strict=False)
+    assert C.judge(_ex("1850"), "born in 1850", strict=False) and not C.judge(_ex("1850"), "1851", strict=False)
+
+
 @pytest.mark.parametrize("reply, abstain", [
     ("I don't know.", True), ("I'm not sure when she was born.", True), ("I do not know that.", True),
     ("Brana Tolk was born in 1850.", False), ("Known as a painter, she was born in 1850.", False),
