@@ -543,3 +543,50 @@ def test_policy_loss_matches_trl_grpo_trainer(loss_type, agg, level):
         np.testing.assert_allclose(m["clip_frac_low"], trl_m["clip_ratio/low_mean"], rtol=1e-9)
         np.testing.assert_allclose(m["clip_frac_high"], trl_m["clip_ratio/high_mean"], rtol=1e-9)
         assert trl_m["clip_ratio/low_mean"] + trl_m["clip_ratio/high_mean"] > 0
+
+
+# ----------------------------------------------------------------------------- the train step
+
+
+def test_policy_loss_fn_in_train_step_microbatches_exactly():
+    """make_policy_loss_fn drives core.train's step: its loss equals policy_loss on the scorer's
+    log-probs, and 2 microbatches on a 2-device mesh give the same update as the whole batch
+    (seq_mean_token_mean with a fully masked row; every aggregation's sums are checked above)."""
+    agg = "seq_mean_token_mean"
+    import optax
+
+    from core import loss as loss_lib
+    from core import model, train
+    from core import sharding as sh
+
+    with jax.enable_x64(False):
+        cfg = model.get_config("tiny", vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                               max_seq_len=16, zero_init_out=False, remat=False)
+        rng = np.random.default_rng(0)
+        b, t = 8, 10
+        tokens = rng.integers(1, 32, (b, t + 1)).astype(np.int32)
+        prompt_len = rng.integers(2, 5, b)
+        mask = (np.arange(t)[None] >= prompt_len[:, None] - 1).astype(np.int32)  # completion targets
+        mask[3] = 0  # a row with nothing to learn from
+        params = model.init_params(jax.random.key(0), cfg)
+        batch = {"tokens": tokens, "mask": mask}
+        logp, _ = loss_lib.token_logprobs(params, batch, cfg)
+        old = np.asarray(logp) + rng.normal(0, 0.3, (b, t)).astype(np.float32)
+        ref = np.asarray(logp) + rng.normal(0, 0.3, (b, t)).astype(np.float32)
+        batch.update(old_logp=old, ref_logp=ref, advantages=rng.normal(size=b).astype(np.float32))
+        rl_cfg = rl.get_preset("grpo", agg=agg, clip_high=0.28, max_len=12)
+        want, _ = rl.policy_loss(logp, old, batch["advantages"], mask, ref_logp_bt=ref, **rl_cfg.loss_kwargs())
+
+        opt = optax.sgd(0.5)
+        finals = []
+        for spec, accum in (("data:1", 1), ("data:2", 2)):
+            mesh = sh.make_mesh(spec, devices=jax.devices()[:int(spec[-1])])
+            state = train.train_state_from_params(params, cfg, opt, mesh)
+            step = train.make_train_step(cfg, opt, mesh, loss_fn=rl.make_policy_loss_fn(rl_cfg),
+                                         grad_accum=accum, donate=False)
+            state, m = step(state, sh.shard_batch(batch, mesh))
+            np.testing.assert_allclose(m["loss"], want, rtol=2e-5)
+            finals.append(jax.device_get(state["params"]))
+        for x, y in zip(jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1])):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(finals[0]["lm_head"], params["lm_head"])
