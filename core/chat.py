@@ -43,14 +43,13 @@ checked against fixed lists. Hugging Face templates get the same guarantee (see 
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
 import datetime
 import functools
 import json
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 # ----------------------------------------------------------------------------------------------
 # zipchat's special tokens: defined here once (core/tokenizer.SPECIAL_TOKENS and core/tools'
@@ -533,6 +532,12 @@ def parse_conversation(tok, ids: Sequence[int]) -> list[Message]:
 # conversations are prefixes of longer ones (ValueError otherwise, naming the message; templates
 # that rewrite earlier turns, e.g. by dropping old reasoning, need `{% generation %}` blocks), and
 # a token that straddles a span edge counts as the assistant's.
+#
+# Other limits: every added token of tokenizer.json is a special token here, so an added token
+# that transformers would not count as a control token (neither special nor spelled in the
+# template) is encoded as text when typed in a message; added tokens' lstrip/rstrip flags are not
+# applied (Qwen2.5 and Llama 3 set none); `parse_assistant` drops special ids from the reply, and
+# tool calls written in a template's own text format (Qwen's <tool_call> JSON) stay plain text.
 
 _MARK_START, _MARK_END = "\U000f0000", "\U000f0001"  # private-use: never in a vocabulary
 _TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -717,8 +722,7 @@ class JinjaTemplate(ChatTemplate):
 
     def render_text(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> str:
         """The rendered conversation as text (what `apply_chat_template(tokenize=False)` gives)."""
-        text = self._render_text(self._messages(messages), add_generation_prompt)
-        return text
+        return self._render_text(self._messages(messages), add_generation_prompt)
 
     def render(self, messages, *, add_generation_prompt=False):
         messages = self._marked(self._messages(messages))

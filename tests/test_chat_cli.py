@@ -252,3 +252,26 @@ def test_banner_says_base_or_chat_tuned(run_dir, hf_dirs, tmp_path):
     assert tuned.startswith("zipchat: chat-tuned model") and 'stage "sft"' in tuned and "template zipchat" in tuned
     assert "BASE model" in banner(common.load_for_inference(hf_dirs["base"]))
     assert "chat-tuned model" in banner(common.load_for_inference(hf_dirs["instruct"]))
+
+
+def test_run_fine_tuned_from_hf_keeps_its_template(run_dir, tmp_path):
+    """A run directory that carries a tokenizer_config.json with a chat template (experiments/sft.py
+    copies it from a Hugging Face --init) is chatted with in that template, not zipchat's."""
+    from core import chat as core_chat
+    from tests import test_chat_template as tct
+
+    d = tmp_path / "sft_from_hf"
+    d.mkdir()
+    for item in run_dir.iterdir():
+        (d / item.name).symlink_to(item)
+    common.save_json(d / common.RUN_CONFIG_FILE, {"stage": "sft"})
+    common.save_json(d / "tokenizer_config.json", {"chat_template": tct.CHATML, "eos_token": "<|im_end|>"})
+    ld = common.load_for_inference(d)
+    assert isinstance(ld.template, core_chat.JinjaTemplate) and ld.chat_tuned
+    session, _, _ = _session(ld, tmp_path)
+    prompt = ld.template.render_for_completion([{"role": "user", "content": "hi"}])
+    assert ld.tokenizer.decode(prompt) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    sc = sampling.SamplingConfig(temperature=0.0, max_new_tokens=24, stop_ids=ld.template.stop_ids)
+    want = sampling.generate(ld.params, ld.cfg, [prompt], sc, jax.random.fold_in(jax.random.PRNGKey(0), 0))
+    stats = session.ask("hi")
+    assert stats["reply"] == ld.template.parse_assistant(want.row_tokens(0))
