@@ -371,6 +371,8 @@ def load_model(out_dir, *, mesh=None, step: Optional[int] = None):
     if not out_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {out_dir}")
     if is_hf_checkpoint(out_dir):
+        if step not in (None, 0):
+            raise ValueError(f"--step={step}: {out_dir} is a Hugging Face checkpoint, which has one state (step 0)")
         return _load_hf_dir(out_dir, mesh)
     cfg = load_model_config(out_dir)
     tokenizer = load_tokenizer(out_dir)
