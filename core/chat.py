@@ -112,10 +112,6 @@ class ToolProtocol:
     def start_to_tool(self) -> dict[int, str]:
         return {i: name for name, i in self.start.items()}
 
-    def ids(self) -> frozenset[int]:
-        """Every id the protocol uses."""
-        return frozenset([*self.start.values(), *self.end.values(), self.output_start, self.output_end])
-
     def end_to_tool(self, names: Sequence[str] | None = None) -> dict[int, tuple[str, int]]:
         """{end id: (tool name, start id)} for `names` (default: all), what the engine watches for.
 
@@ -354,13 +350,12 @@ def render_tool_call(tok, tool: str, text: str) -> list[int]:
     """<|{tool}_start|> text <|{tool}_end|> as ids (what the model writes to call a tool)."""
     if tool not in TOOL_TOKENS:
         raise ValueError(f"tool {tool!r} is not one of {tuple(TOOL_TOKENS)}")
-    start, end = TOOL_TOKENS[tool]
-    return [tok.special_id(start), *tok.encode(text), tok.special_id(end)]
+    return tool_protocol(tok, (tool,)).render_call(tool, text)
 
 
 def render_tool_output(tok, text: str) -> list[int]:
     """<|output_start|> text <|output_end|> as ids (what the engine force-feeds after a call)."""
-    return [tok.special_id(OUTPUT_START), *tok.encode(text), tok.special_id(OUTPUT_END)]
+    return tool_protocol(tok, ()).render_output(text)
 
 
 def render_message(tok, message: Message, index: int = 0) -> tuple[list[int], list[int]]:
