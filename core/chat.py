@@ -193,6 +193,10 @@ class ChatTemplate:
         add_generation_prompt the next assistant header follows (mask 0)."""
         raise NotImplementedError
 
+    def render_text(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> str:
+        """The rendered conversation as text (special tokens spelled out), for logs and reports."""
+        return self.tokenizer.decode(self.render(messages, add_generation_prompt=add_generation_prompt)[0])
+
     def render_for_completion(self, messages: Sequence[Message]) -> list[int]:
         """Prompt ids for sampling the next assistant reply. The caller removes a trailing
         assistant message (e.g. an RL reference answer) if it has one."""

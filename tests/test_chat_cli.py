@@ -275,3 +275,26 @@ def test_run_fine_tuned_from_hf_keeps_its_template(run_dir, tmp_path):
     want = sampling.generate(ld.params, ld.cfg, [prompt], sc, jax.random.fold_in(jax.random.PRNGKey(0), 0))
     stats = session.ask("hi")
     assert stats["reply"] == ld.template.parse_assistant(want.row_tokens(0))
+
+
+def test_run_without_chat_tokens_samples_but_cannot_chat(tmp_path):
+    """A run whose tokenizer has no template tokens has no template: sample works (BOS
+    <|endoftext|>), chat refuses with one line naming the directory."""
+    from experiments import sample as sample_cli
+
+    out = tmp_path / "bare_run"
+    tok = tok_lib.train_bpe([TEXT], vocab_size=280, special_tokens=("<|endoftext|>",))
+    cfg = model_lib.ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                                max_seq_len=64)
+    params = jax.jit(model_lib.init_params, static_argnums=1)(jax.random.PRNGKey(0), cfg)
+    tok.save(out / common.TOKENIZER_FILE)
+    common.save_json(out / common.MODEL_CONFIG_FILE, common.model_config_to_json(cfg))
+    with ck.make_manager(out / common.CHECKPOINT_DIR, async_save=False) as mngr:
+        ck.save(mngr, 1, {"params": params}, meta={"model_config": common.model_config_to_json(cfg)})
+    ld = common.load_for_inference(out)
+    assert ld.template is None and ld.kind == "base"
+    texts = sample_cli.run(sample_cli.SampleConfig(out_dir=str(out), prompts=("The cat",), temperature=0.0,
+                                                   max_new_tokens=4), loaded=ld, verbose=False)
+    assert len(texts) == 1 and len(texts[0]) == 1
+    with pytest.raises(ValueError, match="no chat format"):
+        _session(ld, tmp_path)
