@@ -518,11 +518,18 @@ def _copy_runtime(info: dict) -> str:
 
 
 def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-    os.chmod(dst, 0o755 if os.access(src, os.X_OK) else 0o644)
+    """Hard-links `src` when it is already readable (and, if executable, runnable) by others, so
+    that nothing is duplicated and the original's mode is never touched; copies it otherwise."""
+    mode = os.stat(src).st_mode
+    executable = bool(mode & 0o100)
+    if mode & 0o004 and (mode & 0o001 or not executable):
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
+    os.chmod(dst, 0o755 if executable else 0o644)
 
 
 @functools.lru_cache(maxsize=8)

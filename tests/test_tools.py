@@ -465,15 +465,24 @@ def test_concurrent_runs_do_not_interfere():
     assert outs == [f"{i} 2\n" for i in range(6)]  # main.py and its own id.txt only
 
 
-def test_sandbox_dies_with_its_parent(tmp_path):
+@pytest.mark.parametrize("name", ["full", "hook_only"])
+def test_sandbox_dies_with_its_parent(tmp_path, name):
     # a parent that starts a sleeping sandbox and is then killed must not leave it running
+    _probe(name)
+    config = "tools.SandboxConfig(wall_time_s=60)" if name == "full" else \
+        "tools.SandboxConfig(wall_time_s=60, isolate=False, allow_unisolated=True)"
     parent = subprocess.Popen([sys.executable, "-c", (
         "import sys; sys.path.insert(0, sys.argv[1]); from core import tools\n"
-        "tools.run_python('import os, time\\nprint(os.getpid(), flush=True)\\ntime.sleep(60)', "
-        "tools.SandboxConfig(wall_time_s=60, isolate=False, allow_unisolated=True))"), str(pathlib.Path(__file__).parents[1])],
+        f"tools.run_python('import os, time\\nprint(os.getpid(), flush=True)\\ntime.sleep(60)', {config})"),
+        str(pathlib.Path(__file__).parents[1])],
         env={**os.environ, "TMPDIR": str(tmp_path)})  # the killed parent leaves its work dir there
-    time.sleep(1.0)
-    children = [p for p in pathlib.Path("/proc").iterdir() if p.name.isdigit() and _ppid_of(p) == parent.pid]
+    deadline = time.time() + 20
+    children = []
+    while time.time() < deadline and not children:  # the first run may build the runtime copy
+        time.sleep(0.5)
+        children = _descendants(parent.pid)
+    time.sleep(0.5)
+    children = _descendants(parent.pid)
     parent.kill()
     parent.wait()
     assert children, "the sandbox did not start"
@@ -481,6 +490,16 @@ def test_sandbox_dies_with_its_parent(tmp_path):
     while time.time() < deadline and any(c.exists() and _state_of(c) not in (None, "Z") for c in children):
         time.sleep(0.05)
     assert not any(c.exists() and _state_of(c) not in (None, "Z") for c in children)
+
+
+def _descendants(pid: int) -> list[pathlib.Path]:
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c in pathlib.Path("/proc").iterdir() if c.name.isdigit() and _ppid_of(c) == p]
+        found += kids
+        todo += [int(c.name) for c in kids]
+    return found
 
 
 def _ppid_of(proc_dir: pathlib.Path) -> int | None:
