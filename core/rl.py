@@ -17,7 +17,8 @@ The pieces, each with its formula in its docstring:
   token_entropy         entropy of the next-token distribution, streamed over vocabulary chunks
   overlong_penalty, zero_variance_groups   DAPO's soft length penalty and dynamic-sampling filter
   PRESETS / get_preset  named knob settings: grpo, dr_grpo, dapo, rloo, gspo
-  dpo_loss(_sums)       DPO (Rafailov et al. 2023) with reward margins and accuracy
+  dpo_loss(_sums)       DPO (Rafailov et al. 2023) with reward margins and accuracy;
+                        make_dpo_loss_fn, its core.train LossFn
   best_of_n_kl          analytic KL of best-of-n sampling: log n - (n-1)/n
 
 Conventions: a "loss" here is what is minimised (the negated objective); per-token losses are
@@ -562,6 +563,33 @@ def dpo_loss(policy_chosen_logp_b, policy_rejected_logp_b, ref_chosen_logp_b, re
                                   ref_rejected_logp_b, beta, label_smoothing)
     n = aux["weight"]
     return loss_sum / n, {k: v / n for k, v in aux.items() if k != "weight"}
+
+
+def make_dpo_loss_fn(beta: float, label_smoothing: float = 0.0):
+    """A core.train LossFn for preference pairs (policy params; the reference's log-probs are data):
+
+      'tokens'   int32 [B, 2, T+1]   row b: (chosen, rejected) conversations
+      'mask'     int   [B, 2, T]     1 on the response's target tokens
+      'ref_logp' float [B, 2]        the reference policy's summed response log-probs
+      ('segment_ids', 'positions' [B, 2, T+1] optional)
+
+    A pair stays in one batch element, so microbatches never split it. Returns `dpo_loss_sums`.
+    """
+    from core import loss as loss_lib  # local: keep core.rl importable without the model stack
+
+    def loss_fn(params, batch, model_cfg):
+        tokens = batch["tokens"]
+        if tokens.ndim != 3 or tokens.shape[1] != 2:
+            raise ValueError(f"DPO batch['tokens'] must be [B, 2, T+1] (chosen, rejected), got {tokens.shape}")
+        b = tokens.shape[0]
+        flat = {k: v.reshape((2 * b,) + v.shape[2:]) for k, v in batch.items()
+                if k in ("tokens", "mask", "segment_ids", "positions")}
+        logp_b, _ = loss_lib.sequence_logprobs(params, flat, model_cfg)
+        logp = logp_b.reshape(b, 2)
+        ref = batch["ref_logp"]
+        return dpo_loss_sums(logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], beta, label_smoothing)
+
+    return loss_fn
 
 
 def best_of_n_kl(n: int) -> float:

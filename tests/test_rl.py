@@ -623,3 +623,25 @@ def test_bandit_learns_with_every_preset(algo):
         for _ in range(2):
             theta = update(theta, a_b, adv_b, old_bt)
     assert float(jax.nn.softmax(theta)[7]) > 0.9, jax.nn.softmax(theta)
+
+
+def test_dpo_loss_fn_matches_dpo_loss_on_scored_pairs():
+    from core import loss as loss_lib
+    from core import model
+
+    with jax.enable_x64(False):
+        cfg = model.get_config("tiny", vocab_size=32, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                               max_seq_len=16, zero_init_out=False, remat=False)
+        rng = np.random.default_rng(1)
+        b, t = 3, 9
+        tokens = rng.integers(1, 32, (b, 2, t + 1)).astype(np.int32)
+        mask = np.zeros((b, 2, t), np.int32)
+        mask[:, :, 4:] = 1
+        params = model.init_params(jax.random.key(0), cfg)
+        ref = rng.normal(-30, 2, (b, 2)).astype(np.float32)
+        loss_sum, aux = rl.make_dpo_loss_fn(0.1)(params, {"tokens": tokens, "mask": mask, "ref_logp": ref}, cfg)
+        seq, _ = loss_lib.sequence_logprobs(params, {"tokens": tokens.reshape(2 * b, -1), "mask": mask.reshape(2 * b, -1)}, cfg)
+        seq = np.asarray(seq).reshape(b, 2)
+        want, m = rl.dpo_loss(seq[:, 0], seq[:, 1], ref[:, 0], ref[:, 1], 0.1)
+        np.testing.assert_allclose(loss_sum / aux["weight"], want, rtol=1e-5)
+        np.testing.assert_allclose(aux["accuracy"] / aux["weight"], m["accuracy"])
