@@ -121,6 +121,47 @@ def read_json_object(path, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = 
     return data
 
 
+MODEL_CONFIG_BOUNDS = {  # our model_config.json (core.model.ModelConfig) -> inclusive upper bound
+    "vocab_size": 2**22, "d_model": 2**16, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024,
+    "head_dim": 2**13, "d_ff": 2**20, "max_seq_len": 2**22,
+}
+
+
+def check_model_config_json(d, source: str) -> None:
+    """Types and bounds of our own model config (model_config.json) before ModelConfig(**d).
+
+    Raises:
+      ValueError naming `source` and the key: not an object, a size that is not an integer or is
+      out of range (see MODEL_CONFIG_BOUNDS; optional sizes may be null), a flag that is not a
+      boolean, a number that is not finite, a name that is not a string.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    for key, value in d.items():
+        if key in MODEL_CONFIG_BOUNDS:
+            if value is None and key in ("n_kv_heads", "head_dim", "d_ff"):
+                continue
+            if type(value) is not int or not 1 <= value <= MODEL_CONFIG_BOUNDS[key]:
+                raise ValueError(f"{source}: {key} must be an integer in [1, {MODEL_CONFIG_BOUNDS[key]}], "
+                                 f"got {value!r:.40}")
+        elif key in ("norm", "mlp", "pos", "compute_dtype"):
+            if not isinstance(value, str):
+                raise ValueError(f"{source}: {key} must be a string, got {value!r:.40}")
+        elif key in ("norm_eps", "rope_theta", "init_std", "logit_softcap"):
+            if value is None and key == "logit_softcap":
+                continue
+            if type(value) not in (int, float) or not math.isfinite(value):
+                raise ValueError(f"{source}: {key} must be a finite number, got {value!r:.40}")
+        elif key in ("qkv_bias", "attn_out_bias", "mlp_bias", "tie_embeddings", "qk_norm", "smear_keys",
+                     "zero_init_out"):
+            if not isinstance(value, bool):
+                raise ValueError(f"{source}: {key} must be true or false, got {value!r:.40}")
+        elif key == "rope_scaling" and value is not None:
+            if not (isinstance(value, (list, tuple)) and len(value) == 4
+                    and all(type(v) in (int, float) and math.isfinite(v) for v in value)):
+                raise ValueError(f"{source}: rope_scaling must be null or 4 numbers, got {value!r:.60}")
+
+
 def check_config_fields(config: dict, source: str) -> None:
     """Types and bounds of the size fields of a config.json (see CONFIG_BOUNDS, CONFIG_FLOATS).
 

@@ -158,3 +158,24 @@ def test_config_json_size_is_bounded(good_dir, tmp_path):
     d = _copy(good_dir, tmp_path)
     (d / hf.CONFIG_FILE).write_text(json.dumps({**GPT2, "pad": "x" * (5 * 2**20)}))
     _expect(d, str(d / hf.CONFIG_FILE), "bytes, more than")
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"n_layers": 10**7}, "n_layers must be an integer in [1, 1024]"),
+    ({"vocab_size": "300"}, "vocab_size must be an integer"),
+    ({"d_model": 32.0}, "d_model must be an integer"),
+    ({"max_seq_len": 0}, "max_seq_len must be an integer"),
+    ({"tie_embeddings": "yes"}, "tie_embeddings must be true or false"),
+    ({"norm_eps": float("nan")}, "norm_eps must be a finite number"),
+    ({"rope_scaling": [1, 2]}, "rope_scaling must be null or 4 numbers"),
+    ({"norm": 3}, "norm must be a string"),
+])
+def test_our_model_config_json_is_checked(change, fragment):
+    d = json.loads(json.dumps(__import__("dataclasses").asdict(model.ModelConfig())))
+    hf.check_model_config_json(d, "run/model_config.json")  # the defaults pass
+    d.update(change)
+    with pytest.raises(ValueError) as info:
+        hf.check_model_config_json(d, "run/model_config.json")
+    assert str(info.value).startswith("run/model_config.json: ") and fragment in str(info.value)
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        hf.check_model_config_json([1], "run/model_config.json")
