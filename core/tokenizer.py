@@ -806,6 +806,19 @@ def load(path, *, pattern: str | None = None, special_tokens: dict[str, int] | N
         raise FileNotFoundError(f"tokenizer file or directory not found: {path}")
     if path.is_dir():
         path = _find_in_dir(path)
+    try:
+        return _load_file(path, pattern, special_tokens)
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError, UnicodeDecodeError) as e:
+        text = str(e) if type(e) is ValueError else f"{type(e).__name__}: {e}"
+        raise ValueError(text if str(path) in text else f"malformed tokenizer file {path}: {text}") from None
+
+
+def _load_file(path: pathlib.Path, pattern, special_tokens) -> Tokenizer:
+    """`load` of one file; any error here is turned into a ValueError naming the file."""
+    for p in (path, path.parent / "encoder.json", path.parent / "vocab.bpe") if path.name in (
+            "vocab.bpe", "encoder.json") else (path,):
+        if p.is_file() and p.stat().st_size > MAX_TOKENIZER_FILE_BYTES:
+            raise ValueError(f"tokenizer file {p}: {p.stat().st_size} bytes, more than {MAX_TOKENIZER_FILE_BYTES}")
     suffix = path.suffix.lower()
     if suffix == ".tiktoken":
         tok = _load_tiktoken(path, pattern, special_tokens)
@@ -813,16 +826,12 @@ def load(path, *, pattern: str | None = None, special_tokens: dict[str, int] | N
         tok = _load_gpt2(path.parent / "encoder.json", path.parent / "vocab.bpe", pattern, special_tokens)
     elif suffix == ".json":
         d = _read_json(path)
-        try:
-            if isinstance(d, dict) and d.get("format") == _FORMAT:
-                tok = _from_dict(d, path)
-            elif isinstance(d, dict) and isinstance(d.get("model"), dict):
-                tok = _load_hf(d, path)
-            else:
-                raise ValueError("neither a zipchat nor a Hugging Face tokenizer")
-        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
-            text = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-            raise ValueError(text if str(path) in text else f"malformed tokenizer file {path}: {text}") from None
+        if isinstance(d, dict) and d.get("format") == _FORMAT:
+            tok = _from_dict(d, path)
+        elif isinstance(d, dict) and isinstance(d.get("model"), dict):
+            tok = _load_hf(d, path)
+        else:
+            raise ValueError(f"malformed tokenizer file {path}: neither a zipchat nor a Hugging Face tokenizer")
         if pattern is not None or special_tokens is not None:
             tok = Tokenizer(
                 tok.mergeable_ranks,
@@ -918,10 +927,9 @@ def _load_gpt2(encoder_path: pathlib.Path, bpe_path: pathlib.Path, pattern, spec
         if not p.is_file():
             raise FileNotFoundError(f"GPT-2 tokenizer needs both encoder.json and vocab.bpe; missing {p}")
     u2b = _unicode_to_bytes()
-    try:
-        encoder = json.loads(encoder_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"malformed {encoder_path}: {e}") from None
+    encoder = _read_json(encoder_path)
+    if not isinstance(encoder, dict):
+        raise ValueError(f"malformed {encoder_path}: expected a JSON object of token -> id")
     lines = bpe_path.read_text(encoding="utf-8").split("\n")
     if lines and lines[0].startswith("#version"):
         lines = lines[1:]

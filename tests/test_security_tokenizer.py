@@ -126,3 +126,26 @@ def test_huge_tiktoken_rank_is_refused_before_allocation(tmp_path):
     path.write_text("YQ== 0\nYg== 99999999999\n")
     with pytest.raises(ValueError, match="not an integer in"):
         tokenizer.load(path, pattern=r"\S+")
+
+
+def test_gpt2_files_errors_name_the_file(tmp_path):
+    (tmp_path / "encoder.json").write_text("[" * 100_000)
+    (tmp_path / "vocab.bpe").write_text("#version: 0.2\n")
+    with pytest.raises(ValueError, match="encoder.json") as info:
+        tokenizer.load(tmp_path / "vocab.bpe")
+    assert "nested too deeply" in str(info.value)
+    (tmp_path / "encoder.json").write_text("[1]")
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        tokenizer.load(tmp_path)
+    (tmp_path / "encoder.json").write_text("{}")
+    (tmp_path / "vocab.bpe").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match=str(tmp_path)):
+        tokenizer.load(tmp_path / "vocab.bpe")
+
+
+def test_oversized_tokenizer_file_is_refused_unread(tmp_path, monkeypatch):
+    monkeypatch.setattr(tokenizer, "MAX_TOKENIZER_FILE_BYTES", 100)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(_crafted_tokenizer_json()))
+    with pytest.raises(ValueError, match=f"tokenizer file {path}: .* more than 100"):
+        tokenizer.load(path)
