@@ -187,11 +187,39 @@ def opt_state_shardings(optimizer, params_shapes: Any, params_shardings: Any, me
     import optax
 
     state_shapes = jax.eval_shape(optimizer.init, params_shapes)
-    return optax.tree_map_params(
-        optimizer, lambda _, s: s, state_shapes, params_shardings,
-        transform_non_params=lambda _: replicated(mesh),
-        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
-    )
+    try:
+        return optax.tree_map_params(
+            optimizer, lambda _, s: s, state_shapes, params_shardings,
+            transform_non_params=lambda _: replicated(mesh),
+            is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+        )
+    except ValueError:
+        # Parameter groups (optax.multi_transform) keep masked copies of the params tree, which
+        # tree_map_params cannot line up; match each state leaf to the param whose path ends
+        # its own path and whose shape it has.
+        return _shardings_by_path(state_shapes, params_shapes, params_shardings, mesh)
+
+
+def _key_names(path) -> tuple:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _shardings_by_path(state_shapes: Any, params_shapes: Any, params_shardings: Any, mesh: Mesh) -> Any:
+    by_path = {}
+    shapes = dict((_key_names(p), s) for p, s in jax.tree_util.tree_flatten_with_path(params_shapes)[0])
+    for p, sh in jax.tree_util.tree_flatten_with_path(params_shardings)[0]:
+        names = _key_names(p)
+        by_path[names] = (tuple(shapes[names].shape), sh)
+
+    def pick(path, leaf):
+        names = _key_names(path)
+        for k in range(len(names)):
+            hit = by_path.get(names[k:])
+            if hit is not None and hit[0] == tuple(leaf.shape):
+                return hit[1]
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, state_shapes)
 
 
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:

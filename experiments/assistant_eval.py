@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from typing import Any, Optional, Sequence
 
 from experiments import common
@@ -31,14 +30,6 @@ from experiments import common
 # Product sizes of the mult rows: (digits of a, digits of b), 4 to 6 digits in all.
 MULT_SHAPES = ((2, 2), (2, 3), (3, 3))
 FACT_TIERS = ("famous", "popular", "few", "once", "held_out")
-_REFUSAL = re.compile(r"\b(i don't know|i do not know|not sure|no idea|i can't|i cannot|unknown)\b", re.I)
-
-
-def is_refusal(text: str) -> bool:
-    """A reply that declines to answer ("I don't know ..."), as opposed to a (possibly wrong) answer."""
-    return bool(_REFUSAL.search(text))
-
-
 def default_tools(world=None, *, python: bool = True) -> dict:
     """calculator, python (sandboxed) and search over the world's documents (when given)."""
     from core import tools as tools_lib
@@ -156,7 +147,10 @@ def evaluate_model(params, cfg, template, world, *, n: int, seed: int = 0, mesh=
     rows.append(Row("identity", "who are you / who made you", len(oks), rate(oks), "identity_rate"))
 
     for tier in FACT_TIERS:
-        ex = conv.eval_set(world, "fact", n, seed, tier=tier)
+        try:
+            ex = conv.eval_set(world, "fact", n, seed, tier=tier)
+        except ValueError:  # a small world may have no held-out entity of this tier
+            ex = []
         if not ex:
             continue
         oks, _ = ask(ex, use_tools=False, ban=("search",))
@@ -177,7 +171,7 @@ def evaluate_model(params, cfg, template, world, *, n: int, seed: int = 0, mesh=
 
     held = conv.eval_set(world, "search", n, seed, tier="held_out")
     oks, replies = ask(held, use_tools=False, ban=("calculator", "python", "search"))
-    halluc = [not ok and not is_refusal(r["text"]) for ok, r in zip(oks, replies)]
+    halluc = [not ok and not conv.abstains(r["text"]) for ok, r in zip(oks, replies)]
     rows.append(Row("held-out entities", "no search", len(oks), rate(oks), "heldout_no_search"))
     rows.append(Row("held-out entities", "no search: confident wrong answers (hallucination)", len(oks),
                     rate(halluc), "hallucination_rate"))

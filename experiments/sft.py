@@ -1,7 +1,7 @@
 """Supervised fine-tuning: a base model becomes an assistant by training on conversations.
 
     python -m experiments.sft --init=runs/main --out_dir=runs/main/sft
-    python -m experiments.sft --init=path/to/Qwen2.5-0.5B-Instruct --data=chat:smoltalk.jsonl --out_dir=runs/qwen_sft
+    python -m experiments.sft --init=path/to/Qwen2.5-0.5B-Instruct --data=messages:smoltalk.jsonl --out_dir=runs/qwen_sft
     python -m experiments.sft ... --resume            # after a crash or Ctrl-C
 
 What differs from pretraining is only where rows come from: conversations rendered by the chat
@@ -12,8 +12,8 @@ system/user turns and tool outputs are 0). The loss, the train step, the loop, c
 resume are pretraining's (core/train.py, core/loop.py, experiments/stage.py).
 
 --data: `synthetic[:n=,seed=]` (data/conversations.py's mixture over the world the --init run was
-pretrained on), `chat:PATH` (jsonl with `messages`), `sharegpt:PATH`, `gsm8k:PATH` (worked
-solutions with calculator calls), joined with '+'.
+pretrained on), `messages:PATH` (jsonl/json/parquet with `messages`, as SmolTalk and UltraChat
+ship), `sharegpt:PATH`, `gsm8k:PATH` (worked solutions with calculator calls), joined with '+'.
 
 The output is a chat-ready run directory: tokenizer, model_config.json, config.json with
 "stage": "sft" (the chat banner reads it), checkpoints; `experiments/chat.py`, `sample.py` and
@@ -44,7 +44,8 @@ class SFTConfig:
     init: Optional[str] = _f(None, "the model to fine-tune: a pretraining run directory or a Hugging Face "
                              "checkpoint directory")
     out_dir: Optional[str] = _f(None, "run directory of the fine-tuned model")
-    data: str = _f("synthetic", "'synthetic[:n=,seed=]', 'chat:PATH', 'sharegpt:PATH', 'gsm8k:PATH', joined with +")
+    data: str = _f("synthetic", "'synthetic[:n=,seed=]', 'messages:PATH', 'sharegpt:PATH', 'gsm8k:PATH', joined "
+                   "with + (data/conversations.py open_conversations)")
     world: Optional[str] = _f(None, "synthetic world spec when --init is not a synthetic pretraining run, "
                               "e.g. 'synthetic:seed=0,entities=300'")
     n_conversations: int = _f(20000, "synthetic conversations to draw (each used ~steps*batch/n times)")
@@ -96,16 +97,6 @@ class SFTConfig:
 # ----------------------------------------------------------------------------- data
 
 
-def _spec_options(text: str, allowed: Sequence[str], what: str) -> dict:
-    out = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        k, eq, v = item.partition("=")
-        if not eq or k not in allowed:
-            raise ValueError(f"--data: {what} option {item!r} is not KEY=VALUE with KEY in {list(allowed)}")
-        out[k] = v
-    return out
-
-
 def world_for(cfg: SFTConfig):
     """The synthetic world the base model was pretrained on (from --init's config.json), or
     --world's; None when neither names one."""
@@ -123,33 +114,25 @@ def world_for(cfg: SFTConfig):
 
 
 def load_examples(cfg: SFTConfig, world) -> tuple[list, list]:
-    """(train examples, held-out validation examples) per --data."""
+    """(train examples, held-out validation examples) per --data (data.conversations.open_conversations).
+
+    Validation: held-out synthetic conversations (entities, templates and numbers never in the
+    training mixture) when a world is known, else the last 10% of the read conversations."""
     from data import conversations as conv
 
-    train, val = [], []
-    for part in filter(None, (p.strip() for p in cfg.data.split("+"))):
-        kind, _, rest = part.partition(":")
-        if kind == "synthetic":
-            if world is None:
-                raise ValueError("--data=synthetic needs the synthetic world: --init must be a run pretrained on "
-                                 "--data=synthetic..., or pass --world=synthetic:seed=S,entities=N")
-            o = _spec_options(rest, ("n", "seed"), "synthetic")
-            n, seed = int(o.get("n", cfg.n_conversations)), int(o.get("seed", cfg.seed))
-            train += conv.sft_mixture(world, n, seed, split="train")
-            val += conv.sft_mixture(world, cfg.val_conversations, seed + 1, split="heldout")
-        elif kind in ("chat", "sharegpt", "gsm8k"):
-            if not rest or not pathlib.Path(rest).exists():
-                raise ValueError(f"--data: {kind}: path {rest!r} does not exist")
-            reader = {"chat": conv.read_chat_jsonl, "sharegpt": conv.read_sharegpt,
-                      "gsm8k": conv.read_gsm8k_conversations}[kind]
-            examples = reader(rest)
-            n_val = max(1, min(cfg.val_conversations, len(examples) // 10))
-            if len(examples) < 2:
-                raise ValueError(f"--data: {rest} holds {len(examples)} conversation(s); need at least 2")
-            train += examples[:-n_val]
-            val += examples[-n_val:]
-        else:
-            raise ValueError(f"--data: unknown source {kind!r} in {part!r}; use synthetic, chat:, sharegpt:, gsm8k:")
+    spec = "+".join(f"synthetic:n={cfg.n_conversations},seed={cfg.seed}" if p.strip() == "synthetic" else p.strip()
+                    for p in cfg.data.split("+") if p.strip())
+    if "synthetic" in spec and world is None:
+        raise ValueError("--data=synthetic needs the synthetic world: --init must be a run pretrained on "
+                         "--data=synthetic..., or pass --world=synthetic:seed=S,entities=N")
+    train = conv.open_conversations(spec, world)
+    if world is not None:
+        val = conv.sft_mixture(world, cfg.val_conversations, cfg.seed + 1, split="heldout")
+    else:
+        if len(train) < 2:
+            raise ValueError(f"--data={cfg.data!r} holds {len(train)} conversation(s); need at least 2")
+        n_val = max(1, min(cfg.val_conversations, len(train) // 10))
+        train, val = train[:-n_val], train[-n_val:]
     if not train:
         raise ValueError(f"--data={cfg.data!r} gives no conversations")
     return train, val

@@ -103,6 +103,24 @@ def test_uninterrupted_run_outputs(runs):
     assert sorted(int(p.name) for p in (runs["a"] / common.CHECKPOINT_DIR).iterdir()) == [8, 12]
 
 
+# Losses and validation bits per byte of run A as the code before the shared training loop
+# (core/loop.py, 2026-12-01) computed them: the refactor must not change what pretraining does.
+PINNED_LOSSES = [5.714054584503174, 5.692288398742676, 5.686067581176758, 5.66834831237793, 5.598571300506592,
+                 5.560559272766113, 5.481293201446533, 5.376237392425537, 5.334433078765869, 5.308302879333496,
+                 5.243288993835449, 5.256783485412598]
+PINNED_VAL_BPB = [5.939518704153468, 5.719178306354534]
+
+
+def test_losses_pinned_to_the_values_before_the_loop_refactor(runs):
+    assert runs["a_run"][0] == 0, runs["a_run"][1][-3000:]
+    np.testing.assert_allclose(_losses(runs["a"]), PINNED_LOSSES, rtol=2e-5, atol=0)
+    bpb = [e["val_bpb"] for e in common.read_jsonl(runs["a"] / common.EVALS_FILE)]
+    np.testing.assert_allclose(bpb, PINNED_VAL_BPB, rtol=2e-5, atol=0)
+    # the run directory reproduces the run: config.json holds every option
+    saved = json.loads((runs["a"] / "config.json").read_text())
+    assert saved["steps"] == STEPS and saved["d_model"] == 32 and saved["stage"] == "pretrain"
+
+
 def test_killed_during_save_then_resumed_reproduces_losses(runs):
     rc, out = runs["b_killed"]
     assert rc == -signal.SIGKILL, out[-3000:]
