@@ -1146,8 +1146,12 @@ def _result(raw: bytes, returncode: int, status: str, config: SandboxConfig) -> 
     output = raw.decode("utf-8", "replace")
     if marker_at < 0 and status == "ok":
         detail = setup_text.decode("utf-8", "replace").strip().splitlines()
-        return PythonResult("", returncode, False, False, layers,
-                            "error: " + (detail[-1] if detail else f"sandbox setup failed (exit {returncode})"))
+        line = detail[-1] if detail else f"sandbox setup failed (exit {returncode})"
+        if line.startswith("bwrap:"):  # bubblewrap itself refused: say what the host must allow
+            line = (f"the python sandbox could not start ({line}); bubblewrap needs unprivileged user "
+                    f"namespaces (sysctl user.max_user_namespaces > 0, kernel.unprivileged_userns_clone=1, "
+                    f"no AppArmor userns restriction); {_NO_ISOLATION_HINT}")
+        return PythonResult("", returncode, False, False, layers, "error: " + line)
     if status == "timeout":
         error = f"error: execution timed out after {config.wall_time_s:g} s (wall clock)"
     elif truncated:

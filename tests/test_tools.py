@@ -648,3 +648,18 @@ def test_seccomp_program_shape():
                 assert i + 1 + max(jt, jf) < len(prog)
     with pytest.raises(ValueError, match="seccomp=False"):
         tools.seccomp_program("sparc")
+
+
+def test_bubblewrap_failure_is_a_refusal_not_a_fallback(tmp_path):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:  # reachable by a root caller's throwaway uid
+        os.chmod(d, 0o755)
+        fake = pathlib.Path(d) / "bwrap"
+        fake.write_text("#!/bin/sh\necho 'bwrap: setting up uid map: Permission denied' >&2\nexit 1\n")
+        fake.chmod(0o755)
+        marker = tmp_path / "ran"
+        result = tools.execute_python(f"open(r'{marker}', 'w')", SandboxConfig(bwrap=str(fake), **FAST))
+    assert result.error.startswith("error: the python sandbox could not start (bwrap: setting up uid map")
+    assert "unprivileged user namespaces" in result.error and "allow_unisolated=True" in result.error
+    assert result.output == "" and not marker.exists()
