@@ -246,7 +246,6 @@ def run(out_dir, *, n: int = 50, seed: int = 0, mesh: str = "data:-1", compare_b
     prompts); prints the table, then the JSON line; writes assistant.md / assistant.json."""
     import pathlib
 
-    from core import chat as chat_lib
     from core import sharding as sharding_lib
 
     out_dir = pathlib.Path(out_dir)
@@ -254,8 +253,10 @@ def run(out_dir, *, n: int = 50, seed: int = 0, mesh: str = "data:-1", compare_b
         raise ValueError(f"--n_per_row must be >= 1, got {n}")
     world = world_of_run(out_dir)
     mesh_ = sharding_lib.make_mesh(mesh)
-    tok, cfg, params, step = common.load_model(out_dir, mesh=mesh_)
-    template = chat_lib.zipchat_template(tok)
+    m = common.load_for_inference(out_dir, mesh=mesh_)
+    cfg, params, step, template = m.cfg, m.params, m.step, m.template
+    if template is None:
+        raise ValueError(f"{out_dir}: its tokenizer has no chat template to evaluate an assistant with")
     rows, figures = evaluate_model(params, cfg, template, world, n=n, seed=seed, mesh=mesh_,
                                    max_new_tokens=max_new_tokens, progress=verbose)
     base_rows = base_figures = None
@@ -263,8 +264,8 @@ def run(out_dir, *, n: int = 50, seed: int = 0, mesh: str = "data:-1", compare_b
         base_dir = common.load_run_config(out_dir).get("base")
         if not base_dir:
             raise ValueError(f"--compare_base: {out_dir}/config.json names no base model")
-        btok, bcfg, bparams, _ = common.load_model(base_dir, mesh=mesh_)
-        base_rows, base_figures = evaluate_model(bparams, bcfg, chat_lib.zipchat_template(btok), world, n=n,
+        b = common.load_for_inference(base_dir, mesh=mesh_)
+        base_rows, base_figures = evaluate_model(b.params, b.cfg, b.template or template, world, n=n,
                                                  seed=seed, mesh=mesh_, max_new_tokens=max_new_tokens,
                                                  progress=verbose)
     table = format_table(rows, base_rows)

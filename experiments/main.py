@@ -1,15 +1,21 @@
-"""The README's main job: a tokenizer and a `tiny` base model trained on the synthetic world on a
-2-core laptop CPU in 6-12 minutes, then samples and the table of base-model phenomena.
+"""The README's main job: every built stage at small scale on a 2-core laptop CPU, then report.md.
 
     python -m experiments.main                          # -> runs/main
-    python -m experiments.main --out_dir=/tmp/m --steps=500 --corpus_bytes=1M   # half the time
+    python -m experiments.main --resume                 # continue an interrupted job
+    python -m experiments.main --out_dir=/tmp/m --steps=500 --corpus_bytes=1M --sft_steps=300   # quicker
 
 Stages (each is also its own script):
-  1. tokenizer  core.tokenizer.train_bpe on a sample of the synthetic corpus
-  2. pretrain   experiments/pretrain.py (checkpoints, metrics.jsonl, plots, samples.txt)
-  3. sample     experiments/sample.py on a few prompts
-  4. evaluate   experiments/evaluate.py phenomena mode (phenomena.md)
-and writes out_dir/report.md with the timings and the table.
+  1. tokenizer   core.tokenizer.train_bpe on a sample of the synthetic corpus
+  2. pretrain    experiments/pretrain.py: the `tiny` base model (OUT_DIR)
+  3. sample      experiments/sample.py on a few prompts
+  4. phenomena   experiments/evaluate.py --mode=phenomena (phenomena.md)
+  5. sft         experiments/sft.py: conversations from the same world (OUT_DIR/sft)
+  6. assistant   experiments/evaluate.py --mode=assistant --compare_base (sft/assistant.md)
+and writes OUT_DIR/report.md with the timings and the tables.
+
+Every check runs before anything is written: an existing run directory needs --resume. With
+--resume, finished stages are not redone (main_state.json records them and their results), so
+resuming a finished job only rewrites the report.
 
 The world is small (--entities) and the run makes a few passes over its corpus, so the table
 reports how often each document was seen (copies x passes): articles of famous entities (16-32
@@ -17,6 +23,7 @@ copies) are memorised, articles with one copy are not.
 """
 from __future__ import annotations
 
+import json
 import pathlib
 import time
 
@@ -29,7 +36,10 @@ from experiments import common
 # it. In-context learning (few-shot rows of the table) appears only in the second half of the
 # 1000 steps; 500 steps still show regurgitation and facts by frequency.
 _DEFAULTS = dict(entities=300, corpus_bytes="2M", vocab_size=2048, tokenizer_bytes="1M", seq_len=256,
-                 batch_size=16, steps=1000, lr=3e-3, warmup_steps=50)
+                 batch_size=16, steps=1000, lr=3e-3, warmup_steps=50, sft_steps=600, sft_conversations=20000,
+                 n_per_row=50)
+STATE_FILE = "main_state.json"
+STAGES = ("tokenizer", "pretrain", "sample", "phenomena", "sft", "assistant")
 
 
 def define_flags() -> None:
@@ -40,90 +50,187 @@ def define_flags() -> None:
     flags.DEFINE_string("tokenizer_bytes", _DEFAULTS["tokenizer_bytes"], "text the tokenizer is trained on")
     flags.DEFINE_integer("seq_len", _DEFAULTS["seq_len"], "tokens per row")
     flags.DEFINE_integer("batch_size", _DEFAULTS["batch_size"], "rows per step")
-    flags.DEFINE_integer("steps", _DEFAULTS["steps"], "optimizer steps")
-    flags.DEFINE_float("lr", _DEFAULTS["lr"], "peak learning rate")
+    flags.DEFINE_integer("steps", _DEFAULTS["steps"], "pretraining steps")
+    flags.DEFINE_float("lr", _DEFAULTS["lr"], "peak pretraining learning rate")
+    flags.DEFINE_integer("sft_steps", _DEFAULTS["sft_steps"], "SFT steps (0 = stop after the base model)")
+    flags.DEFINE_integer("sft_conversations", _DEFAULTS["sft_conversations"], "synthetic SFT conversations")
+    flags.DEFINE_integer("n_per_row", _DEFAULTS["n_per_row"], "prompts per row of the assistant evaluation")
     flags.DEFINE_bool("resume", False, "continue an interrupted main job in --out_dir")
+
+
+class _State:
+    """main_state.json: finished stages and what they returned (JSON), written atomically."""
+
+    def __init__(self, out: pathlib.Path, resume: bool):
+        self.path = out / STATE_FILE
+        self.done = common.load_json(self.path, "main state") if (resume and self.path.exists()) else {}
+
+    def finished(self, stage: str) -> bool:
+        return stage in self.done
+
+    def record(self, stage: str, result) -> None:
+        self.done[stage] = result
+        common.save_json(self.path, self.done)
+
+
+def check(out: pathlib.Path, *, resume: bool, preset: str, mesh: str, steps: int, sft_steps: int, batch_size: int,
+          n_per_row: int) -> None:
+    """Every check before anything is written or trained (a bad flag costs nothing)."""
+    from core import model as model_lib
+    from core import sharding as sharding_lib
+    from experiments import stage
+
+    if preset not in model_lib.PRESETS:
+        raise ValueError(f"--preset={preset!r} is not one of {sorted(model_lib.PRESETS)}")
+    for name, v in (("steps", steps), ("batch_size", batch_size), ("n_per_row", n_per_row)):
+        if v < 1:
+            raise ValueError(f"--{name} must be >= 1, got {v}")
+    if sft_steps < 0:
+        raise ValueError(f"--sft_steps must be >= 0, got {sft_steps}")
+    m = sharding_lib.make_mesh(mesh)
+    if batch_size % sharding_lib.batch_divisor(m):
+        raise ValueError(f"--batch_size={batch_size} must be a multiple of data x fsdp = "
+                         f"{sharding_lib.batch_divisor(m)} for --mesh={mesh}")
+    if not resume and (out / common.TOKENIZER_FILE).exists():
+        raise ValueError(f"--out_dir={out} already holds a run; pass --resume to continue it or use a fresh --out_dir")
+    stage.check_fresh_or_resume(out, resume)
+    stage.check_fresh_or_resume(out / "sft", resume)
 
 
 def run(out_dir: str, *, entities: int, corpus_bytes: str, vocab_size: int, tokenizer_bytes: str, seq_len: int,
         batch_size: int, steps: int, lr: float, seed: int = 0, preset: str = "tiny", mesh: str = "data:-1",
-        resume: bool = False) -> dict:
+        resume: bool = False, sft_steps: int = _DEFAULTS["sft_steps"],
+        sft_conversations: int = _DEFAULTS["sft_conversations"], n_per_row: int = _DEFAULTS["n_per_row"]) -> dict:
     from core import tokenizer as tok_lib
     from data import readers
     from experiments import evaluate, pretrain, sample
 
     t0 = time.time()
     out = pathlib.Path(out_dir)
+    check(out, resume=resume, preset=preset, mesh=mesh, steps=steps, sft_steps=sft_steps, batch_size=batch_size,
+          n_per_row=n_per_row)
     data = f"synthetic:seed={seed},entities={entities},bytes={corpus_bytes}"
-    timings = {}
+    readers.parse_bytes(corpus_bytes), readers.parse_bytes(tokenizer_bytes)  # bad sizes fail here
+    state = _State(out, resume)
+    timings = dict(state.done.get("timings", {}))
+    n_stages = len(STAGES) if sft_steps else 4
+
+    def begin(i: int, name: str, what: str) -> bool:
+        if state.finished(name):
+            common.say(f"[{i}/{n_stages}] {name}: done earlier ({STATE_FILE})")
+            return False
+        common.say(f"[{i}/{n_stages}] {what}")
+        return True
+
+    def finish(name: str, t: float, result=None) -> None:
+        timings[name] = time.time() - t
+        state.done["timings"] = timings
+        state.record(name, result if result is not None else True)
 
     # 1. tokenizer
+    t = time.time()
     tok_file = out / common.TOKENIZER_FILE
-    if resume and tok_file.exists():
-        common.say(f"[1/4] tokenizer: reusing {tok_file}")
-    else:
+    if begin(1, "tokenizer", f"tokenizer: training a {vocab_size}-token BPE on {tokenizer_bytes} of {data}"):
         docs = readers.open_source(data)
-        common.say(f"[1/4] tokenizer: training a {vocab_size}-token BPE on {tokenizer_bytes} of {data}")
         tok = tok_lib.train_bpe(pretrain._sample_text(docs, readers.parse_bytes(tokenizer_bytes)), vocab_size)
+        out.mkdir(parents=True, exist_ok=True)
         tok.save(tok_file)
-        sample_text = docs[0]
-        ids = tok.encode(sample_text)
-        common.say(f"      {tok.vocab_size} tokens; '{sample_text[:40]!s}...' -> {len(ids)} tokens, "
-                   f"{len(sample_text.encode()) / max(len(ids), 1):.2f} bytes/token")
-    timings["tokenizer"] = time.time() - t0
+        ids = tok.encode(docs[0])
+        common.say(f"      {tok.vocab_size} tokens; '{docs[0][:40]!s}...' -> {len(ids)} tokens, "
+                   f"{len(docs[0].encode()) / max(len(ids), 1):.2f} bytes/token")
+        finish("tokenizer", t)
 
     # 2. pretraining
-    t1 = time.time()
-    common.say(f"[2/4] pretraining the {preset} model for {steps} steps of {batch_size} x {seq_len} tokens")
-    cfg = pretrain.PretrainConfig(out_dir=str(out), preset=preset, data=data, tokenizer=str(tok_file),
-                                  seq_len=seq_len, batch_size=batch_size, steps=steps, lr=lr,
-                                  warmup_steps=_DEFAULTS["warmup_steps"], mesh=mesh, seed=seed, resume=resume,
-                                  eval_every=max(steps // 4, 1), ckpt_every=max(steps // 4, 1), log_every=25,
-                                  eval_batches=4, eval_samples=2)
-    summary = pretrain.run(cfg)
-    timings["pretrain"] = time.time() - t1
+    t = time.time()
+    if begin(2, "pretrain", f"pretraining the {preset} model for {steps} steps of {batch_size} x {seq_len} tokens"):
+        cfg = pretrain.PretrainConfig(out_dir=str(out), preset=preset, data=data, tokenizer=str(tok_file),
+                                      seq_len=seq_len, batch_size=batch_size, steps=steps, lr=lr,
+                                      warmup_steps=_DEFAULTS["warmup_steps"], mesh=mesh, seed=seed,
+                                      resume=resume or (out / common.CHECKPOINT_DIR).exists(),
+                                      eval_every=max(steps // 4, 1), ckpt_every=max(steps // 4, 1), log_every=25,
+                                      eval_batches=4, eval_samples=2)
+        summary = pretrain.run(cfg)
+        if summary["interrupted"]:
+            return {"interrupted": True}
+        finish("pretrain", t, {k: summary[k] for k in ("loss", "val_bpb", "tokens_per_s", "n_params", "step")})
+    pre = state.done["pretrain"]
 
     # 3. samples
-    t2 = time.time()
     from core import sharding as sharding_lib
 
-    loaded = common.load_model(out, mesh=sharding_lib.make_mesh(mesh))
-    world = readers.open_source(data).world
-    famous = [e.name for e in world.entities if e.tier == "famous"][:2]
-    once = [e.name for e in world.entities if e.tier == "once"][:1]
-    prompts = tuple(famous + once + ["Question: Emily has 3 apples", "The word \"banana\""])
-    common.say(f"[3/4] samples (temperature 0.8, top-k 50) from step {loaded[3]}")
-    texts = sample.run(sample.SampleConfig(out_dir=str(out), prompts=prompts, n_samples=1, temperature=0.8,
-                                           top_k=50, max_new_tokens=64, seed=seed, mesh=mesh),
-                       loaded=loaded, verbose=False)
-    sample_lines = []
-    for p, s in zip(prompts, texts):
-        sample_lines.append(f"--- {p!r}\n{p}{s[0].rstrip()}")
-    common.say("\n".join(sample_lines))
-    timings["sample"] = time.time() - t2
+    t = time.time()
+    loaded = None
+    if begin(3, "sample", "samples (temperature 0.8, top-k 50)"):
+        loaded = common.load_model(out, mesh=sharding_lib.make_mesh(mesh))
+        world = readers.open_source(data).world
+        famous = [e.name for e in world.entities if e.tier == "famous"][:2]
+        once = [e.name for e in world.entities if e.tier == "once"][:1]
+        prompts = tuple(famous + once + ["Question: Emily has 3 apples", "The word \"banana\""])
+        texts = sample.run(sample.SampleConfig(out_dir=str(out), prompts=prompts, n_samples=1, temperature=0.8,
+                                               top_k=50, max_new_tokens=64, seed=seed, mesh=mesh),
+                           loaded=loaded, verbose=False)
+        lines = [f"--- {p!r}\n{p}{s[0].rstrip()}" for p, s in zip(prompts, texts)]
+        common.say("\n".join(lines))
+        finish("sample", t, lines)
 
     # 4. phenomena
-    t3 = time.time()
-    common.say("[4/4] base-model phenomena")
-    rows = evaluate.run(evaluate.PhenomenaConfig(out_dir=str(out), seed=seed, mesh=mesh), loaded=loaded)
-    timings["phenomena"] = time.time() - t3
-    timings["total"] = time.time() - t0
+    t = time.time()
+    if begin(4, "phenomena", "base-model phenomena"):
+        loaded = loaded or common.load_model(out, mesh=sharding_lib.make_mesh(mesh))
+        rows = evaluate.run(evaluate.PhenomenaConfig(out_dir=str(out), seed=seed, mesh=mesh), loaded=loaded)
+        finish("phenomena", t, evaluate.format_table(rows))
 
-    table = evaluate.format_table(rows)
-    report = [
+    # 5-6. SFT and the assistant evaluation
+    if sft_steps:
+        from experiments import assistant_eval, sft
+
+        t = time.time()
+        if begin(5, "sft", f"SFT: {sft_steps} steps on {sft_conversations} synthetic conversations -> {out / 'sft'}"):
+            s = sft.run(sft.SFTConfig(init=str(out), out_dir=str(out / "sft"), n_conversations=sft_conversations,
+                                      steps=sft_steps, batch_size=batch_size, mesh=mesh, seed=seed,
+                                      resume=resume or (out / "sft" / common.CHECKPOINT_DIR).exists(),
+                                      eval_every=max(sft_steps // 2, 1), ckpt_every=max(sft_steps // 4, 1)))
+            if s["interrupted"]:
+                return {"interrupted": True}
+            finish("sft", t, {k: s[k] for k in ("loss", "val_loss", "tokens_per_s", "n_train", "step")})
+        t = time.time()
+        if begin(6, "assistant", f"assistant evaluation ({n_per_row} held-out prompts per row; SFT vs base)"):
+            res = assistant_eval.run(out / "sft", n=n_per_row, seed=seed, mesh=mesh, compare_base=True)
+            finish("assistant", t, {"table": res["table"], "figures": res["figures"]})
+
+    total = sum(timings.values())
+    report = _report(out, state.done, timings, entities=entities, corpus_bytes=corpus_bytes, steps=steps,
+                     batch_size=batch_size, seq_len=seq_len, sft_steps=sft_steps)
+    (out / "report.md").write_text(report)
+    common.say(f"done in {common.format_duration(total)} "
+               f"({', '.join(f'{k} {common.format_duration(v)}' for k, v in timings.items())}); "
+               f"report: {out / 'report.md'}")
+    return {"summary": pre, "timings": timings, "state": state.done}
+
+
+def _report(out: pathlib.Path, done: dict, timings: dict, *, entities, corpus_bytes, steps, batch_size, seq_len,
+            sft_steps) -> str:
+    pre = done["pretrain"]
+    lines = [
         "# zipchat main job", "",
         f"tiny base model on the synthetic world ({entities} entities, {corpus_bytes} corpus), "
-        f"{summary['n_params'] / 1e6:.2f}M params, {steps} steps x {batch_size} x {seq_len} tokens.", "",
-        f"- final train loss {summary['loss']:.3f} nats/token, validation {summary['val_bpb']:.3f} bits/byte",
-        f"- training throughput {summary['tokens_per_s']:.0f} tokens/s",
+        f"{pre['n_params'] / 1e6:.2f}M params, {steps} steps x {batch_size} x {seq_len} tokens.", "",
+        f"- final train loss {pre['loss']:.3f} nats/token, validation {pre['val_bpb']:.3f} bits/byte",
+        f"- training throughput {pre['tokens_per_s']:.0f} tokens/s",
         "- wall time: " + ", ".join(f"{k} {common.format_duration(v)}" for k, v in timings.items()), "",
-        "## samples", "", "```", *sample_lines, "```", "", "## phenomena", "", table, "",
+        "## samples", "", "```", *done.get("sample", []), "```", "",
+        "## phenomena", "", done.get("phenomena", ""), "",
     ]
-    (out / "report.md").write_text("\n".join(report))
-    common.say(f"done in {common.format_duration(timings['total'])} "
-               f"({', '.join(f'{k} {common.format_duration(v)}' for k, v in timings.items() if k != 'total')}); "
-               f"report: {out / 'report.md'}")
-    return {"summary": summary, "rows": rows, "timings": timings, "samples": texts}
+    if "sft" in done:
+        s = done["sft"]
+        lines += ["## SFT", "",
+                  f"{sft_steps} steps on {s['n_train']} synthetic conversations (assistant tokens only): final train "
+                  f"loss {s['loss']:.3f}, held-out conversations {s['val_loss']:.3f} nats per assistant token.", ""]
+    if "assistant" in done:
+        a = done["assistant"]
+        lines += ["## assistant evaluation (held-out prompts, greedy; base = the same template on the base model)",
+                  "", a["table"], "", "```json", json.dumps(a["figures"]), "```", ""]
+    return "\n".join(lines)
 
 
 def main(argv):
@@ -133,9 +240,10 @@ def main(argv):
     F = flags.FLAGS
     run(common.require_out_dir(F.out_dir), entities=F.entities, corpus_bytes=F.corpus_bytes,
         vocab_size=F.vocab_size, tokenizer_bytes=F.tokenizer_bytes, seq_len=F.seq_len, batch_size=F.batch_size,
-        steps=F.steps, lr=F.lr, seed=F.seed, preset=F.preset, mesh=F.mesh, resume=F.resume)
+        steps=F.steps, lr=F.lr, seed=F.seed, preset=F.preset, mesh=F.mesh, resume=F.resume, sft_steps=F.sft_steps,
+        sft_conversations=F.sft_conversations, n_per_row=F.n_per_row)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(common.cli(main))

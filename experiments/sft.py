@@ -181,27 +181,6 @@ def val_batches(examples, template, seq_len: int, batch_size: int, max_batches: 
 # ----------------------------------------------------------------------------- the run
 
 
-@dataclasses.dataclass
-class Loaded:
-    tokenizer: object
-    template: object
-    cfg: object
-    params: object
-    stage: str  # 'pretrain' | 'sft' | 'hf' | ...
-
-
-def load_init(path: pathlib.Path, mesh) -> Loaded:
-    """A run directory or a Hugging Face checkpoint directory -> tokenizer, template, params."""
-    from core import chat as chat_lib
-
-    tok, cfg, params, _ = common.load_model(path, mesh=mesh)
-    try:
-        st = common.load_run_config(path).get("stage", "pretrain")
-    except FileNotFoundError:
-        st = "pretrain"
-    return Loaded(tok, chat_lib.zipchat_template(tok), cfg, params, st)
-
-
 def copy_tokenizer_files(init: pathlib.Path, out_dir: pathlib.Path) -> None:
     """An HF-initialised run keeps the checkpoint's tokenizer files (its chat template lives in
     tokenizer_config.json), so the fine-tuned run directory chats in its native format."""
@@ -233,8 +212,11 @@ def run(cfg: SFTConfig, *, examples: Optional[list] = None, val_examples: Option
         raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of data x fsdp = "
                          f"{sharding_lib.batch_divisor(mesh)} for --mesh={cfg.mesh}")
     stage.check_fresh_or_resume(out_dir, cfg.resume)
-    loaded = load_init(init_dir, mesh)
+    loaded = common.load_for_inference(init_dir, mesh=mesh)
     tokenizer, template, model_cfg, params = loaded.tokenizer, loaded.template, loaded.cfg, loaded.params
+    if template is None:
+        raise ValueError(f"--init={init_dir}: its tokenizer has no chat template (no zipchat template tokens, no "
+                         f"chat_template in tokenizer_config.json); SFT needs one")
     seq_len = cfg.seq_len or model_cfg.max_seq_len
     if seq_len > model_cfg.max_seq_len:
         raise ValueError(f"--seq_len={seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
