@@ -387,7 +387,8 @@ def score_countdown(response: str, answer: str, info: Mapping, *, fmt: str = "an
     numbers, target = list(info["numbers"]), int(info["target"])
     fmt_ok = True
     if fmt == "r1":
-        fmt_ok = bool(re.fullmatch(r"\s*<think>(.+?)</think>\s*<answer>(.+?)</answer>\s*", response, flags=re.S))
+        fmt_ok = bool(re.fullmatch(r"\s*<think>(.+?)</think>\s*<answer>(.+?)</answer>\s*", response,
+                                   flags=re.S))
     elif fmt == "think":
         fmt_ok = bool(re.fullmatch(r"\s*<think>(.+?)</think>(.+)", response, flags=re.S))
     elif fmt != "any":

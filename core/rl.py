@@ -110,7 +110,8 @@ def overlong_penalty(lengths_b: jax.Array, max_len: int, buffer: int, penalty: f
       max_len: the maximum completion length (L_max).
       buffer: the soft band width (L_cache); 0 gives a hard -penalty beyond max_len only.
     """
-    _check(max_len > 0 and 0 <= buffer <= max_len, f"overlong_penalty needs 0 <= buffer ({buffer}) <= max_len ({max_len})")
+    _check(max_len > 0 and 0 <= buffer <= max_len,
+           f"overlong_penalty needs 0 <= buffer ({buffer}) <= max_len ({max_len})")
     l = _f32(lengths_b)
     start = max_len - buffer
     soft = -penalty * (l - start) / max(buffer, 1)
@@ -213,11 +214,14 @@ def token_entropy(logits_btv: jax.Array, chunk_size: int = 8192) -> jax.Array:
 
 
 def _validate_loss_knobs(clip_low, clip_high, dual_clip, ratio_level, kl_coef, kl_estimator, agg, max_len):
-    _check(clip_low >= 0 and clip_high >= 0, f"clip_low / clip_high must be >= 0, got {clip_low} / {clip_high}")
+    _check(clip_low >= 0 and clip_high >= 0,
+           f"clip_low / clip_high must be >= 0, got {clip_low} / {clip_high}")
     _check(clip_low < 1, f"clip_low must be < 1 (the ratio floor is 1 - clip_low), got {clip_low}")
-    _check(dual_clip is None or dual_clip > 1.0, f"dual_clip must be None or > 1 (verl's clip_ratio_c, 3.0 there), got {dual_clip}")
+    _check(dual_clip is None or dual_clip > 1.0,
+           f"dual_clip must be None or > 1 (verl's clip_ratio_c, 3.0 there), got {dual_clip}")
     _check(ratio_level in RATIO_LEVELS, f"unknown ratio_level {ratio_level!r}; choose one of {RATIO_LEVELS}")
-    _check(kl_estimator in KL_ESTIMATORS, f"unknown kl_estimator {kl_estimator!r}; choose one of {KL_ESTIMATORS}")
+    _check(kl_estimator in KL_ESTIMATORS,
+           f"unknown kl_estimator {kl_estimator!r}; choose one of {KL_ESTIMATORS}")
     _check(kl_coef >= 0, f"kl_coef must be >= 0, got {kl_coef}")
     _check(agg in AGGREGATIONS, f"unknown loss aggregation {agg!r}; choose one of {AGGREGATIONS}")
     _check(max_len is None or max_len > 0, f"max_len must be None or positive, got {max_len}")
@@ -238,7 +242,8 @@ def policy_loss_terms(logp_bt, old_logp_bt, adv_b, mask_bt, *, clip_low: float =
       'loss' (pg + kl_coef * kl), 'pg', 'kl' (0 without a reference), 'ratio',
       'clipped_low', 'clipped_high', 'dual_clipped' (0/1 indicators).
     """
-    _validate_loss_knobs(clip_low, clip_high, dual_clip, ratio_level, kl_coef, kl_estimator, "token_mean", None)
+    _validate_loss_knobs(clip_low, clip_high, dual_clip, ratio_level, kl_coef, kl_estimator,
+                         "token_mean", None)
     logp, old = _f32(logp_bt), _f32(old_logp_bt)
     mask = _f32(mask_bt)
     _check(logp.ndim == 2 and logp.shape == old.shape == mask.shape,
@@ -264,7 +269,8 @@ def policy_loss_terms(logp_bt, old_logp_bt, adv_b, mask_bt, *, clip_low: float =
         dual = ((a < 0) & (pg > cap)).astype(pg.dtype)
         pg = jnp.where(a < 0, jnp.minimum(pg, cap), pg)
     if ref_logp_bt is not None:
-        _check(jnp.shape(ref_logp_bt) == logp.shape, f"ref_logp {jnp.shape(ref_logp_bt)} must be [B, T] like logp {logp.shape}")
+        _check(jnp.shape(ref_logp_bt) == logp.shape,
+               f"ref_logp {jnp.shape(ref_logp_bt)} must be [B, T] like logp {logp.shape}")
         kl = jnp.where(on, kl_per_token(logp, jnp.where(on, _f32(ref_logp_bt), 0.0), kl_estimator), 0.0)
     else:
         _check(kl_coef == 0, f"kl_coef = {kl_coef} needs ref_logp_bt (the reference model's log-probs)")
@@ -435,10 +441,14 @@ class RLConfig:
     overlong_penalty: float = 1.0
 
     def __post_init__(self):
-        _check(self.estimator in ESTIMATORS, f"RLConfig: unknown estimator {self.estimator!r}; choose one of {ESTIMATORS}")
-        _check(self.kl_placement in ("loss", "reward"), f"RLConfig: kl_placement must be 'loss' or 'reward', got {self.kl_placement!r}")
-        _check(self.overlong in ("none", "mask", "soft"), f"RLConfig: overlong must be 'none', 'mask' or 'soft', got {self.overlong!r}")
-        _check(self.overlong_buffer >= 0, f"RLConfig: overlong_buffer must be >= 0, got {self.overlong_buffer}")
+        _check(self.estimator in ESTIMATORS,
+               f"RLConfig: unknown estimator {self.estimator!r}; choose one of {ESTIMATORS}")
+        _check(self.kl_placement in ("loss",
+               "reward"), f"RLConfig: kl_placement must be 'loss' or 'reward', got {self.kl_placement!r}")
+        _check(self.overlong in ("none",
+               "mask", "soft"), f"RLConfig: overlong must be 'none', 'mask' or 'soft', got {self.overlong!r}")
+        _check(self.overlong_buffer >= 0,
+               f"RLConfig: overlong_buffer must be >= 0, got {self.overlong_buffer}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # warn on use, in policy_loss, not on construction
             _validate_loss_knobs(self.clip_low, self.clip_high, self.dual_clip, self.ratio_level,
@@ -511,7 +521,8 @@ def make_policy_loss_fn(rl_cfg: RLConfig, *, temperature: float = 1.0):
             nll_bt, _ = loss_lib.token_nll(logits_btv / temperature, x["targets"])
             logp_bt, mask_bt = -nll_bt, x["mask"]
         ref = batch.get("ref_logp") if kw["kl_coef"] > 0 else None
-        _check(kw["kl_coef"] == 0 or ref is not None, "the KL term is in the loss but batch has no 'ref_logp'")
+        _check(kw["kl_coef"] == 0 or ref is not None,
+               "the KL term is in the loss but batch has no 'ref_logp'")
         return policy_loss_sums(logp_bt, batch["old_logp"], batch["advantages"], mask_bt,
                                 ref_logp_bt=ref, **kw)
 
@@ -580,7 +591,8 @@ def make_dpo_loss_fn(beta: float, label_smoothing: float = 0.0):
     def loss_fn(params, batch, model_cfg):
         tokens = batch["tokens"]
         if tokens.ndim != 3 or tokens.shape[1] != 2:
-            raise ValueError(f"DPO batch['tokens'] must be [B, 2, T+1] (chosen, rejected), got {tokens.shape}")
+            raise ValueError(f"DPO batch['tokens'] must be [B, 2, T+1] (chosen, rejected), "
+                             f"got {tokens.shape}")
         b = tokens.shape[0]
         flat = {k: v.reshape((2 * b,) + v.shape[2:]) for k, v in batch.items()
                 if k in ("tokens", "mask", "segment_ids", "positions")}
@@ -597,5 +609,6 @@ def best_of_n_kl(n: int) -> float:
 
     Exact for continuous rewards with no ties; 0 for n = 1.
     """
-    _check(isinstance(n, (int,)) and not isinstance(n, bool) and n >= 1, f"best-of-n needs an integer n >= 1, got {n!r}")
+    _check(isinstance(n, (int,)) and not isinstance(n, bool) and n >= 1,
+           f"best-of-n needs an integer n >= 1, got {n!r}")
     return math.log(n) - (n - 1) / n

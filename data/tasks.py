@@ -51,7 +51,8 @@ R1_SYSTEM = (
     "<answer> answer here </answer>.")
 THINK_SYSTEM = ("Think through the problem inside <think> </think> tags first, then give the final "
                 "answer on its own line as 'Answer: <number>'.")
-GSM8K_INSTRUCTION = "Solve the problem step by step. Write the final answer on its own last line as '#### <number>'."
+GSM8K_INSTRUCTION = ("Solve the problem step by step. Write the final answer on its own last line "
+                     "as '#### <number>'.")
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -152,7 +153,8 @@ def gsm8k_tasks(path, split: str = "train", n: Optional[int] = None, *, fmt: str
         _check(split in ("train", "test"), f"gsm8k split must be 'train' or 'test', got {split!r}")
         p = p / f"{split}.jsonl"
     if not p.exists():
-        raise FileNotFoundError(f"gsm8k tasks: {p} not found (expected a directory with train.jsonl / test.jsonl)")
+        raise FileNotFoundError(f"gsm8k tasks: {p} not found "
+                                "(expected a directory with train.jsonl / test.jsonl)")
     problems = readers.read_gsm8k(p)
     if n is not None:
         problems = problems[:n]
@@ -202,7 +204,8 @@ def countdown_prompt(numbers: Sequence[int], target: int, fmt: str = "r1", use_a
         return (base + " Show your work in <think> </think> tags. And return the final answer in "
                 "<answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.")
     if fmt == "think":
-        return base + " Show your work in <think> </think> tags, then write the equation alone on the last line."
+        return (base + " Show your work in <think> </think> tags, then write the equation alone on "
+                "the last line.")
     return base + " Write the equation alone on the last line."
 
 
@@ -227,8 +230,10 @@ def countdown_tasks(seed: int, split: str = "train", n: int = 100, *, n_numbers:
     """
     _check(split in ("train", "test"), f"countdown split must be 'train' or 'test', got {split!r}")
     _check(fmt in ("any", "think", "r1"), f"countdown format must be 'any', 'think' or 'r1', got {fmt!r}")
-    _check(len(n_numbers) > 0 and all(k >= 2 for k in n_numbers), f"n_numbers must be sizes >= 2, got {n_numbers}")
-    _check(max_number >= 2 and max_target >= 1, f"need max_number >= 2 and max_target >= 1, got {max_number}, {max_target}")
+    _check(len(n_numbers) > 0 and all(k >= 2 for k in n_numbers),
+           f"n_numbers must be sizes >= 2, got {n_numbers}")
+    _check(max_number >= 2 and max_target >= 1,
+           f"need max_number >= 2 and max_target >= 1, got {max_number}, {max_target}")
     fn = functools.partial(rewards.score_countdown, fmt=fmt, use_all=use_all, format_weight=format_weight)
     want_test = split == "test"
     out = []
@@ -297,7 +302,8 @@ def open_tasks(spec: str) -> list[TaskItem]:
     args = [a for a in rest.split(",") if a] if rest else []
     path = None
     if name == "gsm8k":
-        _check(bool(args) and "=" not in args[0], f"gsm8k tasks need a path: 'gsm8k:PATH[,split=test]', got {spec!r}")
+        _check(bool(args) and "=" not in args[0],
+               f"gsm8k tasks need a path: 'gsm8k:PATH[,split=test]', got {spec!r}")
         path, args = args[0], args[1:]
     kw: dict[str, Any] = {}
     for a in args:

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from core import model, optim, train
+from core import model, train
 from core import reward_model as rm
 from core import sharding as sh
 
