@@ -351,7 +351,7 @@ class ChatSession:
         self.cfg, self.out, self.status = cfg, out, status
         self.memory = MemoryBank(cfg.memory_file)
         self.preset = load_preset(cfg.preset_file) if cfg.preset_file else Preset()
-        self.system = cfg.system
+        self.system = clean_text(cfg.system)
         registry = tools_lib.make_tools()
         # A template without tool tokens (a Hugging Face one) cannot call tools: they are off.
         names = cfg.tools if self.template.tools is not None else ()

@@ -233,3 +233,16 @@ def test_ctrl_c_at_the_prompt_and_during_a_reply(session_parts, tmp_path, monkey
     users = [m["content"] for m in session.messages if m["role"] == "user"]
     assert users == ["hello", "again"]  # the cancelled turn left nothing behind
     assert len(calls) == 3
+
+
+def test_lone_surrogates_in_system_message_and_commands(session_parts, tmp_path):
+    tok, cfg, params = session_parts
+    config = chat_cli.ChatConfig(out_dir="unused", temperature=0.0, max_new_tokens=4, tools=(),
+                                 memory_file=str(tmp_path / "memory.json"), system="sys \ud800")
+    out = io.StringIO()
+    session = chat_cli.ChatSession((tok, cfg, params, 0), config, out=out, status=io.StringIO())
+    chat_cli.interactive(session, _lines("/remember me \udcff", "hi \ud83d", "/system new \udc00 one"))
+    assert session.memory.items == ["me \ufffd"]
+    assert session.system == "new \ufffd one"
+    text = json.dumps(session.messages, ensure_ascii=False)
+    text.encode("utf-8")  # nothing unencodable was stored
