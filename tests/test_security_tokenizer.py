@@ -2,7 +2,6 @@
 whatever the file; lone surrogates become U+FFFD (tiktoken's rule) in every encoder; malformed
 files are ValueErrors that name the file, checked before tables are allocated."""
 import json
-import pathlib
 
 import pytest
 
