@@ -10,7 +10,8 @@ The pieces, each with its formula in its docstring:
   policy_loss           clipped surrogate (token or GSPO sequence ratio), dual clip, KL term
                         (k1 / k2 / k3), three aggregations; normalised loss + metrics
   policy_loss_sums      the same as additive sums + a 'weight' normaliser (core.train's LossFn
-                        contract), so microbatched steps combine exactly
+                        contract), so microbatched steps combine exactly; step_metrics turns a
+                        train step's metrics back into token means
   make_policy_loss_fn   a core.train LossFn over a rollout batch (tokens + old/ref log-probs +
                         advantages)
   kl_penalised_rewards  the KL-in-reward placement (InstructGPT/PPO): r - beta * sum_t k(logp, ref)
@@ -328,9 +329,9 @@ def policy_loss_sums(logp_bt, old_logp_bt, adv_b, mask_bt, *, clip_low: float = 
       <k>_tok_sum   sum over unmasked tokens of term k, for k in pg, kl, ratio, clipped_low,
                     clipped_high, dual_clipped; the exact token mean is <k>_tok_sum / tokens.
 
-    Note core.train reports every other aux entry as entry / weight; that is the token mean only
-    when weight = tokens (agg='token_mean'). For the other aggregations divide by 'tokens' yourself
-    (or use `policy_loss`, which returns the means directly).
+    core.train reports every other aux entry as (summed entry) / (summed weight), the token mean
+    only when weight = tokens; `step_metrics` turns a step's metrics back into exact token means
+    for every aggregation.
     """
     _validate_loss_knobs(clip_low, clip_high, dual_clip, ratio_level, kl_coef, kl_estimator, agg, max_len)
     with warnings.catch_warnings():
@@ -409,6 +410,22 @@ def sums_to_metrics(aux: Mapping[str, jax.Array], kl_coef: float = 0.0) -> dict[
         "loss_tok_mean": (aux["pg_tok_sum"] + kl_coef * aux["kl_tok_sum"]) / n,
         "tokens": aux["tokens"], "rows": aux["rows"],
     }
+
+
+def step_metrics(metrics: Mapping[str, jax.Array], kl_coef: float = 0.0) -> dict[str, jax.Array]:
+    """Exact token means from a core.train step's metrics when the loss is `make_policy_loss_fn`.
+
+    The step reports m[k] = sum_k / weight (sums and weight combined over microbatches) and the raw
+    'weight' and 'tokens', so sum_k = m[k] * m['weight'] is recovered exactly; then as
+    `sums_to_metrics`. Adds 'loss' (the aggregated loss) and any other entries unchanged.
+    """
+    w = metrics["weight"]
+    keys = [k for k in metrics if k.endswith("_tok_sum")] + ["rows"]
+    sums = {k: metrics[k] * w for k in keys if k in metrics}
+    sums["tokens"] = metrics["tokens"]
+    out = {k: v for k, v in metrics.items() if k not in sums}
+    out.update(sums_to_metrics(sums, kl_coef))
+    return out
 
 
 # ----------------------------------------------------------------------------- presets
