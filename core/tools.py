@@ -325,8 +325,8 @@ _RUNTIME_SKIP = ("site-packages", "dist-packages", "test", "tests", "idlelib", "
 
 # ---- the system-call filter ------------------------------------------------------------------
 # A classic-BPF seccomp program, written out here (no libseccomp): the process may not create
-# processes (threads are allowed), sockets, namespaces, mounts, FIFOs or device nodes, trace or
-# read other processes, load kernel code, or signal anything but itself. Everything else is
+# processes (threads are allowed), sockets, namespaces, mounts, FIFOs or device nodes, trace,
+# read, reprioritise or signal other processes (kill and tgkill only to itself), or load kernel code. Everything else is
 # allowed; exec is allowed because it keeps every layer (the filter, rlimits, uid, namespaces).
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 _SYSCALLS = {  # name -> number, per architecture (asm/unistd_64.h; asm-generic/unistd.h)
@@ -341,7 +341,9 @@ _SYSCALLS = {  # name -> number, per architecture (asm/unistd_64.h; asm-generic/
         adjtimex=159, quotactl=179, iopl=172, ioperm=173, mknod=133, mknodat=259, kill=62,
         tkill=200, tgkill=234, memfd_create=319, personality=135, open_tree=428, move_mount=429,
         fsopen=430, fsconfig=431, fsmount=432, fspick=433, pidfd_open=434,
-        pidfd_send_signal=424, pidfd_getfd=438, mount_setattr=442),
+        pidfd_send_signal=424, pidfd_getfd=438, mount_setattr=442, rt_sigqueueinfo=129,
+        rt_tgsigqueueinfo=297, kcmp=312, process_madvise=440, migrate_pages=256, move_pages=279,
+        setpriority=141, ioprio_set=251, vhangup=153, uselib=134),
     "aarch64": dict(
         clone=220, clone3=435, execveat=281, socket=198, unshare=97, setns=268, mount=40,
         umount2=39, pivot_root=41, chroot=51, ptrace=117, process_vm_readv=270,
@@ -353,7 +355,9 @@ _SYSCALLS = {  # name -> number, per architecture (asm/unistd_64.h; asm-generic/
         adjtimex=171, quotactl=60, mknodat=33, kill=129, tkill=130, tgkill=131,
         memfd_create=279, personality=92, open_tree=428, move_mount=429, fsopen=430,
         fsconfig=431, fsmount=432, fspick=433, pidfd_open=434, pidfd_send_signal=424,
-        pidfd_getfd=438, mount_setattr=442),
+        pidfd_getfd=438, mount_setattr=442, rt_sigqueueinfo=138, rt_tgsigqueueinfo=240, kcmp=272,
+        process_madvise=440, migrate_pages=238, move_pages=239, setpriority=140, ioprio_set=30,
+        vhangup=58),
 }
 _OWN_PID = -1  # placeholder for the sandboxed process's pid, filled in by the child itself
 _CLONE_THREAD = 0x00010000

@@ -627,10 +627,12 @@ def test_seccomp_layer_alone_denies_dangerous_system_calls():
         "import ctypes\nassert ctypes.CDLL(None).unshare(0x10000000) == 0\nprint('DONE unshare')",
         "import ctypes\nassert ctypes.CDLL(None).ptrace(0, 0, 0, 0) == 0\nprint('DONE ptrace')",
         "import threading\nt = threading.Thread(target=print, args=('thread ran',))\nt.start()\nt.join()",
+        "import signal\nsignal.setitimer(signal.ITIMER_REAL, 0)\nos.setpriority(os.PRIO_PROCESS, os.getppid(), 5)\n"
+        "print('DONE setpriority')",
     )
     limits = dict(max_processes=64, **UNISOLATED, **FAST)
     with_filter = tools.run_python(code, SandboxConfig(audit_hook=False, **limits))
-    assert "DONE" not in with_filter and with_filter.count("refused:") == 6, with_filter
+    assert "DONE" not in with_filter and with_filter.count("refused:") == 7, with_filter
     assert "thread ran" in with_filter  # threads are not processes
     # the control: without the filter (and nothing else in the way) the same calls go through,
     # so the refusals above are the filter's
