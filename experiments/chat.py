@@ -471,7 +471,7 @@ def interactive(session: ChatSession, read: Callable[[str], str] = input) -> Non
     Ctrl-C during a reply cancels that reply (the conversation stays as it was before the
     message), and a message the context cannot hold is refused with the reason.
     """
-    session.out.write(session.banner() + "\n")
+    session.out.write(visible(session.banner()) + "\n")  # a preset name is file text
     while True:
         try:
             line = read("you> ")
@@ -533,7 +533,7 @@ def main(argv):
     loaded = common.load_for_inference(out_dir, mesh=sharding_lib.make_mesh(cfg.mesh), step=cfg.step)
     session = ChatSession(loaded, cfg)
     if F.prompt:
-        session.status.write(session.banner() + "\n")  # stdout carries only the replies
+        session.status.write(visible(session.banner()) + "\n")  # stdout carries only the replies
         for text in F.prompt:
             session.ask(text)
         return

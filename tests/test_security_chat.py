@@ -246,3 +246,15 @@ def test_lone_surrogates_in_system_message_and_commands(session_parts, tmp_path)
     assert session.system == "new \ufffd one"
     text = json.dumps(session.messages, ensure_ascii=False)
     text.encode("utf-8")  # nothing unencodable was stored
+
+
+def test_banner_with_a_hostile_preset_name_is_escaped(session_parts, tmp_path):
+    tok, cfg, params = session_parts
+    preset = tmp_path / "preset.json"
+    preset.write_text(json.dumps({"name": "evil\x1b[2J", "instructions": "x"}))
+    config = chat_cli.ChatConfig(out_dir="unused", temperature=0.0, max_new_tokens=4, tools=(),
+                                 memory_file=str(tmp_path / "memory.json"), preset_file=str(preset))
+    out = io.StringIO()
+    session = chat_cli.ChatSession((tok, cfg, params, 0), config, out=out, status=io.StringIO())
+    chat_cli.interactive(session, _lines())
+    assert "\x1b" not in out.getvalue() and "evil\\x1b[2J" in out.getvalue()
