@@ -265,10 +265,27 @@ def init_params(key: jax.Array, cfg: ModelConfig) -> Params:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
-    """An empty KV cache: k, v [L, B, S, K, E] and per-row fill `lengths` [B] int32."""
-    shape = (cfg.n_layers, batch, max_len, cfg.k, cfg.e)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "lengths": jnp.zeros((batch,), jnp.int32)}
+    """An empty KV cache: per layer (tuples of L arrays), keys k [B, K, E, S] and values
+    v [B, K, S, E], plus per-row fill `lengths` [B] int32.
+
+    Why this layout (decode on XLA:CPU is bound by reading the cache once per step):
+      - one array per layer: a decode step reads and writes each layer's buffer in place, where
+        slicing layer l out of an [L, ...] stack (inside a scan) copies [B, S, K, E] per layer;
+      - kv heads before slots: (b, k) are the batch dims of the score and value matmuls, so no
+        transpose of the cache is needed to feed them;
+      - keys with slots minor ([E, S]): q.k then streams over S in vectors (3x faster than
+        reducing over a minor E of 64 at batch 64, 512 slots); values keep E minor for p @ v.
+    Keys are stored raw (before smearing): smearing is applied to the scores (see
+    `_cached_attention`), so a right-padded prefill can still set `lengths` afterwards.
+    """
+    k = tuple(jnp.zeros((batch, cfg.k, cfg.e, max_len), dtype) for _ in range(cfg.n_layers))
+    v = tuple(jnp.zeros((batch, cfg.k, max_len, cfg.e), dtype) for _ in range(cfg.n_layers))
+    return {"k": k, "v": v, "lengths": jnp.zeros((batch,), jnp.int32)}
+
+
+def cache_slots(cache: Cache) -> int:
+    """S, the number of slots of a cache from `init_cache`."""
+    return cache["v"][0].shape[2]
 
 
 # ----------------------------------------------------------------------------- layers
@@ -361,11 +378,69 @@ def _smear(k_bske: jax.Array, logit_k: jax.Array, has_prev_bs: jax.Array) -> jax
     return k_bske + g * (prev - k_bske)
 
 
+def _scatter_bits(buf, index, values):
+    """buf.at[index].set(values) (mode 'drop'), done on the raw bits for 16-bit floats: XLA:CPU
+    has no bfloat16 scatter and would convert the whole buffer to float32 and back around it
+    (the full cache, every step); a uint16 scatter of the same bits is native and in place."""
+    values = values.astype(buf.dtype)
+    if buf.dtype.itemsize != 2:
+        return buf.at[index].set(values, mode="drop")
+    bits = jax.lax.bitcast_convert_type(buf, jnp.uint16)
+    bits = bits.at[index].set(jax.lax.bitcast_convert_type(values, jnp.uint16), mode="drop")
+    return jax.lax.bitcast_convert_type(bits, buf.dtype)
+
+
+def _cached_attention(q_bthe, k_btke, v_btke, ck_bkes, cv_bkse, slots_bt, smear_k, cfg: ModelConfig):
+    """Writes T new raw keys / values at slots slots_bt [B, T] of one layer's cache, then attends
+    every query to the cache slots up to its own. Returns (o_bthe, (ck_bkes, cv_bkse)).
+
+    Scores are one batched matmul per (b, k) over the cache in its stored layout (no copy or
+    transpose of the cache), accumulated in float32 (or float64) whatever the cache dtype.
+    Smeared keys act on scores: q . ((1 - g) k_s + g k_{s-1}) = (1 - g) (q . k_s) + g (q . k_{s-1}),
+    so the stored keys stay raw and only the [B, K, T*G, S] scores are shifted by one slot (slot
+    0 has no predecessor: rows hold one document each, from slot 0).
+    """
+    b, t, h, e = q_bthe.shape
+    kh = ck_bkes.shape[1]
+    rows_b1 = jnp.arange(b, dtype=jnp.int32)[:, None]
+    # In-place scatters into this layer's buffer; slots past the end are dropped, not clamped.
+    ck_bkes = _scatter_bits(ck_bkes, (rows_b1, slice(None), slice(None), slots_bt), k_btke)
+    cv_bkse = _scatter_bits(cv_bkse, (rows_b1, slice(None), slots_bt), v_btke)
+    acc = _acc(q_bthe.dtype)
+    g = h // kh
+    # Rank-4 batched matmuls with (b, k) leading: [B, K, T*G, E] x [B, K, E, S]. The same
+    # contraction written as a rank-5 einsum ('btkge,bkes->bkgts') runs ~10x slower on XLA:CPU.
+    q_bkqe = q_bthe.reshape(b, t, kh, g, e).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, e)
+    # A bfloat16 cache at decode (T = 1): multiply-and-reduce, which XLA:CPU fuses with the
+    # upcast and streams over S; its batched bfloat16 dots are ~10x slower than float32 ones.
+    # (Not for a long T: that would materialise [B, K, T*G, E, S].)
+    small_bf16 = ck_bkes.dtype == jnp.bfloat16 and t * g <= 8
+    if small_bf16:
+        s_bkqs = jnp.sum(q_bkqe.astype(acc)[..., None] * ck_bkes[:, :, None].astype(acc), axis=3)
+    else:
+        s_bkqs = jnp.einsum("bkqe,bkes->bkqs", q_bkqe.astype(ck_bkes.dtype), ck_bkes, preferred_element_type=acc)
+    s_bkqs = s_bkqs * (1.0 / math.sqrt(cfg.e))
+    if smear_k is not None:
+        gate = jax.nn.sigmoid(smear_k.astype(acc))[None, :, None, None]
+        prev = jnp.pad(s_bkqs[..., :-1], [(0, 0)] * 3 + [(1, 0)])
+        s_bkqs = s_bkqs + gate * (prev - s_bkqs)
+    n_slots = cv_bkse.shape[2]
+    mask_bts = jnp.arange(n_slots, dtype=jnp.int32)[None, None, :] <= slots_bt[:, :, None]
+    s_bktgs = jnp.where(mask_bts[:, None, :, None], s_bkqs.reshape(b, kh, t, g, n_slots), -jnp.inf)
+    p_bkqs = jax.nn.softmax(s_bktgs, axis=-1).reshape(b, kh, t * g, n_slots)
+    if small_bf16:
+        o_bkqe = jnp.sum(p_bkqs[..., None] * cv_bkse[:, :, None].astype(acc), axis=3)
+    else:
+        o_bkqe = jnp.einsum("bkqs,bkse->bkqe", p_bkqs.astype(cv_bkse.dtype), cv_bkse, preferred_element_type=acc)
+    o_btkge = o_bkqe.reshape(b, kh, t, g, e).transpose(0, 2, 1, 3, 4)
+    return o_btkge.reshape(b, t, h, e).astype(q_bthe.dtype), (ck_bkes, cv_bkse)
+
+
 def _block(x_btd, lp, cfg: ModelConfig, cos_bte, sin_bte, mask_bts, kv_cache, slots_bt, has_prev_bs):
-    """One transformer block. kv_cache is None or (k_lbske, v_lbske, layer): the whole cache and
-    this block's index in it; the new keys (before smearing) and values go to slots slots_bt
-    [B, T] of that layer and the updated stacks are returned. has_prev_bs [B, S]: key s has a
-    predecessor in its document (smear_keys)."""
+    """One transformer block. kv_cache is None or (k_bkes, v_bkse): this layer's cache; the new
+    keys (before smearing) and values go to slots slots_bt [B, T] and the updated buffers are
+    returned. has_prev_bs [B, T]: key t has a predecessor in its document (smear_keys; unused
+    with a cache)."""
     dt = cfg.dtype
     h = _norm(x_btd, lp["attn_norm"], cfg).astype(dt)
     a = lp["attn"]
@@ -380,17 +455,12 @@ def _block(x_btd, lp, cfg: ModelConfig, cos_bte, sin_bte, mask_bts, kv_cache, sl
         q, k = _rope(q, cos_bte, sin_bte), _rope(k, cos_bte, sin_bte)
     new_kv = None
     if kv_cache is not None:
-        ck, cv, layer = kv_cache
-        # A scatter into the stack carried by the layer scan is done in place; slots past the
-        # end are dropped (never written over the last slot).
-        rows_b1 = jnp.arange(k.shape[0], dtype=jnp.int32)[:, None]
-        ck = ck.at[layer, rows_b1, slots_bt].set(k.astype(ck.dtype), mode="drop")
-        cv = cv.at[layer, rows_b1, slots_bt].set(v.astype(cv.dtype), mode="drop")
-        new_kv = (ck, cv)
-        k, v = ck[layer].astype(dt), cv[layer].astype(dt)
-    if cfg.smear_keys:
-        k = _smear(k, a["smear"], has_prev_bs)
-    o = _attention(q, k, v, mask_bts, cfg)
+        o, new_kv = _cached_attention(q, k, v, kv_cache[0], kv_cache[1], slots_bt,
+                                      a["smear"] if cfg.smear_keys else None, cfg)
+    else:
+        if cfg.smear_keys:
+            k = _smear(k, a["smear"], has_prev_bs)
+        o = _attention(q, k, v, mask_bts, cfg)
     o = _matmul(o, a["wo"].astype(dt), 2).astype(cfg.acc_dtype)  # [B, T, H, E] x [H, E, D]
     if cfg.attn_out_bias:
         o = o + a["bo"]
@@ -422,14 +492,12 @@ def forward_hidden(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *, po
     """
     b, t = tokens_bt.shape
     if cache is not None:
+        # Query at slot q sees every slot <= q (masked in _cached_attention); slots past a
+        # row's fill are never attended.
         slots_bt = cache["lengths"][:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-        n_slots = cache["k"].shape[2]
-        # Query at slot q sees every slot <= q; slots past a row's fill are never attended.
-        mask_bts = jnp.arange(n_slots, dtype=jnp.int32)[None, None, :] <= slots_bt[:, :, None]
+        mask_bts = has_prev_bs = None
         if positions is None:
             positions = slots_bt
-        # Rows of a cache hold one document each, from slot 0.
-        has_prev_bs = jnp.broadcast_to(jnp.arange(n_slots)[None, :] > 0, (b, n_slots))
     else:
         slots_bt = None
         idx = jnp.arange(t, dtype=jnp.int32)
@@ -464,18 +532,29 @@ def forward_hidden(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *, po
         x, _ = jax.lax.scan(layer, x, params["layers"])
         return _norm(x, params["final_norm"], cfg), None
 
-    # The cache rides in the scan's carry, not its xs -> ys: each layer then updates it in place,
-    # where ys would rebuild the whole cache every step (most of a batch-64 decode step on CPU).
-    def cached_layer(carry, xs):
-        x_btd, ck, cv = carry
-        lp, i = xs
-        x_btd, (ck, cv) = _block(x_btd, lp, cfg, cos, sin, mask_bts, (ck, cv, i), slots_bt, has_prev_bs)
-        return (x_btd, ck, cv), None
-
-    layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-    (x, ck, cv), _ = jax.lax.scan(cached_layer, (x, cache["k"], cache["v"]), (params["layers"], layer_ids))
-    new_cache = {"k": ck, "v": cv, "lengths": cache["lengths"] + t}
+    # With a cache the layers are unrolled over the per-layer buffers: each is updated in place
+    # and read by its layer's attention directly. A scan would carry one [L, ...] stack and slice
+    # layer l out of it (a copy of that layer's cache, several times the step's useful reads on
+    # XLA:CPU); ys would rebuild the whole cache every step. Only the small decode/prefill graph
+    # grows with depth; training (no cache) keeps the scan.
+    ks, vs = list(cache["k"]), list(cache["v"])
+    layers = params["layers"]
+    for i in range(cfg.n_layers):
+        lp = layers[i] if isinstance(layers, (list, tuple)) else jax.tree_util.tree_map(lambda w, i=i: w[i], layers)
+        x, (ks[i], vs[i]) = _block(x, lp, cfg, cos, sin, None, (ks[i], vs[i]), slots_bt, None)
+    new_cache = {"k": tuple(ks), "v": tuple(vs), "lengths": cache["lengths"] + t}
     return _norm(x, params["final_norm"], cfg), new_cache
+
+
+def split_layers(params: Params) -> Params:
+    """params with `layers` as a tuple of per-layer trees instead of [L, ...] stacks. The cached
+    forward accepts both; a decode loop splits once outside its loop so that each step does not
+    slice (copy) every layer's weights out of the stacks."""
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    n = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    return dict(params, layers=tuple(jax.tree_util.tree_map(lambda w, i=i: w[i], layers) for i in range(n)))
 
 
 def logits_from_hidden(params: Params, x_btd: jax.Array, cfg: ModelConfig) -> jax.Array:

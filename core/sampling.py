@@ -226,6 +226,23 @@ def _constrain(state: State, mesh, cfg: model_lib.ModelConfig) -> State:
 # ----------------------------------------------------------------------------- prefill and step
 
 
+def for_inference(params: Params, cfg: model_lib.ModelConfig, dtype: str = "bfloat16"):
+    """(params, cfg) for inference in `dtype`: 'bfloat16' halves the weights and the KV cache
+    (the cache takes cfg.compute_dtype), the bytes a decode step streams; norms, softmax, scores
+    and logits still accumulate in float32. 'float32' returns the inputs unchanged.
+
+    Their logits differ from float32's by bfloat16 rounding (8-bit mantissa): tests/test_sampling.py
+    bounds it and experiments/bench_decode.py reports it.
+    """
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"for_inference: dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    if dtype == "float32" and cfg.compute_dtype == "float32":
+        return params, cfg
+    jdt = jnp.dtype(dtype)
+    cast = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: x.astype(jdt) if jnp.issubdtype(x.dtype, jnp.floating) else x, p))
+    return cast(params), dataclasses.replace(cfg, compute_dtype=dtype)
+
+
 def prefill(params: Params, cfg: model_lib.ModelConfig, tokens_bp: jax.Array, lengths_b: jax.Array,
             cache_len: int):
     """Runs right-padded prompts through the model into a fresh cache.
@@ -347,6 +364,7 @@ def _decode_body(params, state: State, key, knobs, tool_end_ids, *, cfg, static,
 @functools.partial(jax.jit, static_argnames=("cfg", "static", "mesh"), donate_argnums=(1,))
 def _decode_chunk(params, state: State, key, knobs, tool_end_ids, n_steps, *, cfg, static, mesh):
     """Up to n_steps decode steps; stops early once no row is running (all finished or paused)."""
+    params = model_lib.split_layers(params)  # once per call, not per step
 
     def cond(carry):
         s, i = carry

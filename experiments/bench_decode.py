@@ -1,7 +1,8 @@
 """Decode throughput of the inference engine (core/sampling.py) on this machine.
 
-    python -m experiments.bench_decode                       # the default table (~3-5 min on 2 CPU cores)
+    python -m experiments.bench_decode                       # the default table (~5-8 min on 2 CPU cores)
     python -m experiments.bench_decode --batch_sizes=1 --contexts=512 --hf=false
+    python -m experiments.bench_decode --bf16                # also our engine in bfloat16
 
 For every batch size and context length, three ways to decode the same greedy tokens from the
 same random Llama-shaped weights:
@@ -16,8 +17,22 @@ context - new_tokens tokens. Decode tokens/s counts only the decode phase (batch
 seconds after the prefill): our engine times its prefill separately; transformers is timed with a
 streamer from its first generated token to its last. Prefill and compile are excluded everywhere.
 
+Timing is interleaved: each of --repeats rounds runs one generate call of each contender back to
+back (the order alternating between rounds), and the ratio is taken per round, so load from other
+processes hits both sides of a ratio alike; a cell reports the median tok/s of each contender and
+the median ratio with its spread (min..max over rounds). The 1-minute load average is recorded
+at the start and the end.
+
+MFU-style figure: `flops_fraction_b64` = achieved model FLOP/s at batch 64 (headline context) /
+the best float32 n x n x n matmul rate measured in the same run (before and after the table).
+Model FLOPs per decoded token: 2 x matmul params (attention and MLP projections, LM head) + 4 x
+layers x heads x head_dim x attended positions (q.k and p.v over the filled context, averaged
+over the decoded tokens).
+
 Prints a table, then one JSON line with tokens_per_s_b1, tokens_per_s_b64 (at --headline_context),
-speedup_vs_nocache_512 (batch 1), speedup_vs_hf_b1 and speedup_vs_hf_b64, plus every cell.
+speedup_vs_nocache_512 (batch 1), speedup_vs_hf_b1 and speedup_vs_hf_b64 (median ratios; their
+min..max in *_spread), flops_fraction_b64, peak_gflops, the load averages, bf16 figures with
+--bf16, plus every cell.
 """
 from __future__ import annotations
 
@@ -43,7 +58,8 @@ class BenchConfig:
     nocache_max_batch: int = 1
     headline_context: int = 512
     hf: bool = True
-    repeats: int = 1
+    repeats: int = 3
+    bf16: bool = False
     arch: str = "llama"
     vocab_size: int = 4096
     d_model: int = 256
@@ -190,6 +206,67 @@ def hf_logit_gap(params, cfg, model, tokens: list[int]) -> float:
     return float(np.abs(ours - theirs).max())
 
 
+# ----------------------------------------------------------------------------- FLOPs, peak, bf16
+
+
+def decode_flops_per_token(cfg, context: int, new_tokens: int) -> float:
+    """Model FLOPs of one decoded token: 2 x matmul params + q.k and p.v over the attended
+    positions (prompt + tokens so far, averaged over the new tokens); see the module docstring."""
+    d, e, L = cfg.d_model, cfg.e, cfg.n_layers
+    matmul_params = L * (d * e * (2 * cfg.n_heads + 2 * cfg.k) + d * cfg.f * (3 if cfg.mlp == "swiglu" else 2))
+    matmul_params += d * cfg.vocab_size
+    attended = context - new_tokens / 2  # mean over the decoded tokens
+    return 2.0 * matmul_params + 4.0 * L * cfg.n_heads * e * attended
+
+
+def peak_matmul_flops(n: int = 2048, calls: int = 5) -> float:
+    """Best float32 n x n x n matmul FLOP/s through jnp (the bench_train peak)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
+
+
+def bf16_logit_gap(params, cfg, params_bf, cfg_bf, prompt: list[int], steps: int = 16) -> dict:
+    """Largest |bfloat16 - float32| logit over a prefill and `steps` cached decode steps feeding the
+    float32 greedy tokens to both (so the two see the same sequence), absolute and relative to the
+    largest float32 logit; and how often the greedy tokens agree."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from core import sampling
+
+    def run(p, c, feed):
+        pre = jax.jit(sampling.prefill, static_argnums=(1, 4))
+        step = jax.jit(sampling.decode_step, static_argnums=1)
+        n = len(prompt)
+        cache, logits = pre(p, c, jnp.asarray([prompt], jnp.int32), jnp.asarray([n], jnp.int32),
+                            sampling.bucket(n + steps))
+        out = [np.asarray(logits[0])]
+        for t in range(steps):
+            tok = int(np.argmax(out[-1])) if feed is None else feed[t]
+            cache, logits = step(p, c, cache, jnp.asarray([tok], jnp.int32))
+            out.append(np.asarray(logits[0]))
+        return np.stack(out)
+
+    ref = run(params, cfg, None)
+    feed = [int(t) for t in ref.argmax(-1)[:steps]]
+    got = run(params_bf, cfg_bf, feed)
+    gap = float(np.abs(got - ref).max())
+    return {"bf16_max_logit_diff": gap, "bf16_rel_logit_diff": gap / float(np.abs(ref).max()),
+            "bf16_greedy_agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1)))}
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -197,19 +274,46 @@ def _fmt(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:,.0f}"
 
 
+def _median(xs):
+    import numpy as np
+
+    return float(np.median(xs)) if xs else None
+
+
+def _spread(xs):
+    return [float(min(xs)), float(max(xs))] if xs else None
+
+
+def time_cell(contenders: dict, repeats: int) -> dict:
+    """{name: [tok/s per round]}: every round runs each contender once, back to back, the order
+    reversed on odd rounds (so a drift in machine load does not favour whoever goes first)."""
+    names = list(contenders)
+    out = {n: [] for n in names}
+    for r in range(repeats):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            out[n].append(contenders[n]())
+    return out
+
+
 def run(bc: BenchConfig) -> dict:
     """Runs the table; returns the summary dict that is printed as the final JSON line."""
+    import os
+
     import jax
     import numpy as np
 
     from core import model as model_lib
+    from core import sampling
 
+    load_start = os.getloadavg()[0]
     cfg = bc.model_config()
     params = jax.jit(model_lib.init_params, static_argnums=1)(jax.random.PRNGKey(bc.seed), cfg)
     n_params = model_lib.count_params(params)
     common.say(f"model: {bc.arch}-shaped, {n_params / 1e6:.2f}M params (d_model {cfg.d_model}, layers "
                f"{cfg.n_layers}, heads {cfg.n_heads}/{cfg.k} kv, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}), "
-               f"float32 | jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}")
+               f"float32 | jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()} | "
+               f"load average {load_start:.2f}")
+    peaks = [peak_matmul_flops()]
     rng = np.random.default_rng(bc.seed)
     hf_model, tmp = None, None
     if bc.hf:
@@ -222,35 +326,71 @@ def run(bc: BenchConfig) -> dict:
         gap = hf_logit_gap(params, cfg, hf_model, _prompts(rng, 1, 64, cfg.vocab_size)[0])
         common.say(f"transformers {transformers.__version__} (torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads): same weights via core/hf.py, max |logit diff| {gap:.2e}")
+    params_bf = cfg_bf = None
+    bf16 = {}
+    if bc.bf16:
+        params_bf, cfg_bf = sampling.for_inference(params, cfg, "bfloat16")
+        bf16 = bf16_logit_gap(params, cfg, params_bf, cfg_bf, _prompts(rng, 1, 64, cfg.vocab_size)[0])
+        common.say(f"bfloat16 weights + cache vs float32 (prefill + 16 decode steps): max |logit diff| "
+                   f"{bf16['bf16_max_logit_diff']:.3e} ({100 * bf16['bf16_rel_logit_diff']:.2f}% of the largest "
+                   f"logit), greedy tokens agree {100 * bf16['bf16_greedy_agreement']:.0f}%")
 
     cells = []
-    header = (f"{'batch':>5} {'context':>7} | {'kv cache tok/s':>14} {'no cache tok/s':>14} {'HF tok/s':>10} | "
-              f"{'x no-cache':>10} {'x HF':>6} {'same tokens':>11}")
+    header = (f"{'batch':>5} {'context':>7} | {'kv cache tok/s':>14} {'bf16 tok/s':>10} {'no cache tok/s':>14} "
+              f"{'HF tok/s':>10} | {'x no-cache':>10} {'x HF (min..max)':>17} {'same tokens':>11}")
+    common.say(f"timing: {bc.repeats} interleaved rounds per cell; tok/s are medians, x HF the median "
+               f"per-round ratio")
     common.say(header)
     common.say("-" * len(header))
     for b in bc.batch_sizes:
         for ctx in bc.contexts:
             prompts = _prompts(rng, b, ctx - bc.new_tokens, cfg.vocab_size)
-            bench_kv_cache(params, cfg, prompts, bc.new_tokens)  # compile
-            ours, toks = max(bench_kv_cache(params, cfg, prompts, bc.new_tokens) for _ in range(bc.repeats))
+            toks = {}
+
+            def ours(p=params, c=cfg, tag="f32"):
+                tps, toks[tag] = bench_kv_cache(p, c, prompts, bc.new_tokens)
+                return tps
+
+            contenders = {"kv_cache": ours}
+            ours()  # compile
+            if params_bf is not None:
+                contenders["bf16"] = functools.partial(ours, params_bf, cfg_bf, "bf16")
+                contenders["bf16"]()  # compile
+            if hf_model is not None:
+                def theirs():
+                    tps, toks["hf"] = bench_hf(hf_model, prompts, bc.new_tokens)
+                    return tps
+
+                contenders["hf"] = theirs
+            rounds = time_cell(contenders, bc.repeats)
             nocache = None
             if b <= bc.nocache_max_batch:
                 nocache = max(bench_no_cache(params, cfg, prompts, ctx, bc.nocache_tokens) for _ in range(bc.repeats))
-            theirs, same = None, None
-            if hf_model is not None:
-                theirs, hf_toks = max(bench_hf(hf_model, prompts, bc.new_tokens) for _ in range(bc.repeats))
+            kv = _median(rounds["kv_cache"])
+            hf_tps = _median(rounds.get("hf", []))
+            ratios = [o / h for o, h in zip(rounds["kv_cache"], rounds.get("hf", []))]
+            same = None
+            if "hf" in toks:
                 # Greedy on random weights has near-ties; report agreement, do not require it.
-                same = float(np.mean([a == h for a, h in zip(toks[0], hf_toks[0])]))
-            cell = {"batch": b, "context": ctx, "kv_cache": ours, "no_cache": nocache, "hf": theirs,
-                    "speedup_vs_nocache": ours / nocache if nocache else None,
-                    "speedup_vs_hf": ours / theirs if theirs else None, "first_row_token_agreement": same}
+                same = float(np.mean([a == h for a, h in zip(toks["f32"][0], toks["hf"][0])]))
+            cell = {"batch": b, "context": ctx, "kv_cache": kv, "no_cache": nocache, "hf": hf_tps,
+                    "speedup_vs_nocache": kv / nocache if nocache else None,
+                    "speedup_vs_hf": _median(ratios), "speedup_vs_hf_spread": _spread(ratios),
+                    "kv_cache_rounds": rounds["kv_cache"], "hf_rounds": rounds.get("hf"),
+                    "bf16": _median(rounds.get("bf16", [])),
+                    "flops_fraction": kv * decode_flops_per_token(cfg, ctx, bc.new_tokens),  # / peak below
+                    "first_row_token_agreement": same}
             cells.append(cell)
-            common.say(f"{b:>5} {ctx:>7} | {_fmt(ours):>14} {_fmt(nocache):>14} {_fmt(theirs):>10} | "
-                       f"{(f'{ours / nocache:.1f}x' if nocache else '-'):>10} "
-                       f"{(f'{ours / theirs:.2f}x' if theirs else '-'):>6} "
+            xhf = "-" if not ratios else f"{_median(ratios):.2f} ({min(ratios):.2f}..{max(ratios):.2f})"
+            common.say(f"{b:>5} {ctx:>7} | {_fmt(kv):>14} {_fmt(cell['bf16']):>10} {_fmt(nocache):>14} "
+                       f"{_fmt(hf_tps):>10} | {(f'{kv / nocache:.1f}x' if nocache else '-'):>10} {xhf:>17} "
                        f"{('-' if same is None else f'{100 * same:.0f}%'):>11}")
     if tmp is not None:
         tmp.cleanup()
+    peaks.append(peak_matmul_flops())
+    peak = max(peaks)
+    for c in cells:
+        c["flops_fraction"] = c["flops_fraction"] / peak
 
     def pick(batch, key, context=bc.headline_context):
         for c in cells:
@@ -258,23 +398,38 @@ def run(bc: BenchConfig) -> dict:
                 return c[key]
         return None
 
+    load_end = os.getloadavg()[0]
     summary = {
         "tokens_per_s_b1": pick(1, "kv_cache"),
         "tokens_per_s_b64": pick(64, "kv_cache"),
         "speedup_vs_nocache_512": pick(1, "speedup_vs_nocache", 512),
         "speedup_vs_hf_b1": pick(1, "speedup_vs_hf"),
         "speedup_vs_hf_b64": pick(64, "speedup_vs_hf"),
+        "speedup_vs_hf_b1_spread": pick(1, "speedup_vs_hf_spread"),
+        "speedup_vs_hf_b64_spread": pick(64, "speedup_vs_hf_spread"),
+        "flops_fraction_b64": pick(64, "flops_fraction"),
+        "peak_gflops": peak / 1e9,
         "headline_context": bc.headline_context,
         "new_tokens": bc.new_tokens,
+        "repeats": bc.repeats,
         "n_params": n_params,
+        "load_avg_start": load_start,
+        "load_avg_end": load_end,
+        "bf16_tokens_per_s_b64": pick(64, "bf16"),
+        **bf16,
         "cells": cells,
     }
-    targets = [("kv cache >= 10x no cache at 512 (batch 1)", summary["speedup_vs_nocache_512"], 10.0),
-               ("kv cache >= 1x transformers at batch 1", summary["speedup_vs_hf_b1"], 1.0),
-               ("kv cache >= 2x transformers at batch 64", summary["speedup_vs_hf_b64"], 2.0)]
+    common.say(f"peak float32 matmul {peak / 1e9:.1f} GFLOP/s (best of the runs before and after the table); "
+               f"load average {load_start:.2f} at start, {load_end:.2f} at end")
+    targets = [("kv cache >= 10x no cache at 512 (batch 1)", summary["speedup_vs_nocache_512"], 10.0)]
+    for b in (1, 64):
+        for ctx in (512, 1024):
+            targets.append((f"kv cache >= 2x transformers at batch {b}, context {ctx}",
+                            pick(b, "speedup_vs_hf", ctx), 2.0))
+    targets.append(("batch 64 at >= 20% of the matmul peak", summary["flops_fraction_b64"], 0.2))
     for name, got, want in targets:
         verdict = "not measured" if got is None else ("met" if got >= want else "MISSED")
-        common.say(f"target: {name}: {verdict}" + ("" if got is None else f" ({got:.2f}x)"))
+        common.say(f"target: {name}: {verdict}" + ("" if got is None else f" ({got:.2f})"))
     summary["targets_met"] = all(got is not None and got >= want for _, got, want in targets)
     return summary
 
@@ -287,7 +442,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("nocache_max_batch", 1, "run the no-cache baseline only up to this batch size")
     flags.DEFINE_integer("headline_context", 512, "context of the tokens_per_s / speedup_vs_hf numbers")
     flags.DEFINE_bool("hf", True, "also time transformers generate on the same weights")
-    flags.DEFINE_integer("repeats", 1, "timed runs per cell (the best is kept)")
+    flags.DEFINE_integer("repeats", 3, "interleaved timing rounds per cell (medians and min..max reported)")
+    flags.DEFINE_bool("bf16", False, "also time our engine with bfloat16 weights and KV cache and report "
+                      "its logit difference to float32")
     flags.DEFINE_enum("arch", "llama", ["llama", "qwen2"], "model family shape (both export to HF)")
     flags.DEFINE_integer("vocab_size", 4096, "vocabulary size")
     flags.DEFINE_integer("d_model", 256, "model width")
@@ -312,7 +469,7 @@ def main(argv):
     F = flags.FLAGS
     bc = BenchConfig(batch_sizes=_ints(F.batch_sizes, "batch_sizes"), contexts=_ints(F.contexts, "contexts"),
                      new_tokens=F.new_tokens, nocache_tokens=F.nocache_tokens, nocache_max_batch=F.nocache_max_batch,
-                     headline_context=F.headline_context, hf=F.hf, repeats=F.repeats, arch=F.arch,
+                     headline_context=F.headline_context, hf=F.hf, repeats=F.repeats, bf16=F.bf16, arch=F.arch,
                      vocab_size=F.vocab_size, d_model=F.d_model, n_layers=F.n_layers, n_heads=F.n_heads,
                      n_kv_heads=F.n_kv_heads, d_ff=F.d_ff, seed=F.seed)
     t0 = time.time()
