@@ -18,6 +18,7 @@ setup(
         "absl-py",
         "tiktoken",
         "regex",
+        "jinja2>=3.1.6",  # Hugging Face chat templates (core/chat.py); older versions have sandbox escapes
         "safetensors",
         "pyarrow",
         "matplotlib",
