@@ -551,6 +551,10 @@ def _compile_jinja(source: str):
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    # Chat templates come from checkpoints: untrusted code, and older Jinja has sandbox escapes.
+    if tuple(int(x) for x in re.findall(r"\d+", jinja2.__version__)[:3]) < (3, 1, 6):
+        raise ImportError(f"chat templates need jinja2>=3.1.6 (found {jinja2.__version__}): pip install -U jinja2")
+
     class Generation(jinja2.ext.Extension):
         """`{% generation %}...{% endgeneration %}`: records the block's character span."""
 
