@@ -9,9 +9,9 @@ setup(
     packages=find_packages(include=["core", "core.*", "data", "data.*", "experiments", "experiments.*"]),
     install_requires=[
         "jax>=0.4.35",
-        "flax",
         "optax",
         "orbax-checkpoint",
+        "etils[epath]",  # core/checkpoint.py (orbax's path type)
         "grain",
         "numpy",
         "ml_dtypes",
@@ -32,6 +32,8 @@ setup(
             "rustbpe",
             "tokenizers",
             "transformers",
+            # Pinned exactly: tests call GRPOTrainer._compute_loss, an internal (tests/test_rl.py).
+            "trl==1.16.0",
             # Pinned: an unpinned torch pulls gigabytes of CUDA wheels; 2.13.0 is a local CPU build.
             "torch==2.13.0",
         ],
