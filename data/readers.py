@@ -102,7 +102,7 @@ class _Indexed(Sequence):
             f.close()
 
 
-_SPLITS = {None: None, "paragraph": re.compile(rb"(?:\r?\n[ \t]*){2,}"), "line": re.compile(rb"\r?\n")}
+_SPLITS = {None: None, "file": None, "paragraph": re.compile(rb"(?:\r?\n[ \t]*){2,}"), "line": re.compile(rb"\r?\n")}
 
 
 class TextFiles(_Indexed):
@@ -110,7 +110,7 @@ class TextFiles(_Indexed):
 
     Args:
       paths: a file, a directory (searched recursively for `suffixes`), or a list of them.
-      split: None (each file is one document), 'paragraph' (blank-line separated) or 'line'.
+      split: None or 'file' (each file is one document), 'paragraph' (blank-line separated) or 'line'.
         Whitespace-only pieces are dropped.
       suffixes: file name endings to pick up inside directories.
     """
@@ -120,7 +120,7 @@ class TextFiles(_Indexed):
     def __init__(self, paths: PathLike | Sequence[PathLike], split: str | None = None,
                  suffixes: tuple[str, ...] = (".txt", ".md")):
         if split not in _SPLITS:
-            raise ValueError(f"text reader: split must be None, 'paragraph' or 'line', got {split!r}")
+            raise ValueError(f"text reader: split must be 'file', 'paragraph' or 'line', got {split!r}")
         files = _expand(paths, suffixes, self._what)
         fids, starts, ends = [], [], []
         for fid, path in enumerate(files):
@@ -337,7 +337,7 @@ def open_source(spec: str) -> Sequence[str]:
 
     Forms (options after commas):
       synthetic[:seed=0,entities=1000,bytes=100M]   the embedded synthetic world (default data)
-      text:PATH[,split=paragraph|line]
+      text:PATH[,split=paragraph|line|file]           paragraphs by default, as train_tokenizer splits text
       jsonl:PATH[,field=text]
       parquet:PATH[,column=text]
       gsm8k:PATH                                      GSM8K problems as 'Question/Answer' texts
@@ -378,8 +378,10 @@ def _open_one(spec: str) -> Sequence[str]:
         world = synthetic.make_world(seed, int(o.get("entities", 1000)))
         return synthetic.Corpus(world, seed, parse_bytes(o.get("bytes", "100M")))
     if kind == "text":
+        # Paragraphs by default (train_tokenizer reads text the same way): a whole file as one
+        # document would leave a single-file corpus with nothing to hold out for validation.
         o = take(["split"])
-        return TextFiles(path, split=o.get("split"))
+        return TextFiles(path, split=o.get("split", "paragraph"))
     if kind == "jsonl":
         return JsonlFiles(path, text_field=take(["field"]).get("field", "text"))
     if kind == "parquet":

@@ -43,7 +43,6 @@ import pathlib
 import sys
 import tempfile
 import time
-import unicodedata
 from typing import Callable, Optional, Sequence, TextIO
 
 from absl import app, flags
@@ -224,21 +223,7 @@ def opening_messages(system: str, preset: Preset, memories: Sequence[str]) -> li
 # Shown escaped: every control character (C0, DEL, C1) but newline and tab, and the invisible
 # bidirectional overrides; model text and tool output could otherwise clear the screen, hide
 # text, rewrite lines or write the clipboard (OSC 52) through escape sequences.
-_BIDI = {"\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068", "\u2069"}
-
-
-def visible(text: str) -> str:
-    """`text` for the terminal: control characters (but newline and tab) and bidirectional
-    overrides shown as escapes (ESC -> \\x1b, U+202E -> \\u202e); everything else unchanged."""
-    if text.isprintable() and "\x7f" not in text:  # the common case, in C
-        return text
-    out = []
-    for ch in text:
-        if ch in "\n\t" or not (unicodedata.category(ch) == "Cc" or ch in _BIDI):
-            out.append(ch)
-        else:
-            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
-    return "".join(out)
+visible = common.visible  # control characters escaped for the terminal
 
 
 def display_map(template) -> dict[int, str]:

@@ -20,6 +20,7 @@ import os
 import pathlib
 import sys
 import time
+import unicodedata
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from absl import flags
@@ -235,6 +236,23 @@ class Progress:
         return " | ".join(parts)
 
 
+_BIDI = {"\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068", "\u2069"}
+
+
+def visible(text: str) -> str:
+    """`text` for the terminal: control characters (but newline and tab) and bidirectional
+    overrides shown as escapes (ESC -> \\x1b, U+202E -> \\u202e); everything else unchanged."""
+    if text.isprintable() and "\x7f" not in text:  # the common case, in C
+        return text
+    out = []
+    for ch in text:
+        if ch in "\n\t" or not (unicodedata.category(ch) == "Cc" or ch in _BIDI):
+            out.append(ch)
+        else:
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+    return "".join(out)
+
+
 def say(*args, **kwargs) -> None:
     """print() on process 0 only, flushed (progress must show in CI logs and pipes)."""
     import jax
@@ -301,6 +319,9 @@ def model_config_to_json(cfg) -> dict:
 def model_config_from_json(d: Mapping[str, Any]):
     from core import model as model_lib
 
+    from core import hf
+
+    hf.check_model_config_json(d, "model config")
     d = dict(d)
     if d.get("rope_scaling") is not None:
         d["rope_scaling"] = tuple(d["rope_scaling"])
@@ -320,13 +341,15 @@ def save_json(path, obj: Any) -> None:
 
 
 def load_json(path, what: str = "file") -> Any:
+    from core import hf
+
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+        return hf.read_json_object(path)  # bounded size and depth; a JSON object
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
 
 
 def load_run_config(out_dir) -> dict:

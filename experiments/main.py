@@ -170,7 +170,7 @@ def run(out_dir: str, *, entities: int, corpus_bytes: str, vocab_size: int, toke
                                                top_k=50, max_new_tokens=64, seed=seed, mesh=mesh),
                            loaded=loaded, verbose=False)
         lines = [f"--- {p!r}\n{p}{s[0].rstrip()}" for p, s in zip(prompts, texts)]
-        common.say("\n".join(lines))
+        common.say(common.visible("\n".join(lines)))
         finish("sample", t, lines)
 
     # 4. phenomena

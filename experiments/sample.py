@@ -68,7 +68,7 @@ def run(cfg: SampleConfig, loaded=None, verbose: bool = True) -> list[list[str]]
         for p, samples in zip(cfg.prompts, outs):
             for i, s in enumerate(samples):
                 common.say(f"--- prompt {p!r}, sample {i + 1}/{len(samples)}")
-                common.say(p + s)
+                common.say(common.visible(p + s))
     return outs
 
 

@@ -202,6 +202,43 @@ def test_bad_inputs_fail_before_training(tmp_path, tokenizer_path):
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r4").exists()
 
 
+def test_user_errors_print_one_line_without_traceback(tmp_path):
+    cases = [(["--preset=huge", "--steps=1"], "--preset='huge' is not one of"),
+             (["--steps=0"], "give exactly one of --steps or --tokens"),
+             (["--steps=2", "--lr=-1"], "--lr must be >= 0"),
+             (["--steps=2", "--mesh=data:3"], "mesh"),
+             (["--steps=2", f"--data={tmp_path / 'nope'}"], "does not exist")]
+    for extra, msg in cases:
+        proc = subprocess.run([sys.executable, "-m", "experiments.pretrain", f"--out_dir={tmp_path / 'r'}", *extra],
+                              cwd=REPO, env=_env(8, tmp_path / "cache"), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (extra, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr and msg in proc.stderr, (extra, proc.stderr[-2000:])
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert not (tmp_path / "r").exists()  # nothing was written
+
+
+def test_ctrl_c_saves_and_prints_the_resume_command(tmp_path, tokenizer_path):
+    out = tmp_path / "run"
+    proc = _launch(out, [f"--tokenizer={tokenizer_path}", "--mesh=data:1", "--eval_samples=0",
+                         "--steps=400", "--ckpt_every=1000", "--eval_every=1000"], 1)
+    # FLAGS hold --steps=12 first; the later --steps=400 wins (absl keeps the last value)
+    seen = []
+    for raw in proc.stdout:
+        line = raw.decode(errors="replace")
+        seen.append(line)
+        if line.startswith("step 3/400"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=240)
+    text = "".join(seen) + rest.decode(errors="replace")
+    assert proc.returncode == 0, text[-3000:]
+    assert "Traceback" not in text and "stopped at step" in text and "--resume" in text, text[-3000:]
+    stopped = int(text.split("stopped at step ")[1].split()[0])
+    assert 3 <= stopped < 400
+    assert (out / common.CHECKPOINT_DIR / str(stopped)).is_dir()
+    assert [r["step"] for r in common.read_jsonl(out / common.METRICS_FILE)] == list(range(1, stopped + 1))
+
+
 def test_data_spec_and_token_budget(tmp_path):
     (tmp_path / "x.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
     assert pretrain.data_spec(str(tmp_path / "x.jsonl")) == f"jsonl:{tmp_path / 'x.jsonl'}"
