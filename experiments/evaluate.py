@@ -23,32 +23,46 @@ import random
 import statistics
 from typing import Any, Optional, Sequence
 
-from absl import app, flags
+from absl import app
 
-from experiments import common
+from experiments import common, options
+
+
+_f = options.field
 
 
 @dataclasses.dataclass(frozen=True)
 class PhenomenaConfig:
-    """docs_per_group: canonical documents per copies-group for regurgitation.
-    prompt_tokens / cont_tokens: tokens of the document given / compared.
-    entities_per_tier: entities whose article continuation is checked for facts.
-    fewshot_queries / shots: queries per task and examples per k-shot prompt.
-    diversity_prompts / diversity_samples: prompts and samples per prompt at temperature 1."""
+    """The evaluation's options (its fields are the flags). Phenomena mode: docs_per_group
+    canonical documents per copies-group (regurgitation), prompt_tokens / cont_tokens of the
+    document given / compared, entities_per_tier for facts, fewshot_queries / shots per task,
+    diversity_prompts x diversity_samples at temperature 1. Assistant mode:
+    experiments/assistant_eval.py with n_per_row prompts per row."""
 
-    out_dir: str
-    step: Optional[int] = None
-    docs_per_group: int = 32
-    prompt_tokens: int = 8
-    cont_tokens: int = 24
-    entities_per_tier: int = 40
-    fact_tokens: int = 64
-    fewshot_queries: int = 40
-    shots: int = 4
-    diversity_prompts: int = 4
-    diversity_samples: int = 8
-    seed: int = 0
-    mesh: str = "data:-1"
+    out_dir: Optional[str] = _f(None, "run directory (or a Hugging Face checkpoint directory)")
+    mode: str = _f("phenomena", "phenomena: a base model's phenomena table; assistant: what SFT must show "
+                   "(experiments/assistant_eval.py)", choices=("phenomena", "assistant"))
+    step: Optional[int] = _f(None, "checkpoint step (default: the latest)")
+    n_per_row: int = _f(50, "assistant mode: prompts per row")
+    compare_base: bool = _f(False, "assistant mode: also evaluate the run's base model (base_ keys)")
+    docs_per_group: int = _f(32, "phenomena: documents per copies-group (regurgitation)")
+    prompt_tokens: int = _f(8, "phenomena: document tokens given")
+    cont_tokens: int = _f(24, "phenomena: continuation tokens compared")
+    entities_per_tier: int = _f(40, "phenomena: entities per tier (facts)")
+    fact_tokens: int = _f(64, "phenomena: tokens sampled per fact continuation")
+    fewshot_queries: int = _f(40, "phenomena: queries per few-shot task")
+    shots: int = _f(4, "phenomena: examples per k-shot prompt")
+    diversity_prompts: int = _f(4, "phenomena: prompts for sampling diversity")
+    diversity_samples: int = _f(8, "phenomena: samples per prompt")
+    seed: int = _f(0, "seed for prompts and sampling")
+    mesh: str = _f("data:-1", "device mesh")
+
+    def __post_init__(self):
+        if not self.out_dir:
+            raise ValueError("--out_dir is required")
+        for name in ("n_per_row", "docs_per_group", "entities_per_tier", "fewshot_queries"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
 
 Row = dict[str, Any]
@@ -276,35 +290,19 @@ def run(cfg: PhenomenaConfig, loaded=None, verbose: bool = True) -> list[Row]:
     return rows
 
 
-def define_flags() -> None:
-    common.define_common_flags()
-    flags.DEFINE_enum("mode", "phenomena", ["phenomena", "assistant"],
-                      "phenomena: a base model's phenomena table; assistant: what SFT must show "
-                      "(experiments/assistant_eval.py)")
-    flags.DEFINE_integer("n_per_row", 50, "assistant mode: prompts per row")
-    flags.DEFINE_bool("compare_base", False, "assistant mode: also evaluate the run's base model (base_ keys)")
-    flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
-    flags.DEFINE_integer("docs_per_group", 32, "documents per copies-group (regurgitation)")
-    flags.DEFINE_integer("entities_per_tier", 40, "entities per tier (facts)")
-    flags.DEFINE_integer("fewshot_queries", 40, "queries per few-shot task")
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_logging()
-    F = flags.FLAGS
-    common.require_out_dir(F.out_dir)
-    if F.mode == "assistant":
+    cfg = options.from_flags(PhenomenaConfig)
+    if cfg.mode == "assistant":
         from experiments import assistant_eval
 
-        assistant_eval.run(F.out_dir, n=F.n_per_row, seed=F.seed, mesh=F.mesh, compare_base=F.compare_base)
+        assistant_eval.run(cfg.out_dir, n=cfg.n_per_row, seed=cfg.seed, mesh=cfg.mesh, compare_base=cfg.compare_base)
         return
-    run(PhenomenaConfig(out_dir=F.out_dir, step=F.step, docs_per_group=F.docs_per_group,
-                        entities_per_tier=F.entities_per_tier, fewshot_queries=F.fewshot_queries,
-                        seed=F.seed, mesh=F.mesh))
+    run(cfg)
 
 
 if __name__ == "__main__":
-    define_flags()
+    options.define_flags(PhenomenaConfig)
     app.run(common.cli(main))

@@ -23,13 +23,15 @@ copies) are memorised, articles with one copy are not.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import time
+from typing import Optional
 
-from absl import app, flags
+from absl import app
 
-from experiments import common
+from experiments import common, options
 
 # Tuned for a 2-core CPU (~12k tokens/s for `tiny` on an idle machine, ~5k on a loaded one): ~4M
 # training tokens, ~6 passes over a 2 MB corpus whose encyclopedia (300 entities) is an eighth of
@@ -42,20 +44,47 @@ STATE_FILE = "main_state.json"
 STAGES = ("tokenizer", "pretrain", "sample", "phenomena", "sft", "assistant")
 
 
-def define_flags() -> None:
-    common.define_common_flags(default_out_dir="runs/main")
-    flags.DEFINE_integer("entities", _DEFAULTS["entities"], "entities in the synthetic world")
-    flags.DEFINE_string("corpus_bytes", _DEFAULTS["corpus_bytes"], "size of one pass over the corpus")
-    flags.DEFINE_integer("vocab_size", _DEFAULTS["vocab_size"], "BPE vocabulary (with special tokens)")
-    flags.DEFINE_string("tokenizer_bytes", _DEFAULTS["tokenizer_bytes"], "text the tokenizer is trained on")
-    flags.DEFINE_integer("seq_len", _DEFAULTS["seq_len"], "tokens per row")
-    flags.DEFINE_integer("batch_size", _DEFAULTS["batch_size"], "rows per step")
-    flags.DEFINE_integer("steps", _DEFAULTS["steps"], "pretraining steps")
-    flags.DEFINE_float("lr", _DEFAULTS["lr"], "peak pretraining learning rate")
-    flags.DEFINE_integer("sft_steps", _DEFAULTS["sft_steps"], "SFT steps (0 = stop after the base model)")
-    flags.DEFINE_integer("sft_conversations", _DEFAULTS["sft_conversations"], "synthetic SFT conversations")
-    flags.DEFINE_integer("n_per_row", _DEFAULTS["n_per_row"], "prompts per row of the assistant evaluation")
-    flags.DEFINE_bool("resume", False, "continue an interrupted main job in --out_dir")
+_f = options.field
+
+
+@dataclasses.dataclass(frozen=True)
+class MainConfig:
+    """The main job's options (its fields are the flags)."""
+
+    out_dir: Optional[str] = _f("runs/main", "run directory: the base model; sft/ (and later stages) inside it")
+    preset: str = _f("tiny", "model size preset (core.model.PRESETS)")
+    mesh: str = _f("data:-1", "device mesh, e.g. 'data:2,fsdp:2,tensor:2'; -1 = the rest")
+    seed: int = _f(0, "seed for the world, params, data order and sampling")
+    entities: int = _f(_DEFAULTS["entities"], "entities in the synthetic world")
+    corpus_bytes: str = _f(_DEFAULTS["corpus_bytes"], "size of one pass over the corpus, e.g. 2M")
+    vocab_size: int = _f(_DEFAULTS["vocab_size"], "BPE vocabulary (with special tokens)")
+    tokenizer_bytes: str = _f(_DEFAULTS["tokenizer_bytes"], "text the tokenizer is trained on")
+    seq_len: int = _f(_DEFAULTS["seq_len"], "tokens per row")
+    batch_size: int = _f(_DEFAULTS["batch_size"], "rows per step")
+    steps: int = _f(_DEFAULTS["steps"], "pretraining steps")
+    lr: float = _f(_DEFAULTS["lr"], "peak pretraining learning rate")
+    sft_steps: int = _f(_DEFAULTS["sft_steps"], "SFT steps (0 = stop after the base model)")
+    sft_conversations: int = _f(_DEFAULTS["sft_conversations"], "synthetic SFT conversations")
+    n_per_row: int = _f(_DEFAULTS["n_per_row"], "prompts per row of the assistant evaluation")
+    resume: bool = _f(False, "continue an interrupted main job in --out_dir")
+
+    def __post_init__(self):
+        from data import readers
+
+        if not self.out_dir:
+            raise ValueError("--out_dir is required")
+        for name in ("steps", "batch_size", "n_per_row", "seq_len", "entities", "vocab_size", "sft_conversations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.sft_steps < 0:
+            raise ValueError(f"--sft_steps must be >= 0, got {self.sft_steps}")
+        if self.lr < 0:
+            raise ValueError(f"--lr must be >= 0, got {self.lr}")
+        for name in ("corpus_bytes", "tokenizer_bytes"):
+            try:
+                readers.parse_bytes(getattr(self, name))
+            except ValueError as e:
+                raise ValueError(f"--{name}: {e}") from None
 
 
 class _State:
@@ -73,45 +102,37 @@ class _State:
         common.save_json(self.path, self.done)
 
 
-def check(out: pathlib.Path, *, resume: bool, preset: str, mesh: str, steps: int, sft_steps: int, batch_size: int,
-          n_per_row: int) -> None:
+def check(cfg: MainConfig) -> None:
     """Every check before anything is written or trained (a bad flag costs nothing)."""
     from core import model as model_lib
     from core import sharding as sharding_lib
     from experiments import stage
 
-    if preset not in model_lib.PRESETS:
-        raise ValueError(f"--preset={preset!r} is not one of {sorted(model_lib.PRESETS)}")
-    for name, v in (("steps", steps), ("batch_size", batch_size), ("n_per_row", n_per_row)):
-        if v < 1:
-            raise ValueError(f"--{name} must be >= 1, got {v}")
-    if sft_steps < 0:
-        raise ValueError(f"--sft_steps must be >= 0, got {sft_steps}")
-    m = sharding_lib.make_mesh(mesh)
-    if batch_size % sharding_lib.batch_divisor(m):
-        raise ValueError(f"--batch_size={batch_size} must be a multiple of data x fsdp = "
-                         f"{sharding_lib.batch_divisor(m)} for --mesh={mesh}")
-    if not resume and (out / common.TOKENIZER_FILE).exists():
+    out = pathlib.Path(cfg.out_dir)
+    if cfg.preset not in model_lib.PRESETS:
+        raise ValueError(f"--preset={cfg.preset!r} is not one of {sorted(model_lib.PRESETS)}")
+    m = sharding_lib.make_mesh(cfg.mesh)
+    if cfg.batch_size % sharding_lib.batch_divisor(m):
+        raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of data x fsdp = "
+                         f"{sharding_lib.batch_divisor(m)} for --mesh={cfg.mesh}")
+    if not cfg.resume and (out / common.TOKENIZER_FILE).exists():
         raise ValueError(f"--out_dir={out} already holds a run; pass --resume to continue it or use a fresh --out_dir")
-    stage.check_fresh_or_resume(out, resume)
-    stage.check_fresh_or_resume(out / "sft", resume)
+    stage.check_fresh_or_resume(out, cfg.resume)
+    stage.check_fresh_or_resume(out / "sft", cfg.resume)
 
 
-def run(out_dir: str, *, entities: int, corpus_bytes: str, vocab_size: int, tokenizer_bytes: str, seq_len: int,
-        batch_size: int, steps: int, lr: float, seed: int = 0, preset: str = "tiny", mesh: str = "data:-1",
-        resume: bool = False, sft_steps: int = _DEFAULTS["sft_steps"],
-        sft_conversations: int = _DEFAULTS["sft_conversations"], n_per_row: int = _DEFAULTS["n_per_row"]) -> dict:
+def run(cfg: MainConfig) -> dict:
+    """Runs every stage per `cfg` (see the module docstring); returns {summary, timings, state}."""
     from core import tokenizer as tok_lib
     from data import readers
     from experiments import evaluate, pretrain, sample
 
-    t0 = time.time()
-    out = pathlib.Path(out_dir)
-    check(out, resume=resume, preset=preset, mesh=mesh, steps=steps, sft_steps=sft_steps, batch_size=batch_size,
-          n_per_row=n_per_row)
-    data = f"synthetic:seed={seed},entities={entities},bytes={corpus_bytes}"
-    readers.parse_bytes(corpus_bytes), readers.parse_bytes(tokenizer_bytes)  # bad sizes fail here
-    state = _State(out, resume)
+    out = pathlib.Path(cfg.out_dir)
+    check(cfg)
+    seed, mesh, steps, sft_steps = cfg.seed, cfg.mesh, cfg.steps, cfg.sft_steps
+    batch_size, seq_len, n_per_row = cfg.batch_size, cfg.seq_len, cfg.n_per_row
+    data = f"synthetic:seed={seed},entities={cfg.entities},bytes={cfg.corpus_bytes}"
+    state = _State(out, cfg.resume)
     timings = dict(state.done.get("timings", {}))
     n_stages = len(STAGES) if sft_steps else 4
 
@@ -130,9 +151,9 @@ def run(out_dir: str, *, entities: int, corpus_bytes: str, vocab_size: int, toke
     # 1. tokenizer
     t = time.time()
     tok_file = out / common.TOKENIZER_FILE
-    if begin(1, "tokenizer", f"tokenizer: training a {vocab_size}-token BPE on {tokenizer_bytes} of {data}"):
+    if begin(1, "tokenizer", f"tokenizer: training a {cfg.vocab_size}-token BPE on {cfg.tokenizer_bytes} of {data}"):
         docs = readers.open_source(data)
-        tok = tok_lib.train_bpe(pretrain._sample_text(docs, readers.parse_bytes(tokenizer_bytes)), vocab_size)
+        tok = tok_lib.train_bpe(pretrain._sample_text(docs, readers.parse_bytes(cfg.tokenizer_bytes)), cfg.vocab_size)
         out.mkdir(parents=True, exist_ok=True)
         tok.save(tok_file)
         ids = tok.encode(docs[0])
@@ -142,14 +163,14 @@ def run(out_dir: str, *, entities: int, corpus_bytes: str, vocab_size: int, toke
 
     # 2. pretraining
     t = time.time()
-    if begin(2, "pretrain", f"pretraining the {preset} model for {steps} steps of {batch_size} x {seq_len} tokens"):
-        cfg = pretrain.PretrainConfig(out_dir=str(out), preset=preset, data=data, tokenizer=str(tok_file),
-                                      seq_len=seq_len, batch_size=batch_size, steps=steps, lr=lr,
-                                      warmup_steps=_DEFAULTS["warmup_steps"], mesh=mesh, seed=seed,
-                                      resume=resume or (out / common.CHECKPOINT_DIR).exists(),
-                                      eval_every=max(steps // 4, 1), ckpt_every=max(steps // 4, 1), log_every=25,
-                                      eval_batches=4, eval_samples=2)
-        summary = pretrain.run(cfg)
+    if begin(2, "pretrain", f"pretraining the {cfg.preset} model for {steps} steps of {batch_size} x {seq_len} tokens"):
+        pcfg = pretrain.PretrainConfig(out_dir=str(out), preset=cfg.preset, data=data, tokenizer=str(tok_file),
+                                       seq_len=seq_len, batch_size=batch_size, steps=steps, lr=cfg.lr,
+                                       warmup_steps=_DEFAULTS["warmup_steps"], mesh=mesh, seed=seed,
+                                       resume=cfg.resume or (out / common.CHECKPOINT_DIR).exists(),
+                                       eval_every=max(steps // 4, 1), ckpt_every=max(steps // 4, 1), log_every=25,
+                                       eval_batches=4, eval_samples=2)
+        summary = pretrain.run(pcfg)
         if summary["interrupted"]:
             return {"interrupted": True}
         finish("pretrain", t, {k: summary[k] for k in ("loss", "val_bpb", "tokens_per_s", "n_params", "step")})
@@ -185,10 +206,10 @@ def run(out_dir: str, *, entities: int, corpus_bytes: str, vocab_size: int, toke
         from experiments import assistant_eval, sft
 
         t = time.time()
-        if begin(5, "sft", f"SFT: {sft_steps} steps on {sft_conversations} synthetic conversations -> {out / 'sft'}"):
-            s = sft.run(sft.SFTConfig(init=str(out), out_dir=str(out / "sft"), n_conversations=sft_conversations,
+        if begin(5, "sft", f"SFT: {sft_steps} steps on {cfg.sft_conversations} synthetic conversations -> {out / 'sft'}"):
+            s = sft.run(sft.SFTConfig(init=str(out), out_dir=str(out / "sft"), n_conversations=cfg.sft_conversations,
                                       steps=sft_steps, batch_size=batch_size, mesh=mesh, seed=seed,
-                                      resume=resume or (out / "sft" / common.CHECKPOINT_DIR).exists(),
+                                      resume=cfg.resume or (out / "sft" / common.CHECKPOINT_DIR).exists(),
                                       eval_every=max(sft_steps // 2, 1), ckpt_every=max(sft_steps // 4, 1)))
             if s["interrupted"]:
                 return {"interrupted": True}
@@ -199,7 +220,7 @@ def run(out_dir: str, *, entities: int, corpus_bytes: str, vocab_size: int, toke
             finish("assistant", t, {"table": res["table"], "figures": res["figures"]})
 
     total = sum(timings.values())
-    report = _report(out, state.done, timings, entities=entities, corpus_bytes=corpus_bytes, steps=steps,
+    report = _report(out, state.done, timings, entities=cfg.entities, corpus_bytes=cfg.corpus_bytes, steps=steps,
                      batch_size=batch_size, seq_len=seq_len, sft_steps=sft_steps)
     (out / "report.md").write_text(report)
     common.say(f"done in {common.format_duration(total)} "
@@ -237,13 +258,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_logging()
-    F = flags.FLAGS
-    run(common.require_out_dir(F.out_dir), entities=F.entities, corpus_bytes=F.corpus_bytes,
-        vocab_size=F.vocab_size, tokenizer_bytes=F.tokenizer_bytes, seq_len=F.seq_len, batch_size=F.batch_size,
-        steps=F.steps, lr=F.lr, seed=F.seed, preset=F.preset, mesh=F.mesh, resume=F.resume, sft_steps=F.sft_steps,
-        sft_conversations=F.sft_conversations, n_per_row=F.n_per_row)
+    cfg = options.from_flags(MainConfig)
+    run(cfg)
 
 
 if __name__ == "__main__":
-    define_flags()
+    options.define_flags(MainConfig)
     app.run(common.cli(main))

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import pathlib
-import signal
 import time
 from collections.abc import Sequence
 from typing import Any, Optional

@@ -24,13 +24,12 @@ a few greedy replies (tools on) printed and written to samples.txt.
 from __future__ import annotations
 
 import dataclasses
-import math
 import pathlib
 import shutil
 import time
-from typing import Optional, Sequence
+from typing import Optional
 
-from absl import app, flags
+from absl import app
 
 from experiments import common, options, stage
 
@@ -193,7 +192,6 @@ def run(cfg: SFTConfig, *, examples: Optional[list] = None, val_examples: Option
     """Fine-tunes per `cfg`; returns {step, loss, val_loss, wall_s, tokens_per_s, out_dir, n_train,
     dropped, interrupted}. `examples` / `val_examples` replace --data (tokens_to_think)."""
     import jax
-    import numpy as np
 
     from core import checkpoint as ck
     from core import loop

@@ -14,7 +14,7 @@ KW = dict(entities=40, corpus_bytes="200K", vocab_size=400, tokenizer_bytes="150
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     out = tmp_path_factory.mktemp("main") / "run"
-    return out, main_job.run(str(out), **KW)
+    return out, main_job.run(main_job.MainConfig(out_dir=str(out), **KW))
 
 
 def test_every_stage_runs_and_reports(job):
@@ -34,7 +34,7 @@ def test_rerun_without_resume_writes_nothing(job):
     tok = out / "tokenizer.zipchat.json"
     before = (tok.stat().st_mtime_ns, (out / "report.md").read_text())
     with pytest.raises(ValueError, match="--resume"):
-        main_job.run(str(out), **KW)
+        main_job.run(main_job.MainConfig(out_dir=str(out), **KW))
     assert (tok.stat().st_mtime_ns, (out / "report.md").read_text()) == before
 
 
@@ -43,14 +43,16 @@ def test_resume_of_a_finished_job_only_rewrites_the_report(job):
     evals = (out / "evals.jsonl").read_text()
     samples = (out / "samples.txt").read_text()
     os.remove(out / "report.md")
-    main_job.run(str(out), resume=True, **KW)
+    main_job.run(main_job.MainConfig(out_dir=str(out), resume=True, **KW))
     assert (out / "report.md").exists()
     assert (out / "evals.jsonl").read_text() == evals and (out / "samples.txt").read_text() == samples
 
 
 def test_bad_flags_fail_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="--preset"):
-        main_job.run(str(tmp_path / "x"), preset="huge", **KW)
+        main_job.run(main_job.MainConfig(out_dir=str(tmp_path / "x"), preset="huge", **KW))
     with pytest.raises(ValueError, match="--steps"):
-        main_job.run(str(tmp_path / "x"), **{**KW, "steps": 0})
+        main_job.MainConfig(out_dir=str(tmp_path / "x"), **{**KW, "steps": 0})
+    with pytest.raises(ValueError, match="--corpus_bytes"):
+        main_job.MainConfig(out_dir=str(tmp_path / "x"), **{**KW, "corpus_bytes": "lots"})
     assert not (tmp_path / "x").exists()
