@@ -415,10 +415,11 @@ def _cached_attention(q_bthe, k_btke, v_btke, ck_bkes, cv_bkse, slots_bt, smear_
     # upcast and streams over S; its batched bfloat16 dots are ~10x slower than float32 ones.
     # (Not for a long T: that would materialise [B, K, T*G, E, S].)
     small_bf16 = ck_bkes.dtype == jnp.bfloat16 and t * g <= 8
+    pref = None if ck_bkes.dtype == acc else acc  # plain dots when the cache is already float32
     if small_bf16:
         s_bkqs = jnp.sum(q_bkqe.astype(acc)[..., None] * ck_bkes[:, :, None].astype(acc), axis=3)
     else:
-        s_bkqs = jnp.einsum("bkqe,bkes->bkqs", q_bkqe.astype(ck_bkes.dtype), ck_bkes, preferred_element_type=acc)
+        s_bkqs = jnp.einsum("bkqe,bkes->bkqs", q_bkqe.astype(ck_bkes.dtype), ck_bkes, preferred_element_type=pref)
     s_bkqs = s_bkqs * (1.0 / math.sqrt(cfg.e))
     if smear_k is not None:
         gate = jax.nn.sigmoid(smear_k.astype(acc))[None, :, None, None]
@@ -431,7 +432,7 @@ def _cached_attention(q_bthe, k_btke, v_btke, ck_bkes, cv_bkse, slots_bt, smear_
     if small_bf16:
         o_bkqe = jnp.sum(p_bkqs[..., None] * cv_bkse[:, :, None].astype(acc), axis=3)
     else:
-        o_bkqe = jnp.einsum("bkqs,bkse->bkqe", p_bkqs.astype(cv_bkse.dtype), cv_bkse, preferred_element_type=acc)
+        o_bkqe = jnp.einsum("bkqs,bkse->bkqe", p_bkqs.astype(cv_bkse.dtype), cv_bkse, preferred_element_type=pref)
     o_btkge = o_bkqe.reshape(b, kh, t, g, e).transpose(0, 2, 1, 3, 4)
     return o_btkge.reshape(b, t, h, e).astype(q_bthe.dtype), (ck_bkes, cv_bkse)
 

@@ -58,6 +58,7 @@ class BenchConfig:
     nocache_max_batch: int = 1
     headline_context: int = 512
     hf: bool = True
+    hf_threads: int = 0
     repeats: int = 3
     bf16: bool = False
     arch: str = "llama"
@@ -320,6 +321,10 @@ def run(bc: BenchConfig) -> dict:
         import torch
         import transformers
 
+        if bc.hf_threads:
+            # On a loaded machine torch's OpenMP team stalls whenever one of its threads is
+            # descheduled; one thread shows what HF does per core there (see the README).
+            torch.set_num_threads(bc.hf_threads)
         tmp = tempfile.TemporaryDirectory(prefix="bench_decode_hf_")
         transformers.utils.logging.disable_progress_bar()
         hf_model = load_hf(params, cfg, tmp.name)
@@ -412,6 +417,7 @@ def run(bc: BenchConfig) -> dict:
         "headline_context": bc.headline_context,
         "new_tokens": bc.new_tokens,
         "repeats": bc.repeats,
+        "hf_threads": bc.hf_threads or None,
         "n_params": n_params,
         "load_avg_start": load_start,
         "load_avg_end": load_end,
@@ -442,6 +448,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("nocache_max_batch", 1, "run the no-cache baseline only up to this batch size")
     flags.DEFINE_integer("headline_context", 512, "context of the tokens_per_s / speedup_vs_hf numbers")
     flags.DEFINE_bool("hf", True, "also time transformers generate on the same weights")
+    flags.DEFINE_integer("hf_threads", 0, "torch threads for transformers (0 = torch's default)")
     flags.DEFINE_integer("repeats", 3, "interleaved timing rounds per cell (medians and min..max reported)")
     flags.DEFINE_bool("bf16", False, "also time our engine with bfloat16 weights and KV cache and report "
                       "its logit difference to float32")
@@ -469,7 +476,8 @@ def main(argv):
     F = flags.FLAGS
     bc = BenchConfig(batch_sizes=_ints(F.batch_sizes, "batch_sizes"), contexts=_ints(F.contexts, "contexts"),
                      new_tokens=F.new_tokens, nocache_tokens=F.nocache_tokens, nocache_max_batch=F.nocache_max_batch,
-                     headline_context=F.headline_context, hf=F.hf, repeats=F.repeats, bf16=F.bf16, arch=F.arch,
+                     headline_context=F.headline_context, hf=F.hf, hf_threads=F.hf_threads, repeats=F.repeats,
+                     bf16=F.bf16, arch=F.arch,
                      vocab_size=F.vocab_size, d_model=F.d_model, n_layers=F.n_layers, n_heads=F.n_heads,
                      n_kv_heads=F.n_kv_heads, d_ff=F.d_ff, seed=F.seed)
     t0 = time.time()

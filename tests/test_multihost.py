@@ -26,7 +26,7 @@ import pathlib
 import socket
 import subprocess
 import sys
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pytest
