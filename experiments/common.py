@@ -47,11 +47,24 @@ def define_common_flags(default_preset: str = "tiny", default_out_dir: Optional[
     flags.DEFINE_integer("seed", 0, "seed for params, data order and sampling")
 
 
+class _DropReadOnlyNotice:
+    """orbax warns 'Given directory is read only' on every read-only checkpoint manager, i.e. on
+    every model load for sampling, chat or evaluation: expected, and noise for a user."""
+
+    def filter(self, record) -> bool:
+        return "Given directory is read only" not in record.getMessage()
+
+
 def quiet_logging() -> None:
     """Keeps absl INFO chatter (orbax logs every checkpoint write) out of the progress output."""
+    import logging
+
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)
+    for handler in [absl_logging.get_absl_handler(), *logging.getLogger().handlers]:
+        handler.addFilter(_DropReadOnlyNotice())
+    logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
 
 
 def require_out_dir(out_dir: Optional[str], flag: str = "--out_dir") -> pathlib.Path:
