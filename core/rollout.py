@@ -308,7 +308,7 @@ def collect(params, draw: Callable[[int], Sequence[Any]], key: jax.Array, *, mod
     all_reward, all_strict, all_lenient, all_len, all_trunc, all_tools = [], [], [], [], [], []
     texts, task_ids = [], []
     groups_seen = zero_var = prompts_drawn = rounds = 0
-    while rounds < rcfg.max_rounds and sum(len(r) for r in kept_rewards) < n:
+    while rounds < rcfg.max_rounds and len(kept_rewards) < n:
         tasks = list(draw(n))
         _check(len(tasks) == n, f"the prompt stream gave {len(tasks)} prompts, expected {n}")
         prompts = render_prompts(template, tasks)
@@ -359,7 +359,7 @@ def collect(params, draw: Callable[[int], Sequence[Any]], key: jax.Array, *, mod
             r_b = rl_lib.kl_penalised_rewards(rewards_ng.reshape(-1), old_logp, ref_logp, mask, rl_cfg.kl_coef,
                                               rl_cfg.kl_estimator)
             rewards_ng = np.asarray(r_b, np.float32).reshape(n, g)
-    adv_ng = np.asarray(rl_lib.group_advantages(rewards_ng, rl_cfg.estimator), np.float32)
+    adv_ng = np.array(rl_lib.group_advantages(rewards_ng, rl_cfg.estimator), np.float32)
     if n_kept < n:
         adv_ng[n_kept:] = 0.0
     batch = {k: rows[k] for k in MODEL_KEYS}
