@@ -347,7 +347,8 @@ def run(cfg: RewardModelConfig, *, comparisons=None, val_comparisons=None, loade
     spec = rm.reward_model_spec(model_cfg)
     optimizer = cfg.optimizer()
     head0 = rm.init_head(jax.random.PRNGKey(cfg.seed), model_cfg.d_model)
-    params0 = {"model": loaded.params, "head": head0}
+    # a copy: the train step donates its state, and loaded.params stays in use (the SFT reference)
+    params0 = {"model": jax.tree.map(lambda x: x.copy(), loaded.params), "head": head0}
     train_rows = ranking_rows(template, comparisons, seq_len)
     n = len(comparisons)
     rng = np.random.default_rng(cfg.seed)
