@@ -688,9 +688,13 @@ def run(cfg: RLHFConfig) -> dict:
 
 
 def save_policy(params, loaded, cfg: RLHFConfig, out_dir: pathlib.Path, stage_name: str) -> None:
-    """A chat-ready run directory (tokenizer, model config, config.json, one checkpoint)."""
+    """A chat-ready run directory (tokenizer, model config, config.json, one checkpoint); a
+    policy an earlier run of this experiment left there is replaced."""
+    import shutil
+
     from core import checkpoint as ck
 
+    shutil.rmtree(out_dir / common.CHECKPOINT_DIR, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded.tokenizer.save(out_dir / common.TOKENIZER_FILE)
     common.save_json(out_dir / common.MODEL_CONFIG_FILE, common.model_config_to_json(loaded.cfg))
