@@ -71,6 +71,10 @@ class HonestyConfig:
     steps: int = _f(0, "fine-tuning steps")
     lr: float = _f(3e-4, "fine-tuning peak learning rate")
     batch_size: int = _f(16, "fine-tuning global batch (rows)")
+    dpo_steps: int = _f(0, "after the fine-tune, DPO steps with the refusal preferred over a sampled wrong answer "
+                        "(and a kept right answer over a refusal); 0 = SFT only")
+    dpo_beta: float = _f(0.1, "DPO beta")
+    dpo_lr: float = _f(1e-4, "DPO learning rate (constant after warmup)")
     max_new_tokens: int = _f(48, "reply budget without tools (a fact sentence or a refusal)")
     gen_batch: int = _f(256, "rows per generation call")
     mesh: str = _f("data:-1", "device mesh, e.g. 'data:2,fsdp:2,tensor:2'; -1 = the rest")
@@ -92,6 +96,7 @@ class HonestyConfig:
         for name in ("keep_min_right", "refuse_min_wrong"):
             need(0 < getattr(self, name) <= 1, f"--{name} must be in (0, 1], got {getattr(self, name)}")
         need(0 <= self.replay_fraction < 1, f"--replay_fraction must be in [0, 1), got {self.replay_fraction}")
+        need(self.dpo_steps >= 0 and self.dpo_beta > 0, "--dpo_steps must be >= 0 and --dpo_beta > 0")
         need(self.temperature > 0, f"--temperature must be > 0 (the probes sample), got {self.temperature}")
         need(self.batch_size >= 1 and self.gen_batch >= 1 and self.max_new_tokens >= 8,
              "--batch_size and --gen_batch must be >= 1, --max_new_tokens >= 8")
@@ -222,6 +227,114 @@ def summarize(questions, before: dict, after: dict) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- optional DPO
+
+
+def dpo_pairs(probes, decisions, sampled, outcomes, *, seed: int) -> list[tuple[list, str, str]]:
+    """(prompt messages, chosen reply, rejected reply): for a refused probe the refusal over one of
+    the model's own informative-and-wrong samples; for a kept probe its true answer over a
+    refusal (so DPO does not simply push every answer towards refusing)."""
+    import random
+
+    from data import honesty as H
+
+    rng = random.Random(f"honesty-dpo-{seed}")
+    out = []
+    for p, d, rs, os_ in zip(probes, decisions, sampled, outcomes):
+        if d == "refuse":
+            wrong = [r["text"] for r, o in zip(rs, os_) if o == "wrong"]
+            out.append((p.prompt, H.refusal_reply(p, rng), rng.choice(wrong)))
+        elif d == "keep":
+            out.append((p.prompt, p.reply_text, H.refusal_reply(p, rng)))
+    return out
+
+
+def dpo_batches(template, pairs, batch_size: int, max_len: int) -> list[dict]:
+    """Pairs -> core.rl.make_dpo_loss_fn batches: tokens/segment_ids/positions [B, 2, T+1], mask
+    [B, 2, T] (1 on the reply's own tokens); pairs longer than max_len tokens are dropped; the
+    last batch is filled up with copies of the first pairs."""
+    import numpy as np
+
+    rows = []
+    for prompt, chosen, rejected in pairs:
+        r = [template.render([*prompt, {"role": "assistant", "content": c}]) for c in (chosen, rejected)]
+        if max(len(ids) for ids, _ in r) <= max_len:
+            rows.append(r)
+    if not rows:
+        return []
+    t1 = max(len(ids) for r in rows for ids, _ in r)
+    n_real = len(rows)
+    while len(rows) % batch_size:
+        rows.append(rows[len(rows) - n_real])
+    out = []
+    for lo in range(0, len(rows), batch_size):
+        b = {k: np.zeros((batch_size, 2, t1), np.int32) for k in ("tokens", "segment_ids", "positions")}
+        b["mask"] = np.zeros((batch_size, 2, t1 - 1), np.int32)
+        for i, pair in enumerate(rows[lo: lo + batch_size]):
+            for j, (ids, mask) in enumerate(pair):
+                n = len(ids)
+                b["tokens"][i, j, :n], b["segment_ids"][i, j, :n] = ids, 1
+                b["positions"][i, j, :n] = np.arange(n)
+                b["mask"][i, j, :n - 1] = mask[1:]
+        out.append(b)
+    return out
+
+
+def run_dpo(cfg: "HonestyConfig", init_dir: pathlib.Path, out_dir: pathlib.Path, pairs, mesh) -> dict:
+    """DPO (core/rl.py) from the fine-tuned model, which is also the frozen reference, through the
+    shared loop; writes a loadable run directory (its tokenizer and configs copied from init_dir)."""
+    import shutil
+
+    import jax
+    import numpy as np
+
+    from core import checkpoint as ck
+    from core import loop
+    from core import loss as loss_lib
+    from core import model as model_lib
+    from core import optim as optim_lib
+    from core import rl
+    from core import sharding as sharding_lib
+    from core import train as train_lib
+    from experiments import stage
+
+    loaded = common.load_for_inference(init_dir, mesh=mesh)
+    model_cfg, params = loaded.cfg, loaded.params
+    batches = dpo_batches(loaded.template, pairs, cfg.batch_size, model_cfg.max_seq_len + 1)
+    if not batches:
+        raise ValueError("DPO: no preference pairs (no probe was consistently wrong or right); try more --n_snippets")
+    score = jax.jit(lambda p, b: loss_lib.sequence_logprobs(p, b, model_cfg)[0])
+    for b in batches:  # the reference's log-probs are data: computed once, before any update
+        flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in b.items()}
+        b["ref_logp"] = np.asarray(jax.device_get(score(params, flat)), np.float32).reshape(-1, 2)
+    optimizer = optim_lib.make_optimizer(optim_lib.OptimConfig(
+        lr=cfg.dpo_lr, warmup_steps=max(1, cfg.dpo_steps // 10), total_steps=cfg.dpo_steps, schedule="constant",
+        weight_decay=0.0))
+    step_fn = train_lib.make_train_step(model_cfg, optimizer, mesh, rl.make_dpo_loss_fn(cfg.dpo_beta))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (common.TOKENIZER_FILE, common.MODEL_CONFIG_FILE, options.CONFIG_FILE):
+        shutil.copyfile(init_dir / name, out_dir / name)
+    shardings = train_lib.state_shardings(model_cfg, optimizer, mesh)
+    fingerprint = {"model_config": common.model_config_to_json(model_cfg),
+                   "run": {"init": str(init_dir.resolve()), "dpo_beta": cfg.dpo_beta, "n_pairs": len(pairs)}}
+    t1 = batches[0]["tokens"].shape[-1]
+    peak, _ = common.peak_flops_total(mesh.devices.flatten().tolist())
+    progress = common.Progress(cfg.dpo_steps, cfg.batch_size * 2 * (t1 - 1),
+                               model_lib.flops_per_token(model_cfg, t1 - 1), peak)
+    io = stage.StageIO(out_dir, fingerprint, 1, False, cfg.resume)
+    result = stage.train(
+        step_fn, lambda: train_lib.train_state_from_params(params, model_cfg, optimizer, mesh),
+        lambda: ck.abstract_state(jax.eval_shape(
+            lambda: train_lib.train_state_from_params(params, model_cfg, optimizer, mesh)), shardings),
+        loop.ListIterator(batches),
+        loop.LoopConfig(total_steps=cfg.dpo_steps, log_every=max(1, cfg.dpo_steps // 4), eval_every=0,
+                        save_every=cfg.dpo_steps), io, mesh=mesh, progress=progress)
+    recs = common.read_jsonl(out_dir / common.METRICS_FILE)
+    last = recs[-1] if recs else {}
+    return {"step": result.step, "n_pairs": len(pairs), "loss": last.get("loss"),
+            "accuracy": last.get("accuracy"), "reward_margin": last.get("reward_margin")}
+
+
 # ----------------------------------------------------------------------------- the report
 
 
@@ -239,7 +352,9 @@ def report_section(summary: dict) -> str:
         f"snippets (+ {s['unseen_entities']} never-named entities), {s['k_samples']} samples each at temperature "
         f"{s['temperature']:g} judged against the ground truth -> {s['n_refuse']} refusals (+ {s['n_search']} "
         f"search answers), {s['n_keep']} kept answers, {s['n_replay']} replayed SFT conversations; fine-tuned "
-        f"{s['steps']} steps. Evaluation: {s['n_eval']} greedy questions about entities never probed "
+        f"{s['steps']} steps" + (f", then DPO {s['dpo']['step']} steps on {s['dpo']['n_pairs']} pairs (refusal over "
+                                 f"a sampled wrong answer, kept answer over a refusal)" if s.get("dpo") else "")
+        + f". Evaluation: {s['n_eval']} greedy questions about entities never probed "
         f"({s['n_heldout']} about entities the corpus never names), tools banned; then with search on.",
         "",
         "| metric | before (SFT) | after (honesty) |",
@@ -310,6 +425,8 @@ def run(cfg: HonestyConfig, *, verbose: bool = True) -> dict:
     say = common.say if verbose else (lambda *a, **k: None)
     # --- every check before anything is written
     stage.check_fresh_or_resume(out / "model", cfg.resume)
+    if cfg.dpo_steps:
+        stage.check_fresh_or_resume(out / "dpo", cfg.resume)
     world = assistant_eval.world_of_run(init)
     world_spec = common.load_run_config(init).get("world_data")
     mesh = sharding_lib.make_mesh(cfg.mesh)
@@ -364,8 +481,15 @@ def run(cfg: HonestyConfig, *, verbose: bool = True) -> dict:
                                ckpt_every=cfg.steps, log_every=max(1, cfg.steps // 4), async_checkpoint=False),
                  examples=train, val_examples=val)
 
+    final_dir, dpo = out / "model", None
+    if cfg.dpo_steps:
+        pairs = dpo_pairs(probes, decisions, sampled, outcomes, seed=cfg.seed)
+        say(f"DPO: {len(pairs)} pairs, {cfg.dpo_steps} steps, beta {cfg.dpo_beta:g} -> {out / 'dpo'}")
+        dpo = run_dpo(cfg, out / "model", out / "dpo", pairs, mesh)
+        final_dir = out / "dpo"
+
     # 5. evaluate after, on the same questions
-    after_model = common.load_for_inference(out / "model", mesh=mesh)
+    after_model = common.load_for_inference(final_dir, mesh=mesh)
     after = evaluate(after_model, questions, info, cfg, mesh, tools)
     _write_jsonl(out / "eval.jsonl", [
         {"question": q.prompt[-1]["content"], "answer": q.answer, "entity": q.meta["entity"], "tier": q.meta["tier"],
@@ -377,7 +501,8 @@ def run(cfg: HonestyConfig, *, verbose: bool = True) -> dict:
                    k_samples=cfg.k_samples, temperature=cfg.temperature, n_refuse=kinds.get("honesty_refusal", 0),
                    n_search=kinds.get("honesty_search", 0), n_keep=kinds.get("fact", 0), n_replay=len(replay),
                    probe_outcomes=dict(probe_counts), steps=ft["step"], finetune_loss=ft["loss"],
-                   finetune_val_loss=ft["val_loss"], out_dir=str(out), wall_s=time.time() - t0)
+                   finetune_val_loss=ft["val_loss"], dpo=dpo, model_dir=str(final_dir), out_dir=str(out),
+                   wall_s=time.time() - t0)
     summary["targets"] = targets(summary)
     (out / "honesty.md").write_text(report_section(summary))
     line = json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})

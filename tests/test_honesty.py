@@ -186,3 +186,39 @@ def test_honesty_script_end_to_end(micro_sft, capsys):
     assert (out / "model" / "checkpoints").is_dir() and "## Honesty" in (out / "honesty.md").read_text()
     with pytest.raises(ValueError, match="already holds checkpoints"):
         honesty.run(cfg)
+
+
+def test_dpo_pairs_batches_and_first_step(micro_sft, world):
+    """DPO pairs: the refusal over a sampled wrong answer (a kept probe: its answer over a refusal);
+    batches mask exactly each reply's own tokens; at step 1 the policy is the reference, so the
+    loss is log 2."""
+    import math
+
+    import numpy as np
+
+    from core import sharding
+    from experiments import common, honesty
+
+    root, s = micro_sft
+    probes = H.probe_questions(world, 2, seed=0)[:2]
+    sampled = [[{"text": "It is 1234."}, {"text": "Hello."}], [{"text": "x"}]]
+    outcomes = [["wrong", "evasive"], ["right"]]
+    pairs = honesty.dpo_pairs(probes, ["refuse", "keep"], sampled, outcomes, seed=0)
+    assert pairs[0][2] == "It is 1234." and conv.abstains(pairs[0][1]) and probes[0].meta["entity"] in pairs[0][1]
+    assert pairs[1][1] == probes[1].reply_text and conv.abstains(pairs[1][2])
+    template = common.load_for_inference(s["out_dir"]).template
+    batches = honesty.dpo_batches(template, pairs, 4, 256)
+    assert len(batches) == 1 and batches[0]["tokens"].shape[:2] == (4, 2)
+    tok = template.tokenizer
+    for i, (prompt, chosen, rejected) in enumerate(pairs):
+        for j, reply in enumerate((chosen, rejected)):
+            ids = batches[0]["tokens"][i, j]
+            trained = [int(t) for t, m in zip(ids[1:], batches[0]["mask"][i, j]) if m]
+            assert tok.decode([t for t in trained if not tok.is_special(t)]) == reply
+    np.testing.assert_array_equal(batches[0]["tokens"][2:], batches[0]["tokens"][:2])  # filled up with copies
+    cfg = honesty.HonestyConfig(init=s["out_dir"], out_dir=str(root / "dpo_test"), batch_size=8, dpo_steps=2)
+    res = honesty.run_dpo(cfg, __import__("pathlib").Path(s["out_dir"]), root / "dpo_test", pairs * 4,
+                          sharding.make_mesh("data:-1"))
+    first = json.loads((root / "dpo_test" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5) and res["step"] == 2
+    assert common.load_for_inference(root / "dpo_test").step == 2
