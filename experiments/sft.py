@@ -183,7 +183,8 @@ def val_batches(examples, template, seq_len: int, batch_size: int, max_batches: 
 def copy_tokenizer_files(init: pathlib.Path, out_dir: pathlib.Path) -> None:
     """An HF-initialised run keeps the checkpoint's tokenizer files (its chat template lives in
     tokenizer_config.json), so the fine-tuned run directory chats in its native format."""
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                 "generation_config.json"):
         if (init / name).is_file():
             shutil.copyfile(init / name, out_dir / name)
 

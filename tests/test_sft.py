@@ -208,3 +208,38 @@ def test_assistant_eval_on_the_sft_run(sft_run):
         assert key in f, key
     assert (root / "sft" / "assistant.md").exists()
 
+
+
+def test_sft_from_a_hugging_face_checkpoint_in_its_own_template(tmp_path):
+    """A random Qwen2 checkpoint written by transformers, fine-tuned on messages-jsonl data in its
+    ChatML template: the run directory keeps the template and is chat-tuned."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from experiments import common, sft
+    from tests import test_chat_template as tct
+
+    tok_hf = tct.train_hf_tokenizer()
+    hf_dir = tmp_path / "qwen"
+    config = transformers.Qwen2Config(vocab_size=tok_hf.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                                      max_position_embeddings=256, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(hf_dir)
+    tct.write_tokenizer_files(hf_dir, tok_hf, tct.QWEN25, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"{w}!"}]}
+            for w in ("hello", "there", "cat", "dog", "sun", "moon", "tea", "sea", "red", "blue", "one", "two")]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "sft"
+    summary = sft.run(sft.SFTConfig(init=str(hf_dir), out_dir=str(out), data=f"messages:{data}", seq_len=128,
+                                    batch_size=8, steps=20, lr=3e-3, warmup_steps=2, eval_every=0, eval_samples=0,
+                                    ckpt_every=20, async_checkpoint=False))
+    assert summary["step"] == 20 and summary["n_train"] == 11  # the last 10% (one) is held out
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["loss"] < recs[0]["loss"]
+    loaded = common.load_for_inference(out)
+    assert loaded.template.name != "zipchat" and loaded.kind == "chat-tuned"
+    assert (out / "tokenizer_config.json").is_file()
+    # the loss covered only the replies in the native template: the rendered mask of one example
+    ids, mask = loaded.template.render(rows[0]["messages"])
+    assert loaded.tokenizer.decode([i for i, m in zip(ids, mask) if m]).startswith("hello!")
