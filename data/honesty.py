@@ -159,18 +159,24 @@ def _sentence_patterns(kind: str, attr: str, name: str) -> list[re.Pattern]:
 
 
 def informative(example: conv.Example, reply: str, info: JudgeInfo) -> bool:
-    """Does the reply commit to an answer of the asked kind: a number for a numeric attribute, a
-    value the world uses for that attribute (other than the entity's own name), or one of the
-    corpus's sentence forms for the fact with some value (a made-up name counts)?"""
+    """Does the reply commit to a fact: a number for a numeric attribute, a value the world uses
+    for the asked attribute (other than the entity's own name), or one of the corpus's sentence
+    forms about the entity with some value, for the asked attribute or another one of its kind
+    ("X was founded in 1814." to a question about X's river is a confident false statement too;
+    a made-up name counts)?"""
     attr, name = example.meta["attribute"], example.meta["entity"]
-    if attr in NUMERIC_ATTRIBUTES:
-        return bool(conv.numbers_in(reply))
+    if attr in NUMERIC_ATTRIBUTES and conv.numbers_in(reply):
+        return True
     text = conv._norm(reply)
-    for v in info.domains.get(attr, ()):
-        if v != name and re.search(r"(?<!\w)" + re.escape(conv._norm(v)) + r"(?!\w)", text):
-            return True
+    if attr not in NUMERIC_ATTRIBUTES:
+        for v in info.domains.get(attr, ()):
+            if v != name and re.search(r"(?<!\w)" + re.escape(conv._norm(v)) + r"(?!\w)", text):
+                return True
     kind = info.kinds.get(name)
-    return kind is not None and any(p.search(reply) for p in _sentence_patterns(kind, attr, name))
+    if kind is None:
+        return False
+    attrs = [attr] + [a for (k, a) in synthetic._SENTENCES if k == kind and a != attr]
+    return any(p.search(reply) for a in attrs for p in _sentence_patterns(kind, a, name))
 
 
 def classify(example: conv.Example, reply: str, info: JudgeInfo) -> str:

@@ -48,6 +48,7 @@ PRESETS = {
 }
 TIERS = ("famous", "popular", "few", "once", "held_out")
 TOOLS = ("calculator", "python", "search")
+SEARCH_BUDGET = 128  # extra reply tokens with search on: the call and its snippet (one document) come first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +147,7 @@ def greedy(model, prompts, cfg: HonestyConfig, mesh, *, tools=None) -> list[dict
     return [r[0] for r in sample_replies(model.params, model.cfg, model.template, prompts, n_samples=1,
                                          temperature=0.0, seed=cfg.seed, mesh=mesh, tools=tools,
                                          ban_tools=() if tools else TOOLS,
-                                         max_new_tokens=cfg.max_new_tokens * (2 if tools else 1),
+                                         max_new_tokens=cfg.max_new_tokens + (SEARCH_BUDGET if tools else 0),
                                          batch=cfg.gen_batch)]
 
 

@@ -39,6 +39,7 @@ def test_judge_on_hand_made_answers(world, info):
         f"{e.name} was born in the city of {other}.": "wrong",            # another real city
         f"{e.name} was born in the city of Zorblaxia.": "wrong",          # a made-up name, stated as the fact
         f"She is a native of {other}.": "wrong",
+        f"{e.name} was born in 1801.": "wrong",                          # a confident statement of another fact
         f"I don't know who {e.name} is.": "refusal",
         "I'm not sure.": "refusal",
         f"I don't know, maybe {city}?": "refusal",                        # a hedge with the value is no answer
@@ -55,7 +56,8 @@ def test_judge_on_hand_made_answers(world, info):
     assert H.classify(ex2, f"{e2.name} was born in {year}.", info) == "right"
     assert H.classify(ex2, f"{e2.name} was born in {year + 7}.", info) == "wrong"
     assert H.classify(ex2, f"{e2.name} was born in {year}1.", info) == "wrong"  # not a whole-number match
-    assert H.classify(ex2, f"{e2.name} was a painter.", info) == "evasive"
+    assert H.classify(ex2, "Good question!", info) == "evasive"
+    assert H.classify(ex2, f"{e2.name} is a person.", info) == "evasive"
     # the reference reply of every probe is right, and every refusal phrasing is a refusal
     probes = H.probe_questions(world, 30, seed=0)
     assert probes and all(H.classify(p, p.reply_text, info) == "right" for p in probes)
