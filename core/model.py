@@ -395,7 +395,7 @@ def _cached_attention(q_bthe, k_btke, v_btke, ck_bkes, cv_bkse, slots_bt, smear_
     every query to the cache slots up to its own. Returns (o_bthe, (ck_bkes, cv_bkse)).
 
     Scores are one batched matmul per (b, k) over the cache in its stored layout (no copy or
-    transpose of the cache), accumulated in float32 (or float64) whatever the cache dtype.
+    transpose of a float32 cache), accumulated in float32 (or float64) whatever the cache dtype.
     Smeared keys act on scores: q . ((1 - g) k_s + g k_{s-1}) = (1 - g) (q . k_s) + g (q . k_{s-1}),
     so the stored keys stay raw and only the [B, K, T*G, S] scores are shifted by one slot (slot
     0 has no predecessor: rows hold one document each, from slot 0).
@@ -415,11 +415,13 @@ def _cached_attention(q_bthe, k_btke, v_btke, ck_bkes, cv_bkse, slots_bt, smear_
     # upcast and streams over S; its batched bfloat16 dots are ~10x slower than float32 ones.
     # (Not for a long T: that would materialise [B, K, T*G, E, S].)
     small_bf16 = ck_bkes.dtype == jnp.bfloat16 and t * g <= 8
-    pref = None if ck_bkes.dtype == acc else acc  # plain dots when the cache is already float32
+    # Other cases (float32, or a bfloat16 prefill) run float32 dots: one upcast copy of the
+    # layer's cache per prefill costs less than XLA:CPU's slow bfloat16 batched dots.
+    ck_dot, cv_dot = (ck_bkes, cv_bkse) if small_bf16 else (ck_bkes.astype(acc), cv_bkse.astype(acc))
     if small_bf16:
-        s_bkqs = jnp.sum(q_bkqe.astype(acc)[..., None] * ck_bkes[:, :, None].astype(acc), axis=3)
+        s_bkqs = jnp.sum(q_bkqe.astype(acc)[..., None] * ck_dot[:, :, None].astype(acc), axis=3)
     else:
-        s_bkqs = jnp.einsum("bkqe,bkes->bkqs", q_bkqe.astype(ck_bkes.dtype), ck_bkes, preferred_element_type=pref)
+        s_bkqs = jnp.einsum("bkqe,bkes->bkqs", q_bkqe.astype(acc), ck_dot)
     s_bkqs = s_bkqs * (1.0 / math.sqrt(cfg.e))
     if smear_k is not None:
         gate = jax.nn.sigmoid(smear_k.astype(acc))[None, :, None, None]
@@ -430,9 +432,9 @@ def _cached_attention(q_bthe, k_btke, v_btke, ck_bkes, cv_bkse, slots_bt, smear_
     s_bktgs = jnp.where(mask_bts[:, None, :, None], s_bkqs.reshape(b, kh, t, g, n_slots), -jnp.inf)
     p_bkqs = jax.nn.softmax(s_bktgs, axis=-1).reshape(b, kh, t * g, n_slots)
     if small_bf16:
-        o_bkqe = jnp.sum(p_bkqs[..., None] * cv_bkse[:, :, None].astype(acc), axis=3)
+        o_bkqe = jnp.sum(p_bkqs[..., None] * cv_dot[:, :, None].astype(acc), axis=3)
     else:
-        o_bkqe = jnp.einsum("bkqs,bkse->bkqe", p_bkqs.astype(cv_bkse.dtype), cv_bkse, preferred_element_type=pref)
+        o_bkqe = jnp.einsum("bkqs,bkse->bkqe", p_bkqs, cv_dot)
     o_btkge = o_bkqe.reshape(b, kh, t, g, e).transpose(0, 2, 1, 3, 4)
     return o_btkge.reshape(b, t, h, e).astype(q_bthe.dtype), (ck_bkes, cv_bkse)
 
