@@ -390,6 +390,27 @@ def load_tokenizer(out_dir_or_file):
     return tok_lib.load(p)
 
 
+def tokenizer_sha256(tokenizer) -> str:
+    """A fingerprint of a tokenizer's vocabulary, merges, pattern and special tokens; a run
+    records it (config.json) so that a tokenizer swapped in later is caught at load."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(tokenizer.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def check_tokenizer_belongs(out_dir, tokenizer) -> None:
+    """ValueError when out_dir's config.json records another tokenizer than the one in it (a
+    re-run that replaced tokenizer.zipchat.json, a file copied from another run)."""
+    path = pathlib.Path(out_dir) / RUN_CONFIG_FILE
+    if not path.is_file():
+        return
+    want = load_json(path, "run config").get("tokenizer_sha256")
+    if want and want != tokenizer_sha256(tokenizer):
+        raise ValueError(f"{pathlib.Path(out_dir) / TOKENIZER_FILE} is not the tokenizer this model was trained "
+                         f"with (its fingerprint differs from {path}'s tokenizer_sha256); the run directory's "
+                         f"parts do not belong together")
+
+
 def load_model(out_dir, *, mesh=None, step: Optional[int] = None):
     """Loads (tokenizer, cfg, params, step) from a run directory, params only (no optimizer state).
 
@@ -415,6 +436,7 @@ def load_model(out_dir, *, mesh=None, step: Optional[int] = None):
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer in {out_dir} has {tokenizer.vocab_size} tokens but the model only "
                          f"{cfg.vocab_size}: they do not belong together")
+    check_tokenizer_belongs(out_dir, tokenizer)
     mesh = mesh if mesh is not None else sharding_lib.make_mesh("data:-1")
     shardings = sharding_lib.model_shardings(cfg, mesh)
     target = {"params": ck.abstract_state(model_lib.param_shapes(cfg), shardings)}

@@ -357,6 +357,7 @@ def run(cfg: PretrainConfig) -> dict:
         saved = common.load_json(out_dir / common.MODEL_CONFIG_FILE, "model config")
         ck.check_meta(saved, common.model_config_to_json(model_cfg),
                       where=f"--out_dir={out_dir} (model_config.json)")
+        common.check_tokenizer_belongs(out_dir, tokenizer)
     optimizer = optim_lib.make_optimizer(cfg.optim_config())
     fingerprint = cfg.resume_fingerprint(model_cfg)
     total = cfg.total_steps
@@ -364,7 +365,8 @@ def run(cfg: PretrainConfig) -> dict:
     if is_main:
         tokenizer.save(out_dir / common.TOKENIZER_FILE)
         common.save_json(out_dir / common.MODEL_CONFIG_FILE, common.model_config_to_json(model_cfg))
-        options.save_config(cfg, out_dir, total_steps=total, stage="pretrain")
+        options.save_config(cfg, out_dir, total_steps=total, stage="pretrain",
+                            tokenizer_sha256=common.tokenizer_sha256(tokenizer))
 
     per_process_batch = cfg.batch_size // jax.process_count()
     it = pipeline.make_train_iterator(train_docs, tokenizer, cfg.seq_len, per_process_batch, seed=cfg.seed,

@@ -240,6 +240,7 @@ def run(cfg: SFTConfig, *, examples: Optional[list] = None, val_examples: Option
                                    if (init_dir / common.RUN_CONFIG_FILE).exists() else None)
         options.save_config(cfg, out_dir, stage="sft", template=template.name, base=str(init_dir.resolve()),
                             base_stage=loaded.stage, world_data=world_spec, n_train=len(examples),
+                            tokenizer_sha256=common.tokenizer_sha256(tokenizer),
                             dropped_too_long=dropped)
 
     render = Renderer(template, seq_len + 1)

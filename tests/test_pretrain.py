@@ -121,6 +121,22 @@ def test_losses_pinned_to_the_values_before_the_loop_refactor(runs):
     assert saved["steps"] == STEPS and saved["d_model"] == 32 and saved["stage"] == "pretrain"
 
 
+def test_a_swapped_tokenizer_is_caught_at_load(runs, tmp_path):
+    import shutil
+
+    from core import tokenizer as tok_lib
+    from data import readers
+
+    d = tmp_path / "copy"
+    shutil.copytree(runs["a"], d)
+    docs = readers.open_source(DATA)
+    other = tok_lib.train_bpe((docs[i] for i in range(50, 300)), vocab_size=290)  # smaller: passes the size check
+    other.save(d / common.TOKENIZER_FILE)
+    with pytest.raises(ValueError, match="not the tokenizer this model was trained with"):
+        common.load_model(d)
+    common.load_model(runs["a"])  # the original still loads
+
+
 def test_killed_during_save_then_resumed_reproduces_losses(runs):
     rc, out = runs["b_killed"]
     assert rc == -signal.SIGKILL, out[-3000:]
