@@ -43,8 +43,8 @@ _f = options.field
 
 # Sizes per preset; a flag left at 0 takes its preset's value.
 PRESETS = {
-    "full": dict(n_snippets=600, unseen_entities=40, k_samples=8, n_eval=60, steps=300),
-    "small": dict(n_snippets=200, unseen_entities=16, k_samples=4, n_eval=30, steps=120),
+    "full": dict(n_snippets=600, unseen_entities=40, k_samples=8, n_eval=60, steps=100),
+    "small": dict(n_snippets=200, unseen_entities=16, k_samples=4, n_eval=30, steps=40),
 }
 TIERS = ("famous", "popular", "few", "once", "held_out")
 TOOLS = ("calculator", "python", "search")
@@ -66,7 +66,8 @@ class HonestyConfig:
     keep_min_right: float = _f(0.75, "a probe keeps its answer when at least this share of samples is right")
     refuse_min_wrong: float = _f(0.75, "a probe gets a refusal when no sample is right and at least this share is "
                                  "informative and wrong")
-    search_per_refusal: int = _f(1, "copies of each refused question answered through search")
+    search_per_refusal: int = _f(2, "copies of each refused question answered through search (more than the one "
+                                 "refusal, so that with search available the model searches first)")
     replay_fraction: float = _f(0.5, "share of the fine-tune's conversations drawn from the original SFT mixture")
     n_eval: int = _f(0, "evaluation questions per tier (famous, popular, few, once, held_out)")
     steps: int = _f(0, "fine-tuning steps")
