@@ -362,8 +362,11 @@ def run(cfg: RLRunConfig, *, train_tasks: Optional[Sequence] = None, eval_tasks:
                                ref_params=ref_params, tools=tools, mesh=mesh, shard=shard)
         t0 = time.perf_counter()
         ms = []
-        for epoch in range(cfg.mu):
-            for batch in rollout.minibatches(roll.batch, cfg.group_size, mb, seed=hash((cfg.seed, step, epoch)) % 2**31):
+        # A batch without signal (every advantage 0: all groups all-right or all-wrong, and no KL
+        # term) is not an update: Adam would still move the weights by its momentum.
+        signal = bool(np.any(roll.batch["advantages"])) or rl_cfg.kl_coef > 0
+        for epoch in range(cfg.mu if signal else 0):
+            for batch in rollout.minibatches(roll.batch, cfg.group_size, mb, seed=(cfg.seed * 1_000_003 + step) * 131 + epoch):
                 state, m = train_step(state, shard(batch))
                 ms.append(m)
         ms = [rl_lib.step_metrics(m, rl_cfg.loss_kwargs()["kl_coef"]) for m in jax.device_get(ms)]
@@ -371,7 +374,7 @@ def run(cfg: RLRunConfig, *, train_tasks: Optional[Sequence] = None, eval_tasks:
         out = dict(roll.metrics)
         for k in ("loss", "pg_loss", "kl", "ratio_mean", "clip_frac_low", "clip_frac_high", "clip_frac",
                   "dual_clip_frac", "grad_norm", "lr"):
-            out[k] = float(np.mean([float(m[k]) for m in ms]))
+            out[k] = float(np.mean([float(m[k]) for m in ms])) if ms else 0.0
         real_tokens = float(np.sum(roll.batch["segment_ids"] != 0)) * cfg.mu  # forward + backward, per pass
         gen_s = out["rollout_s"] + out["score_s"]
         out.update(train_s=train_s, rollout_tokens_per_s=out["rollout_tokens"] / max(out["rollout_s"], 1e-9),
