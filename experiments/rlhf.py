@@ -483,22 +483,27 @@ def plot(summary: dict, path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.8))
     main = str(summary["rm_main"])
 
     def panel(ax, pts, title, form=None, fit=None, g0=None):
+        # proxy on the left axis, gold on the right: their scales differ by an order of magnitude
         d = [p["d"] for p in pts]
         ax.plot(d, [p["proxy"] for p in pts], "o-", color="tab:blue", label="proxy (reward model)")
-        ax.plot(d, [p["gold"] for p in pts], "s-", color="tab:orange", label="gold")
+        ax.set_ylabel("proxy reward", color="tab:blue")
+        gx = ax.twinx()
+        gx.plot(d, [p["gold"] for p in pts], "s-", color="tab:orange", label="gold")
         if fit and fit.get("a") is not None and np.isfinite(fit["a"]) and g0 is not None:
             xs = np.linspace(0, max(d) * 1.05 or 1, 100)
-            ax.plot(xs, g0 + gao_curve(xs, fit["a"], fit["b"], form), "--", color="tab:red",
+            gx.plot(xs, g0 + gao_curve(xs, fit["a"], fit["b"], form), "--", color="tab:red",
                     label=f"gold fit a={fit['a']:.2f} b={fit['b']:.2f}")
+        gx.set_ylabel("gold reward", color="tab:orange")
         ax.set_title(title)
         ax.set_xlabel("d = sqrt(KL to SFT) (nats^0.5)")
-        ax.set_ylabel("reward")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = gx.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
 
     bon = summary["best_of_n"][main]
     panel(axes[0], [{"d": d, "proxy": p, "gold": g} for d, p, g in zip(bon["d"], bon["proxy"], bon["gold"])],
