@@ -14,17 +14,20 @@ measure what optimising a learned proxy really does (Gao et al. 2022).
 The gold reward of a response to "Tell me about <entity>" (weights in GoldWeights):
 
     gold = true_fact * (distinct true facts about the entity)
-         + false_fact * (sentences stating a wrong value for one of its attributes)   (heavy)
+         + false_fact * (false claims, about the entity or anything else)   (heavy)
          + repeated_sentence * (sentences that repeat an earlier one)
          + repeated_trigram * (share of word trigrams already seen in the response)
          + rambling_per_word * max(0, words - word_budget)
-         + filler * (sentences that state nothing checkable about the entity)
+         + filler * (sentences in no fact form)
          + on_topic * [the entity is named]  + complete * [the response ends a sentence]
          + empty * [no words at all]
 
-A "fact" is a sentence in one of the corpus's own forms (synthetic._SENTENCES) whose subject is
-the entity's name or pronoun, e.g. "Ana Bel was born in 1851." for birth_year: true when the
-value equals the world's, false otherwise (a year or count that is not a number never matches).
+A claim is a sentence in one of the corpus's own fact forms (synthetic._SENTENCES, any kind and
+attribute), e.g. "Ana Bel was born in 1851.". It is a true fact when its subject is the entity
+(name or pronoun) and the value is the world's; a true statement about another entity is
+off-topic but not false; everything else is false: a wrong value, an attribute the subject does
+not have ("Ana Bel is a city in Kor."), a subject that exists nowhere in the world. A year or
+count that is not a number never matches its form. Sentences in no fact form are filler.
 
 The labeller (a Bradley-Terry human, extended to rankings as Plackett-Luce): the best of the
 remaining responses is drawn with probability softmax(gold / noise), then the next from the
@@ -102,8 +105,8 @@ class GoldWeights:
     repeated_trigram: float = -1.0
     rambling_per_word: float = -0.1
     word_budget: int = 30
-    filler: float = -0.25
-    on_topic: float = 0.5
+    filler: float = -0.5
+    on_topic: float = 1.0
     complete: float = 0.5
     empty: float = -1.0
 
@@ -162,7 +165,7 @@ class GoldJudge:
         self._truth: dict[str, dict[str, str]] = {}
         for r in synthetic.facts(world):
             self._truth.setdefault(r["entity"], {})[r["attribute"]] = r["value"]
-        self._patterns: dict[str, list[tuple[str, re.Pattern]]] = {}
+        self._generic: list | None = None
 
     def truth(self, entity: str) -> dict[str, str]:
         """attribute -> true value (as the corpus writes it)."""
@@ -170,35 +173,53 @@ class GoldJudge:
             raise KeyError(f"no entity named {entity!r} in this world")
         return self._truth[entity]
 
-    def _entity_patterns(self, entity: str) -> list[tuple[str, re.Pattern]]:
-        if entity not in self._patterns:
-            e = self.world.entity(entity)
-            subjects = "|".join(re.escape(s) for s in (e.name, e.pronoun, "the city of " + e.name,
-                                                         "the country of " + e.name))
-            pats = []
-            for attr in self.truth(entity):
-                for tmpl in synthetic._SENTENCES[(e.kind, attr)]:
-                    pats.append((attr, _template_regex(tmpl, subjects)))
-            self._patterns[entity] = pats
-        return self._patterns[entity]
+    def _any_patterns(self) -> list[tuple[str, str, re.Pattern]]:
+        """(kind, attribute, regex with groups 's' subject and 'v' value) of every corpus form."""
+        if self._generic is None:
+            self._generic = [(kind, attr, _template_regex(t, r"(?P<s>.+?)"))
+                             for (kind, attr), forms in synthetic._SENTENCES.items() for t in forms]
+        return self._generic
+
+    def _subject(self, entity: str, subject: str) -> str | None:
+        """The entity a sentence's subject names: the prompt's entity for its name or pronoun
+        (or 'the city of <name>'), another world entity by name, None for a name the world lacks."""
+        e = self.world.entity(entity)
+        s = subject.strip()
+        low = s.lower()
+        if low in (e.pronoun, "the city of " + e.name.lower(), "the country of " + e.name.lower()) or s == e.name:
+            return entity
+        for prefix in ("the city of ", "the country of "):
+            if low.startswith(prefix):
+                s = s[len(prefix):]
+        return s if s in self._truth else None
 
     def classify(self, entity: str, sentence: str) -> tuple[str, str | None]:
-        """('true' | 'false' | 'filler', attribute): does the sentence state a fact about the
-        entity, and is it right? A sentence that some form reads as true is true."""
-        truth = self.truth(entity)
+        """('true' | 'false' | 'other' | 'filler', attribute) of one sentence.
+
+        A sentence in one of the corpus's fact forms (any kind, any attribute) is a claim:
+          'true'   it states a true value of the prompt entity's attribute;
+          'other'  a true fact about another entity (off-topic, not false);
+          'false'  anything else: a wrong value, an attribute the subject does not have (a person
+                   "is a city in ..."), or a subject that exists nowhere in the world;
+        a sentence in no fact form is 'filler'. Some form reading it as true wins."""
         s = sentence.strip()
-        wrong = None
-        for attr, pat in self._entity_patterns(entity):
+        best = ("filler", None)
+        for kind, attr, pat in self._any_patterns():
             m = pat.fullmatch(s)
             if m is None:
                 continue
             v = m.group("v").strip()
             if attr in _NUMERIC and not re.fullmatch(r"[0-9][0-9,]*", v):
                 continue  # "born in the city of X" is not a year
-            if _norm(v) == _norm(truth[attr]):
-                return "true", attr
-            wrong = wrong or attr
-        return ("false", wrong) if wrong else ("filler", None)
+            subj = self._subject(entity, m.group("s"))
+            truth = self._truth.get(subj, {}) if subj else {}
+            if attr in truth and _norm(v) == _norm(truth[attr]) and self.world.entity(subj).kind == kind:
+                if subj == entity:
+                    return "true", attr
+                best = ("other", attr)
+            elif best[0] == "filler":
+                best = ("false", attr)
+        return best
 
     def score(self, entity: str, text: str) -> GoldScore:
         """The gold reward of `text` as a response about `entity` (module docstring)."""
@@ -219,7 +240,7 @@ class GoldJudge:
                 true_attrs.add(attr)
             elif kind == "false":
                 false_n += 1
-            else:
+            elif kind == "filler":
                 filler_n += 1
         lw = [x.lower() for x in words]
         tri = [tuple(lw[i: i + 3]) for i in range(len(lw) - 2)]

@@ -47,6 +47,12 @@ def test_gold_reward_hand_written_responses(world, judge):
     assert judge.classify(e.name, f"{pron} was born in {year}.") == ("true", "birth_year")
     # "born in the city of X" is never read as a (wrong) year
     assert judge.classify(e.name, f"{e.name} was born in the city of Nowhere.")[0] != "true"
+    # claims of the wrong kind, about a subject the world lacks, or true but about another entity
+    assert judge.classify(e.name, f"{e.name} is a city in Korvania.")[0] == "false"
+    assert judge.classify(e.name, "Zorbax Quill was founded in 1800.")[0] == "false"
+    other = next(x for x in world.entities if x.kind == "person" and x.name != e.name and "birth_year" in x.attrs)
+    assert judge.classify(e.name, f"{other.name} was born in {other.attrs['birth_year']}.") == ("other", "birth_year")
+    assert judge.classify(e.name, f"{other.name} was born in {other.attrs['birth_year'] + 1}.")[0] == "false"
     # repetition: the same sentence twice scores below once
     s_rep = judge.score(e.name, true1 + " " + true1)
     assert s_rep.repeated_sentences == 1 and s_rep.total < s_true.total
