@@ -82,7 +82,7 @@ class RLHFConfig:
     rl_steps: int = _f(120, "RL steps (one rollout and one update each)")
     rl_prompts: int = _f(8, "prompts per RL step")
     rl_group: int = _f(8, "samples per prompt (G) per RL step")
-    rl_lr: float = _f(1e-3, "RL learning rate (constant after warmup)")
+    rl_lr: float = _f(2e-4, "RL learning rate (constant after warmup)")
     kl_coef: float = _f(0.01, "KL penalty to the SFT policy (beta)")
     kl_placement: str = _f("reward", "where the KL penalty goes", choices=("reward", "loss"))
     rl_all_rms: bool = _f(False, "also run RL against every smaller reward model (else best-of-n only)")
@@ -90,7 +90,7 @@ class RLHFConfig:
     dpo_batch: int = _f(16, "preference pairs per DPO step")
     dpo_beta: float = _f(0.1, "DPO beta")
     dpo_lr: float = _f(3e-4, "DPO learning rate")
-    eval_every: int = _f(10, "RL / DPO steps between evaluations")
+    eval_every: int = _f(5, "RL / DPO steps between evaluations")
     eval_prompts: int = _f(32, "held-out prompts per evaluation")
     eval_samples: int = _f(4, "samples per prompt per evaluation")
     mesh: str = _f("data:-1", "device mesh")
@@ -127,7 +127,7 @@ def small_config(init: str, out_dir: str, **overrides) -> RLHFConfig:
     """The main job's small version: every phase, fewer prompts and steps (see the README for
     its time on a 2-core CPU)."""
     kw = dict(init=init, out_dir=out_dir, n_prompts=256, val_prompts=32, rm_sizes="32,256", rm_steps=100,
-              bon_prompts=8, bon_max_n=256, rl_steps=60, rl_prompts=8, rl_group=8, dpo_steps=40, eval_every=10,
+              bon_prompts=8, bon_max_n=256, rl_steps=60, rl_prompts=8, rl_group=8, dpo_steps=40, eval_every=5,
               eval_prompts=16, eval_samples=4, max_new_tokens=40)
     kw.update(overrides)
     return RLHFConfig(**kw)
