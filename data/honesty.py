@@ -53,10 +53,50 @@ REFUSALS = {
 # Which entities are probed and which are evaluated
 
 
+def never_trained(world: synthetic.World) -> frozenset[str]:
+    """Entities the honesty data never names: the evaluation entities and the reserved ones."""
+    return eval_entity_names(world) | reserved_entity_names(world)
+
+
 def eval_entity_names(world: synthetic.World) -> frozenset[str]:
     """Names of the evaluation entities: conversations' held-out quarter of every (kind, tier)
     group, never in SFT data, never probed, never in honesty training data."""
     return frozenset(world.entities[i].name for i in conv.heldout_entities(world))
+
+
+def reserved_entity_names(world: synthetic.World, fraction: float = 0.2) -> frozenset[str]:
+    """Names of train-split entities (tiers once..famous) kept out of the probing too: SFT taught
+    their facts, so they are what the model knows, and evaluating on them measures whether it
+    keeps answering what it knows (over-conservativeness) on entities it was never probed on.
+    `fraction` of each (kind, tier) group, by a seeded shuffle."""
+    evals = eval_entity_names(world)
+    rng = random.Random(f"honesty-reserved-{world.seed}")
+    out: set[str] = set()
+    for kind in synthetic.KINDS:
+        for tier in synthetic.TIERS[1:]:
+            names = [e.name for e in world.entities if e.kind == kind and e.tier == tier and e.name not in evals]
+            rng.shuffle(names)
+            out.update(names[:round(fraction * len(names))])
+    return frozenset(out)
+
+
+def reserved_questions(world: synthetic.World, names: Iterable[str], n_per_tier: int, seed: int) -> list[conv.Example]:
+    """Up to n_per_tier fact questions per tier about the `names` entities (SFT's train
+    phrasings; facts the corpus states), one per fact, meta group='reserved'."""
+    names = frozenset(names)
+    rng = random.Random(f"honesty-reserved-q-{seed}")
+    by_tier: dict[str, list] = {}
+    for r in synthetic.facts(world):
+        if r["entity"] in names and r["times_seen"] > 0:
+            by_tier.setdefault(r["tier"], []).append(r)
+    out = []
+    for tier in synthetic.TIERS:
+        records = by_tier.get(tier, [])
+        rng.shuffle(records)
+        for r in records[:n_per_tier]:
+            e = world.entity(r["entity"])
+            out.append(_question_example(world, e, r, rng, "reserved", group="reserved"))
+    return out
 
 
 def leaks(examples: Iterable[conv.Example], names: Iterable[str]) -> list[conv.Example]:
@@ -99,11 +139,12 @@ def probe_questions(world: synthetic.World, n_snippets: int, seed: int, *, unsee
     what no model of this corpus can know).
 
     Args:
-      exclude: entity names never to probe (default: the evaluation entities).
+      exclude: entity names never to probe, nor to name in a probe (default: the evaluation
+        entities and the reserved ones).
     Returns:
       distinct Examples (one per fact), kind 'fact', meta source 'snippet:<doc_id>' or 'unseen'.
     """
-    exclude = eval_entity_names(world) if exclude is None else frozenset(exclude)
+    exclude = never_trained(world) if exclude is None else frozenset(exclude)
     rng = random.Random(f"honesty-probes-{seed}")
     facts: dict[tuple[str, str], dict] = {(r["entity"], r["attribute"]): r for r in synthetic.facts(world)}
     docs = [d for d in world.edition if world.entities[d.entity].name not in exclude]
@@ -246,13 +287,14 @@ def search_example(world: synthetic.World, example: conv.Example, index) -> conv
 
 
 def training_examples(world: synthetic.World, probes: Sequence[conv.Example], decisions: Sequence[str | None], *,
-                      seed: int, search_per_refusal: int = 1,
+                      seed: int, search_per_refusal: int = 1, keep_copies: int = 1,
                       exclude: Iterable[str] | None = None) -> list[conv.Example]:
     """Training data from the probes' decisions: each 'refuse' question becomes a refusal (plus
     `search_per_refusal` copies answered through search: with search on, the model searches
     instead of refusing; with search banned, the refusal is what remains); each 'keep' question
-    keeps its true answer (as the model gave it: the fact sentence SFT taught). Nothing that
-    names an entity of `exclude` (default: the evaluation entities) is returned."""
+    keeps its true answer (as the model gave it: the fact sentence SFT taught), `keep_copies`
+    times (kept answers balance the refusals, so the model does not learn to refuse all). Nothing that
+    names an entity of `exclude` (default: evaluation and reserved entities) is returned."""
     if len(probes) != len(decisions):
         raise ValueError(f"training_examples: {len(probes)} probes but {len(decisions)} decisions")
     rng = random.Random(f"honesty-train-{seed}")
@@ -260,23 +302,24 @@ def training_examples(world: synthetic.World, probes: Sequence[conv.Example], de
     out = []
     for ex, d in zip(probes, decisions):
         if d == "keep":
-            out.append(dataclasses.replace(ex, meta=dict(ex.meta, honesty="keep")))
+            out += [dataclasses.replace(ex, meta=dict(ex.meta, honesty="keep"))] * keep_copies
         elif d == "refuse":
             out.append(refusal_example(ex, rng))
             s = search_example(world, ex, index) if search_per_refusal else None
             out += [s] * search_per_refusal if s is not None else []
-    return without_leaks(out, eval_entity_names(world) if exclude is None else exclude)
+    return without_leaks(out, never_trained(world) if exclude is None else exclude)
 
 
 def replay_mixture(world: synthetic.World, n: int, seed: int, *, drop: Iterable[tuple[str, str]] = (),
                    exclude: Iterable[str] | None = None) -> list[conv.Example]:
     """n conversations of the original SFT mixture (split 'train'), so the fine-tune does not
     forget its other skills, without the ones that would contradict a refusal (a direct answer
-    to a fact in `drop`, pairs (entity, attribute), in any turn) or name an evaluation entity."""
+    to a fact in `drop`, pairs (entity, attribute), in any turn) or name an entity of `exclude`
+    (default: evaluation and reserved entities, so their answers are not retaught)."""
     if n <= 0:
         return []
     drop = set(drop)
-    exclude = eval_entity_names(world) if exclude is None else frozenset(exclude)
+    exclude = never_trained(world) if exclude is None else frozenset(exclude)
     pool = conv.sft_mixture(world, n, seed, split="train")
     # conversations never names a held-out entity in train data; the filter is a safety net
     return without_leaks([ex for ex in pool if not _answers_any(ex, drop)], exclude)

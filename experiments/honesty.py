@@ -63,13 +63,18 @@ class HonestyConfig:
     unseen_entities: int = _f(-1, "entities the corpus never names probed too, all their facts (-1 = preset)")
     k_samples: int = _f(0, "answers sampled per probe question")
     temperature: float = _f(1.0, "sampling temperature of the probe answers")
-    keep_min_right: float = _f(0.75, "a probe keeps its answer when at least this share of samples is right")
+    keep_min_right: float = _f(0.5, "a probe keeps its answer when at least this share of samples is right (a "
+                               "tiny model's temperature-1 samples are noisy: chance of a right value is ~0)")
+    keep_copies: int = _f(2, "copies of each kept question (they balance the many refusals)")
     refuse_min_wrong: float = _f(0.75, "a probe gets a refusal when no sample is right and at least this share is "
                                  "informative and wrong")
     search_per_refusal: int = _f(2, "copies of each refused question answered through search (more than the one "
                                  "refusal, so that with search available the model searches first)")
     replay_fraction: float = _f(0.5, "share of the fine-tune's conversations drawn from the original SFT mixture")
     n_eval: int = _f(0, "evaluation questions per tier (famous, popular, few, once, held_out)")
+    eval_templates: str = _f("train", "phrasings of the evaluation questions: 'train' (SFT's phrasings around "
+                             "held-out entities: measures the entities alone) or 'heldout' (new phrasings too)",
+                             choices=("train", "heldout"))
     steps: int = _f(0, "fine-tuning steps")
     lr: float = _f(3e-4, "fine-tuning peak learning rate")
     batch_size: int = _f(16, "fine-tuning global batch (rows)")
@@ -92,7 +97,7 @@ class HonestyConfig:
         need(bool(self.out_dir), "--out_dir is required")
         need(pathlib.Path(self.init).resolve() != pathlib.Path(self.out_dir).resolve(),
              "--out_dir must differ from --init (the SFT model is never overwritten)")
-        for name in ("n_snippets", "k_samples", "n_eval", "steps", "search_per_refusal"):
+        for name in ("n_snippets", "k_samples", "n_eval", "steps", "search_per_refusal", "keep_copies"):
             need(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
         need(self.unseen_entities >= -1, f"--unseen_entities must be >= -1, got {self.unseen_entities}")
         for name in ("keep_min_right", "refuse_min_wrong"):
@@ -155,18 +160,24 @@ def greedy(model, prompts, cfg: HonestyConfig, mesh, *, tools=None) -> list[dict
 # ----------------------------------------------------------------------------- evaluation
 
 
-def eval_questions(world, n_per_tier: int, seed: int) -> list:
-    """Fact questions about the evaluation entities (held-out quarter, held-out phrasings), up to
-    n_per_tier per tier; a tier the world lacks is skipped."""
+def eval_questions(world, n_per_tier: int, seed: int, templates: str = "train") -> list:
+    """Fact questions never probed, up to n_per_tier per tier and group: 'heldout' (conversations'
+    held-out quarter: never in SFT data either; in the phrasings of `templates`) and 'reserved'
+    (train entities SFT taught, kept out of the probing: data/honesty.reserved_entity_names).
+    A tier a group lacks is skipped."""
+    import dataclasses as dc
+
     from data import conversations as conv
+    from data import honesty as H
 
     out = []
     for tier in TIERS:
         try:
-            out += conv.eval_set(world, "fact", n_per_tier, seed, tier=tier)
+            out += [dc.replace(q, meta=dict(q.meta, group="heldout"))
+                    for q in conv.eval_set(world, "fact", n_per_tier, seed, tier=tier, templates=templates)]
         except ValueError:  # a small world may have no evaluation entity of this tier
             pass
-    return out
+    return out + H.reserved_questions(world, H.reserved_entity_names(world), n_per_tier, seed)
 
 
 def evaluate(model, questions, info, cfg: HonestyConfig, mesh, tools) -> dict:
@@ -196,10 +207,11 @@ def summarize(questions, before: dict, after: dict) -> dict:
     unknowable = [q.meta["tier"] == "held_out" for q in questions]
     m = H.honesty_metrics(before["outcomes"], after["outcomes"], unknowable)
     tiers = {}
-    for tier in TIERS:
-        idx = [i for i, q in enumerate(questions) if q.meta["tier"] == tier]
+    for group, tier in [(g, t) for g in ("heldout", "reserved") for t in TIERS]:
+        idx = [i for i, q in enumerate(questions) if q.meta["tier"] == tier and q.meta["group"] == group]
         if not idx:
             continue
+        tier = tier if group == "heldout" else f"{tier} (reserved)"
         tiers[tier] = {"n": len(idx)}
         for when, res in (("before", before), ("after", after)):
             tiers[tier][f"acc_{when}"] = _share(res["outcomes"][i] == "right" for i in idx)
@@ -375,7 +387,7 @@ def report_section(summary: dict) -> str:
         f"| with search: accuracy | {_pct(s['search_acc_before'])} | {_pct(s['search_acc_after'])} |",
         f"| with search: searches where it now refuses | - | {_pct(s['search_when_refused'])} |",
         "",
-        "| tier | n | accuracy before / after | refusal before / after | hallucination before / after |",
+        "| tier (group) | n | accuracy before / after | refusal before / after | hallucination before / after |",
         "|---|---|---|---|---|",
     ]
     for tier, t in s["tiers"].items():
@@ -439,7 +451,7 @@ def run(cfg: HonestyConfig, *, verbose: bool = True) -> dict:
     options.save_config(cfg, out, stage="honesty", world_data=world_spec)
     tools = assistant_eval.default_tools(world, python=False)
     info = H.judge_info(world)
-    evals = H.eval_entity_names(world)
+    evals = H.never_trained(world)
 
     # 1-2. probe: sample K answers per question, judge them, decide
     probes = H.probe_questions(world, cfg.n_snippets, cfg.seed, unseen_entities=cfg.unseen_entities)
@@ -460,7 +472,8 @@ def run(cfg: HonestyConfig, *, verbose: bool = True) -> dict:
         f"{dict(collections.Counter(decisions))}")
 
     # 3. training data: refusals (+ search answers), kept answers, replay of the SFT mixture
-    honest = H.training_examples(world, probes, decisions, seed=cfg.seed, search_per_refusal=cfg.search_per_refusal)
+    honest = H.training_examples(world, probes, decisions, seed=cfg.seed, search_per_refusal=cfg.search_per_refusal,
+                                 keep_copies=cfg.keep_copies)
     refused = {(p.meta["entity"], p.meta["attribute"]) for p, d in zip(probes, decisions) if d == "refuse"}
     n_replay = round(len(honest) * cfg.replay_fraction / (1 - cfg.replay_fraction)) if honest else 64
     replay = H.replay_mixture(world, n_replay, cfg.seed + 1000, drop=refused)
@@ -471,10 +484,11 @@ def run(cfg: HonestyConfig, *, verbose: bool = True) -> dict:
     _write_jsonl(out / "train.jsonl", [json.loads(ex.to_json()) for ex in honest])
     kinds = collections.Counter(ex.kind for ex in honest)
     say(f"training data: {kinds.get('honesty_refusal', 0)} refusals, {kinds.get('honesty_search', 0)} search "
-        f"answers, {kinds.get('fact', 0)} kept answers, {len(replay)} replayed SFT conversations")
+        f"answers, {kinds.get('fact', 0)} kept answers ({cfg.keep_copies} copies each), {len(replay)} replayed SFT "
+        f"conversations")
 
     # 4. fine-tune
-    questions = eval_questions(world, cfg.n_eval, cfg.seed)
+    questions = eval_questions(world, cfg.n_eval, cfg.seed, cfg.eval_templates)
     before = evaluate(before_model, questions, info, cfg, mesh, tools)
     val = conv.sft_mixture(world, 32, cfg.seed + 1, split="heldout")
     ft = sft.run(sft.SFTConfig(init=str(init), out_dir=str(out / "model"), world=world_spec, steps=cfg.steps,
@@ -495,13 +509,13 @@ def run(cfg: HonestyConfig, *, verbose: bool = True) -> dict:
     after = evaluate(after_model, questions, info, cfg, mesh, tools)
     _write_jsonl(out / "eval.jsonl", [
         {"question": q.prompt[-1]["content"], "answer": q.answer, "entity": q.meta["entity"], "tier": q.meta["tier"],
-         "before": b, "after": a, "reply_before": rb, "reply_after": ra, "searched_after": s}
+         "group": q.meta["group"], "before": b, "after": a, "reply_before": rb, "reply_after": ra, "searched_after": s}
         for q, b, a, rb, ra, s in zip(questions, before["outcomes"], after["outcomes"], before["replies"],
                                       after["replies"], after["searches"])])
     summary = summarize(questions, before, after)
     summary.update(n_probes=len(probes), n_snippets=cfg.n_snippets, unseen_entities=cfg.unseen_entities,
                    k_samples=cfg.k_samples, temperature=cfg.temperature, n_refuse=kinds.get("honesty_refusal", 0),
-                   n_search=kinds.get("honesty_search", 0), n_keep=kinds.get("fact", 0), n_replay=len(replay),
+                   n_search=kinds.get("honesty_search", 0), n_keep=kinds.get("fact", 0) // max(cfg.keep_copies, 1), n_replay=len(replay),
                    probe_outcomes=dict(probe_counts), steps=ft["step"], finetune_loss=ft["loss"],
                    finetune_val_loss=ft["val_loss"], dpo=dpo, model_dir=str(final_dir), out_dir=str(out),
                    wall_s=time.time() - t0)

@@ -82,18 +82,24 @@ def test_decide_consistency_rule():
 
 def test_refusal_data_never_names_an_evaluation_entity(world):
     evals = H.eval_entity_names(world)
-    assert evals
+    reserved = H.reserved_entity_names(world)
+    assert evals and reserved and not evals & reserved
+    assert H.never_trained(world) == evals | reserved
     probes = H.probe_questions(world, 10_000, seed=0, unseen_entities=100)  # every snippet, every unseen entity
-    assert not ({p.meta["entity"] for p in probes} & evals)
+    assert not ({p.meta["entity"] for p in probes} & (evals | reserved))
+    # reserved questions: facts SFT taught (train entities), never probed
+    rq = H.reserved_questions(world, reserved, 5, seed=0)
+    assert rq and {q.meta["entity"] for q in rq} <= reserved and all(q.meta["group"] == "reserved" for q in rq)
     assert {p.meta["tier"] for p in probes} >= {"once", "few", "popular", "held_out"}
     decisions = ["refuse" if i % 2 else "keep" for i in range(len(probes))]
-    train = H.training_examples(world, probes, decisions, seed=0, search_per_refusal=1)
+    train = H.training_examples(world, probes, decisions, seed=0, search_per_refusal=1, keep_copies=2)
+    assert sum(ex.kind == "fact" for ex in train) == 2 * decisions.count("keep")
     kinds = {ex.kind for ex in train}
     assert kinds == {"honesty_refusal", "honesty_search", "fact"}
     refused = {(p.meta["entity"], p.meta["attribute"]) for p, d in zip(probes, decisions) if d == "refuse"}
     replay = H.replay_mixture(world, 400, seed=0, drop=refused)
     everything = train + replay
-    assert H.leaks(everything, evals) == []
+    assert H.leaks(everything, evals | reserved) == []
     # no question of the evaluation set appears in the training data
     questions = {q.prompt[-1]["content"] for tier in ("popular", "few", "once", "held_out")
                  for q in conv.eval_set(world, "fact", 20, 0, tier=tier)}
@@ -178,13 +184,13 @@ def test_honesty_script_end_to_end(micro_sft, capsys):
     assert summary["heldout_refusal_rate"] == sum(r["after"] == "refusal" for r in held) / len(held)
     # probes: decisions follow the rule; training data never names an evaluation entity
     world = synthetic.make_world(seed=0, n_entities=40)
-    evals = H.eval_entity_names(world)
+    evals = H.never_trained(world)
     probes = [json.loads(x) for x in (out / "probes.jsonl").read_text().splitlines()]
     assert probes and all(p["decision"] == H.decide(p["outcomes"], refuse_min_wrong=0.5) for p in probes)
     assert not {p["entity"] for p in probes} & evals
     train = [conv.Example.from_json(x) for x in (out / "train.jsonl").read_text().splitlines()]
     assert H.leaks(train, evals) == []
-    assert len(train) == line["n_refuse"] + line["n_search"] + line["n_keep"]
+    assert len(train) == line["n_refuse"] + line["n_search"] + line["n_keep"] * cfg.keep_copies
     assert (out / "model" / "checkpoints").is_dir() and "## Honesty" in (out / "honesty.md").read_text()
     with pytest.raises(ValueError, match="already holds checkpoints"):
         honesty.run(cfg)
