@@ -54,19 +54,20 @@ class RLRunConfig:
     algo: str = _f("grpo", "core.rl preset: the loss / advantage / shaping knobs below default to it", choices=ALGOS)
     init: Optional[str] = _f(None, "the policy to start from: an SFT run directory or a Hugging Face checkpoint")
     out_dir: Optional[str] = _f(None, "run directory of the RL-trained model")
-    tasks: str = _f("short_math:split=train,n=4000", "training prompts (data/tasks.py open_tasks spec, or short_math)")
-    eval_tasks: str = _f("short_math:split=heldout,n=128", "held-out prompts for evaluation (templates / numbers "
+    tasks: str = _f("synthetic_math:split=train,n=4000", "training prompts (data/tasks.py open_tasks spec, or "
+                    "short_math)")
+    eval_tasks: str = _f("synthetic_math:split=test,n=128", "held-out prompts for evaluation (templates / numbers "
                          "never trained on)")
     group_size: int = _f(8, "G: samples per prompt")
     prompts_per_step: int = _f(8, "N: prompts per step (the rollout batch has N * G rows)")
-    max_new_tokens: int = _f(64, "completion budget in tokens (tool outputs count)")
-    temperature: float = _f(1.0, "sampling temperature of the rollouts (the loss scores at the same temperature)")
+    max_new_tokens: int = _f(96, "completion budget in tokens (tool outputs count)")
+    temperature: float = _f(0.7, "sampling temperature of the rollouts (the loss scores at the same temperature)")
     tools: str = _f("calculator", "tools served inside the stream, comma-separated ('' = none)")
-    steps: int = _f(60, "RL steps (one rollout + mu passes each)")
+    steps: int = _f(120, "RL steps (one rollout + mu passes each)")
     mu: int = _f(1, "inner iterations over each rollout batch (PPO epochs)")
     minibatch_size: int = _f(0, "rows per optimizer update, whole groups (0 = the whole rollout batch)")
-    max_rounds: int = _f(3, "dynamic sampling: rollout rounds per step at most")
-    lr: float = _f(3e-4, "learning rate (AdamW)")
+    max_rounds: int = _f(2, "dynamic sampling: rollout rounds per step at most")
+    lr: float = _f(2e-4, "learning rate (AdamW)")
     warmup_steps: int = _f(0, "linear warmup (updates)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     clip_norm: float = _f(1.0, "global gradient-norm clip (0 = off)")
@@ -81,17 +82,18 @@ class RLRunConfig:
     kl_placement: Optional[str] = _f(None, "loss | reward")
     agg: Optional[str] = _f(None, "token_mean | seq_mean_token_mean | seq_mean_token_sum_norm")
     max_len: Optional[int] = _f(None, "seq_mean_token_sum_norm's constant (default --max_new_tokens)")
-    dynamic_sampling: Optional[bool] = _f(None, "drop groups whose rewards are all equal, draw more prompts")
+    dynamic_sampling: Optional[bool] = _f(True, "drop groups whose rewards are all equal, draw more prompts (on by "
+                                          "default: a small model's groups are mostly all-wrong; 'none' = the preset's)")
     overlong: Optional[str] = _f(None, "none | mask (truncated replies out of the loss) | soft (DAPO length penalty)")
     overlong_buffer: Optional[int] = _f(None, "soft overlong band in tokens (0 = max_new_tokens / 4)")
     overlong_penalty: Optional[float] = _f(None, "soft overlong penalty at the budget")
     # evaluation, bookkeeping
-    eval_every: int = _f(10, "held-out evaluation every N steps (and at 0 and the end)")
-    pass_k: int = _f(4, "k of sampled pass@k in evaluations (0 = greedy only)")
+    eval_every: int = _f(20, "held-out evaluation every N steps (and at 0 and the end)")
+    pass_k: int = _f(4, "k of sampled pass@k, at the first and the last evaluation (0 = greedy only)")
     seed: int = _f(0, "seed of the prompt order and the rollout RNG")
     mesh: str = _f("data:-1", "device mesh, e.g. 'data:2,fsdp:2,tensor:2'")
     resume: bool = _f(False, "continue from the last checkpoint in --out_dir (rollout RNG included)")
-    log_every: int = _f(5, "print a progress line every N steps")
+    log_every: int = _f(10, "print a progress line every N steps")
     ckpt_every: int = _f(20, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = _f(2, "keep the last K checkpoints")
     async_checkpoint: bool = _f(True, "write checkpoints in the background")
@@ -325,7 +327,7 @@ def run(cfg: RLRunConfig, *, train_tasks: Optional[Sequence] = None, eval_tasks:
     def evaluate(step, params_) -> dict:
         res = rollout.evaluate(params_, eval_tasks, model_cfg=model_cfg, template=template,
                                max_new_tokens=cfg.max_new_tokens, key=jax.random.fold_in(base_key, 10**9 + step),
-                               k=cfg.pass_k, temperature=cfg.temperature, tools=tools, mesh=mesh)
+                               k=cfg.pass_k if step in (0, cfg.steps) else 0, temperature=cfg.temperature, tools=tools, mesh=mesh)
         texts = res.pop("texts")
         if is_main:
             with open(out_dir / "samples.txt", "a", encoding="utf-8") as f:
@@ -335,7 +337,8 @@ def run(cfg: RLRunConfig, *, train_tasks: Optional[Sequence] = None, eval_tasks:
                     f.write(f"--- {q[:120]!r} (answer {t.answer})\n    -> {text[:300]!r}\n")
         common.say(f"eval step {step}: held-out greedy {100 * res['greedy_lenient']:.1f}% lenient, "
                    f"{100 * res['greedy_strict']:.1f}% strict" +
-                   (f", pass@{cfg.pass_k} {100 * res[f'pass@{cfg.pass_k}_lenient']:.1f}%" if cfg.pass_k else "") +
+                   (f", pass@{cfg.pass_k} {100 * res[f'pass@{cfg.pass_k}_lenient']:.1f}%"
+                    if f"pass@{cfg.pass_k}_lenient" in res else "") +
                    f", mean length {res['mean_len']:.1f} tokens")
         progress.pause()
         return res
