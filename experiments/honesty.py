@@ -484,7 +484,7 @@ def run(cfg: HonestyConfig, *, verbose: bool = True) -> dict:
     _write_jsonl(out / "train.jsonl", [json.loads(ex.to_json()) for ex in honest])
     kinds = collections.Counter(ex.kind for ex in honest)
     say(f"training data: {kinds.get('honesty_refusal', 0)} refusals, {kinds.get('honesty_search', 0)} search "
-        f"answers, {kinds.get('fact', 0)} kept answers ({cfg.keep_copies} copies each), {len(replay)} replayed SFT "
+        f"answers, {kinds.get('fact', 0) // max(cfg.keep_copies, 1)} kept answers ({cfg.keep_copies} copies each), {len(replay)} replayed SFT "
         f"conversations")
 
     # 4. fine-tune
