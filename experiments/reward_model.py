@@ -13,7 +13,8 @@
    --head_lr, the body at --lr (core.optim parameter groups). Trained with the shared loop
    (experiments/stage.py): checkpoints, metrics.jsonl, evals.jsonl, Ctrl-C, --resume.
 3. Evaluation: pairwise accuracy on the held-out comparisons, against the labeller's rankings
-   (`val_pair_acc`) and against the gold order (`val_gold_pair_acc`; pairs of equal gold skipped).
+   (`val_pair_acc`; pairs of token-identical responses skipped) and against the gold order
+   (`val_gold_pair_acc`; pairs of equal gold skipped).
 4. After training, the head's bias is shifted so the reference responses (the SFT model's
    samples of the training prompts) average reward 0, and the exported params {'model', 'head'}
    are written to the run directory (`reward_head.npz` holds the shifted head; the checkpoints
@@ -158,10 +159,10 @@ def load_comparisons(path) -> list:
 # ----------------------------------------------------------------------------- batches
 
 
-def ranking_rows(template, comparisons, seq_len: int, *, by_gold: bool = False) -> dict:
+def ranking_rows(template, comparisons, seq_len: int) -> dict:
     """Comparisons -> the ranking LossFn's arrays (numpy): tokens int32 [N, K, seq_len] (prompt +
     response, right-padded), last_index int32 [N, K] (each response's final token), valid bool
-    [N, K]. Responses are listed best first by the labeller's ranking (by_gold: by gold)."""
+    [N, K]. Responses are listed best first by the labeller's ranking."""
     import numpy as np
 
     n, k = len(comparisons), len(comparisons[0].response_ids)
@@ -169,28 +170,11 @@ def ranking_rows(template, comparisons, seq_len: int, *, by_gold: bool = False) 
     last = np.zeros((n, k), np.int32)
     for a, c in enumerate(comparisons):
         p = template.render_for_completion([dict(m) for m in c.prompt.messages])
-        order = sorted(range(k), key=lambda i: -c.gold[i]) if by_gold else list(c.ranking)
-        for j, i in enumerate(order):
+        for j, i in enumerate(c.ranking):
             row = (list(p) + list(c.response_ids[i]))[:seq_len]
             tokens[a, j, : len(row)] = row
             last[a, j] = len(row) - 1
     return {"tokens": tokens, "last_index": last, "valid": np.ones((n, k), bool)}
-
-
-def pad_rows(rows: dict, multiple: int) -> dict:
-    """Pads the leading axis to a multiple with rows that count for nothing (valid False)."""
-    import numpy as np
-
-    n = rows["tokens"].shape[0]
-    extra = (-n) % multiple
-    if not extra:
-        return rows
-    return {key: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype)]) for key, v in rows.items()}
-
-
-def chunks(rows: dict, size: int) -> list[dict]:
-    n = rows["tokens"].shape[0]
-    return [{k: v[lo: lo + size] for k, v in rows.items()} for lo in range(0, n, size)]
 
 
 def seq_len_for(template, comparisons, max_new_tokens: int, model_cfg) -> int:
@@ -355,29 +339,18 @@ def run(cfg: RewardModelConfig, *, comparisons=None, val_comparisons=None, loade
     order = np.concatenate([rng.permutation(n) for _ in range(-(-cfg.steps * cfg.batch_size // n))])
     batches = [{k: v[order[s * cfg.batch_size: (s + 1) * cfg.batch_size]] for k, v in train_rows.items()}
                for s in range(cfg.steps)]
-    val_label = chunks(pad_rows(ranking_rows(template, val_comparisons, seq_len), cfg.batch_size), cfg.batch_size)
     loss_fn = rm.make_ranking_loss()
     step_fn = train_lib.make_train_step(model_cfg, optimizer, mesh, loss_fn, spec=spec)
-    eval_fn = train_lib.make_eval_step(model_cfg, mesh, loss_fn, spec=spec)
     fingerprint = {"model_config": common.model_config_to_json(model_cfg),
                    "run": {"init": str(pathlib.Path(cfg.init).resolve()), "n_comparisons": n, "seq_len": seq_len,
                            "batch_size": cfg.batch_size, "seed": cfg.seed, "steps": cfg.steps}}
 
-    def accuracy(params, batches_) -> float:
-        """correct pairs / pairs of the labeller's rankings (the ranking loss's own counts)."""
-        correct = pairs = 0.0
-        for b in batches_:
-            m = jax.device_get(eval_fn(params, sharding_lib.shard_batch(b, mesh)))
-            correct += float(m["correct_pairs"])
-            pairs += float(m["pairs"])
-        return correct / max(pairs, 1.0)
-
-    val_gold = gold_rows(template, val_comparisons, seq_len)
+    val_rows = gold_rows(template, val_comparisons, seq_len)
     reward_fn = make_reward_fn(model_cfg)
 
     def evaluate(step, state) -> dict:
-        rec = {"val_pair_acc": accuracy(state["params"], val_label),
-               "val_gold_pair_acc": gold_accuracy(reward_fn, state["params"], val_gold, mesh, seq_len)}
+        label_acc, gold_acc = pair_accuracies(reward_fn, state["params"], val_comparisons, val_rows, mesh, seq_len)
+        rec = {"val_pair_acc": label_acc, "val_gold_pair_acc": gold_acc}
         if verbose:
             common.say(f"eval step {step}: held-out pairwise accuracy {rec['val_pair_acc']:.3f} (labeller), "
                        f"{rec['val_gold_pair_acc']:.3f} (gold order)")
@@ -445,17 +418,29 @@ def gold_rows(template, comparisons, seq_len: int) -> tuple[list, list, Any]:
     return prompts, responses, np.asarray([c.gold for c in comparisons], np.float64)
 
 
-def gold_accuracy(reward_fn, params, rows, mesh, seq_len: Optional[int] = None) -> float:
-    """Share of response pairs with different gold whose reward order agrees with gold."""
+def pair_accuracies(reward_fn, params, comparisons, rows, mesh, seq_len: int) -> tuple[float, float]:
+    """(labeller accuracy, gold accuracy) of the reward model on comparisons, each response
+    scored once. Labeller: share of ranked pairs (winner before loser) with r_w > r_l, skipping
+    pairs of token-identical responses (the SFT model often repeats its favourite sentence; no
+    reward can order those). Gold: share of pairs with different gold whose reward order agrees."""
     import numpy as np
 
     prompts, responses, gold = rows
-    t = seq_len or max(len(p) + len(r) for p, r in zip(prompts, responses))
-    r = score_responses(reward_fn, params, prompts, responses, t, mesh=mesh).reshape(gold.shape)
+    r = score_responses(reward_fn, params, prompts, responses, seq_len, mesh=mesh).reshape(gold.shape)
+    hits = total = 0
+    for n, c in enumerate(comparisons):
+        rk = c.ranking
+        for a in range(len(rk)):
+            for b in range(a + 1, len(rk)):
+                w, lo = rk[a], rk[b]
+                if tuple(c.response_ids[w]) != tuple(c.response_ids[lo]):
+                    total += 1
+                    hits += r[n, w] > r[n, lo]
     i, j = np.triu_indices(gold.shape[1], 1)
     dg, dr = gold[:, i] - gold[:, j], r[:, i] - r[:, j]
     ok = dg != 0
-    return float(((dg > 0) == (dr > 0))[ok].mean()) if ok.any() else float("nan")
+    return (hits / total if total else float("nan"),
+            float(((dg > 0) == (dr > 0))[ok].mean()) if ok.any() else float("nan"))
 
 
 def main(argv):

@@ -412,8 +412,6 @@ def run_rl(ctx: Ctx, log_path, *, steps: int, label: str) -> tuple[list[dict], A
 def dpo_rows(template, pairs, seq_len: int) -> dict:
     """(comparison, chosen, rejected) triples -> DPO arrays: tokens / segment_ids / positions
     [B, 2, seq_len], mask [B, 2, seq_len - 1] (1 on the response's targets)."""
-    import numpy as np
-
     prompts, responses = [], []
     for c, w, lo in pairs:
         p = template.render_for_completion([dict(m) for m in c.prompt.messages])
