@@ -439,7 +439,7 @@ def pair_accuracies(reward_fn, params, comparisons, rows, mesh, seq_len: int) ->
     i, j = np.triu_indices(gold.shape[1], 1)
     dg, dr = gold[:, i] - gold[:, j], r[:, i] - r[:, j]
     ok = dg != 0
-    return (hits / total if total else float("nan"),
+    return (float(hits) / total if total else float("nan"),
             float(((dg > 0) == (dr > 0))[ok].mean()) if ok.any() else float("nan"))
 
 
