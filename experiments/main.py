@@ -11,7 +11,11 @@ Stages (each is also its own script):
   4. phenomena   experiments/evaluate.py --mode=phenomena (phenomena.md)
   5. sft         experiments/sft.py: conversations from the same world (OUT_DIR/sft)
   6. assistant   experiments/evaluate.py --mode=assistant --compare_base (sft/assistant.md)
-and writes OUT_DIR/report.md with the timings and the tables.
+  7. rl          experiments/rl.py --algo=grpo on held-out synthetic math (OUT_DIR/rl)
+  8. rlhf        experiments/rlhf.py, small: reward model, best-of-n, RL vs the RM, DPO (OUT_DIR/rlhf)
+  9. honesty     experiments/honesty.py --preset=small (OUT_DIR/honesty)
+and writes OUT_DIR/report.md with the timings and the tables. --rl_steps=0, --rlhf=false and
+--honesty=false leave stages out; --sft_steps=0 stops after the base model.
 
 Every check runs before anything is written: an existing run directory needs --resume. With
 --resume, finished stages are not redone (main_state.json records them and their results), so
@@ -41,7 +45,7 @@ _DEFAULTS = dict(entities=300, corpus_bytes="2M", vocab_size=2048, tokenizer_byt
                  batch_size=16, steps=1000, lr=3e-3, warmup_steps=50, sft_steps=600, sft_conversations=20000,
                  n_per_row=50)
 STATE_FILE = "main_state.json"
-STAGES = ("tokenizer", "pretrain", "sample", "phenomena", "sft", "assistant")
+STAGES = ("tokenizer", "pretrain", "sample", "phenomena", "sft", "assistant", "rl", "rlhf", "honesty")
 
 
 _f = options.field
@@ -66,6 +70,9 @@ class MainConfig:
     sft_steps: int = _f(_DEFAULTS["sft_steps"], "SFT steps (0 = stop after the base model)")
     sft_conversations: int = _f(_DEFAULTS["sft_conversations"], "synthetic SFT conversations")
     n_per_row: int = _f(_DEFAULTS["n_per_row"], "prompts per row of the assistant evaluation")
+    rl_steps: int = _f(40, "GRPO steps after SFT (0 = no RL stage)")
+    rlhf: bool = _f(True, "run the small RLHF stage (reward model, best-of-n, RL vs the RM, DPO)")
+    honesty: bool = _f(True, "run the small honesty stage (probe, refusals, fine-tune, before/after)")
     resume: bool = _f(False, "continue an interrupted main job in --out_dir")
 
     def __post_init__(self):
@@ -76,8 +83,8 @@ class MainConfig:
         for name in ("steps", "batch_size", "n_per_row", "seq_len", "entities", "vocab_size", "sft_conversations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.sft_steps < 0:
-            raise ValueError(f"--sft_steps must be >= 0, got {self.sft_steps}")
+        if self.sft_steps < 0 or self.rl_steps < 0:
+            raise ValueError(f"--sft_steps and --rl_steps must be >= 0, got {self.sft_steps}, {self.rl_steps}")
         if self.lr < 0:
             raise ValueError(f"--lr must be >= 0, got {self.lr}")
         for name in ("corpus_bytes", "tokenizer_bytes"):
@@ -118,7 +125,10 @@ def check(cfg: MainConfig) -> None:
     if not cfg.resume and (out / common.TOKENIZER_FILE).exists():
         raise ValueError(f"--out_dir={out} already holds a run; pass --resume to continue it or use a fresh --out_dir")
     stage.check_fresh_or_resume(out, cfg.resume)
-    stage.check_fresh_or_resume(out / "sft", cfg.resume)
+    for sub in ("sft", "rl", "rlhf", "honesty"):
+        stage.check_fresh_or_resume(out / sub, cfg.resume)
+        if not cfg.resume and (out / sub).exists():
+            raise ValueError(f"{out / sub} already exists; pass --resume or use a fresh --out_dir")
 
 
 def run(cfg: MainConfig) -> dict:
@@ -134,7 +144,7 @@ def run(cfg: MainConfig) -> dict:
     data = f"synthetic:seed={seed},entities={cfg.entities},bytes={cfg.corpus_bytes}"
     state = _State(out, cfg.resume)
     timings = dict(state.done.get("timings", {}))
-    n_stages = len(STAGES) if sft_steps else 4
+    n_stages = 4 + (2 + bool(cfg.rl_steps) + cfg.rlhf + cfg.honesty if sft_steps else 0)
 
     def begin(i: int, name: str, what: str) -> bool:
         if state.finished(name):
@@ -218,6 +228,35 @@ def run(cfg: MainConfig) -> dict:
         if begin(6, "assistant", f"assistant evaluation ({n_per_row} held-out prompts per row; SFT vs base)"):
             res = assistant_eval.run(out / "sft", n=n_per_row, seed=seed, mesh=mesh, compare_base=True)
             finish("assistant", t, {"table": res["table"], "figures": res["figures"]})
+        i = 7
+        if cfg.rl_steps:
+            from experiments import rl
+
+            t = time.time()
+            if begin(i, "rl", f"RL (GRPO, {cfg.rl_steps} steps) on synthetic math from the SFT model -> {out / 'rl'}"):
+                r = rl.run(rl.RLRunConfig(init=str(out / "sft"), out_dir=str(out / "rl"), steps=cfg.rl_steps,
+                                          seed=seed, mesh=mesh, eval_every=max(cfg.rl_steps // 4, 1),
+                                          resume=cfg.resume or (out / "rl" / common.CHECKPOINT_DIR).exists()))
+                if r.get("interrupted"):
+                    return {"interrupted": True}
+                finish("rl", t, {"section": rl.report_section(r, "rl"), **{k: r.get(k) for k in rl.FINAL_KEYS}})
+            i += 1
+        if cfg.rlhf:
+            from experiments import rlhf
+
+            t = time.time()
+            if begin(i, "rlhf", f"RLHF (small): reward model, best-of-n, RL vs the RM, DPO -> {out / 'rlhf'}"):
+                r = rlhf.run(rlhf.small_config(str(out / "sft"), str(out / "rlhf"), seed=seed, mesh=mesh))
+                finish("rlhf", t, {"section": rlhf.report_section(r)})
+            i += 1
+        if cfg.honesty:
+            from experiments import honesty
+
+            t = time.time()
+            if begin(i, "honesty", f"honesty (small): probe, refusals, fine-tune, before/after -> {out / 'honesty'}"):
+                h = honesty.run(honesty.HonestyConfig(init=str(out / "sft"), out_dir=str(out / "honesty"),
+                                                      preset="small", seed=seed, mesh=mesh))
+                finish("honesty", t, {"section": honesty.report_section(h)})
 
     total = sum(timings.values())
     report = _report(out, state.done, timings, entities=cfg.entities, corpus_bytes=cfg.corpus_bytes, steps=steps,
@@ -251,6 +290,9 @@ def _report(out: pathlib.Path, done: dict, timings: dict, *, entities, corpus_by
         a = done["assistant"]
         lines += ["## assistant evaluation (held-out prompts, greedy; base = the same template on the base model)",
                   "", a["table"], "", "```json", json.dumps(a["figures"]), "```", ""]
+    for name in ("rl", "rlhf", "honesty"):
+        if isinstance(done.get(name), dict) and done[name].get("section"):
+            lines += [done[name]["section"], ""]
     return "\n".join(lines)
 
 
