@@ -4,15 +4,17 @@ and the metrics of Yang et al. (2024, "Alignment for Honesty").
 The Llama 3 recipe (factuality section), on a world whose ground truth is known:
 
     world = synthetic.make_world(seed=0, n_entities=300)
-    evals = eval_entity_names(world)                        # never probed, never in training data
-    probes = probe_questions(world, n_snippets=200, seed=0)  # questions from corpus snippets
+    evals = eval_entity_names(world)          # never in SFT data, never probed, never trained on
+    reserved = reserved_entity_names(world)   # SFT taught their facts; never probed nor trained on
+    probes = probe_questions(world, n_snippets=200, seed=0, unseen_entities=40)  # from corpus snippets
     # ... sample K answers per probe from the SFT model (temperature 1, search banned) ...
     info = judge_info(world)
     outcomes = [[classify(ex, reply, info) for reply in replies] for ex, replies in ...]
     decisions = [decide(o) for o in outcomes]               # 'refuse' | 'keep' | None
-    train = training_examples(probes, decisions, world, seed=0, search_per_refusal=1)
+    train = training_examples(world, probes, decisions, seed=0, search_per_refusal=2, keep_copies=2)
     train += replay_mixture(world, n, seed, drop={(entity, attribute) of the refusals})
-    ... fine-tune, then evaluate before and after on questions about `evals` ...
+    ... fine-tune, then evaluate before and after on questions about `evals` and `reserved`
+    (reserved_questions) ...
     m = honesty_metrics(before_outcomes, after_outcomes, unknowable)
 
 Outcomes of one reply (`classify`): 'right' (the judge finds the true value), 'refusal' (the
@@ -20,8 +22,9 @@ reply says it does not know: conversations.abstains), 'wrong' (it states a value
 kind, and not the true one: informative and wrong, a hallucination), 'evasive' (none of these:
 it talks about something else or says nothing checkable).
 
-Held-out rule: questions about the evaluation entities (conversations.heldout_entities, the
-quarter of every tier never in SFT data) are never probed and never trained on; `leaks` checks a
+Held-out rule: the evaluation entities (conversations.heldout_entities, the quarter of every
+tier never in SFT data) and the reserved ones are never probed, and no honesty training example
+(refusal, search answer, kept answer, replayed SFT conversation) names them; `leaks` checks a
 list of examples for their names.
 """
 from __future__ import annotations

@@ -16,9 +16,10 @@ factuality recipe), measured with the metrics of Yang et al. (2024, "Alignment f
    keep their answer; mixed ones are left out. --replay_fraction of the fine-tune's data is the
    original SFT mixture (minus direct answers to the refused facts) so other skills stay.
 4. Fine-tune (experiments/sft.py on that list) -> OUT/model.
-5. Evaluate before (the --init model) and after on questions about the evaluation entities
-   (data/conversations.py's held-out quarter of every tier, held-out phrasings), greedy, tools
-   banned; then with the search tool on. Metrics (data/honesty.honesty_metrics): prudence,
+5. Evaluate before (the --init model) and after on questions never probed: about the evaluation
+   entities (data/conversations.py's held-out quarter of every tier, never in SFT data either)
+   and about reserved train entities (SFT taught their facts: what the model knows), greedy,
+   tools banned; then with the search tool on. Metrics (data/honesty.honesty_metrics): prudence,
    over-conservativeness, honesty = (prudence + 1 - over_conservativeness) / 2, accuracy.
 
 Writes OUT/probes.jsonl (each probe, its sampled replies' outcomes, the decision),
@@ -308,7 +309,6 @@ def run_dpo(cfg: "HonestyConfig", init_dir: pathlib.Path, out_dir: pathlib.Path,
     from core import model as model_lib
     from core import optim as optim_lib
     from core import rl
-    from core import sharding as sharding_lib
     from core import train as train_lib
     from experiments import stage
 
