@@ -368,8 +368,9 @@ def report_section(summary: dict) -> str:
         f"search answers), {s['n_keep']} kept answers, {s['n_replay']} replayed SFT conversations; fine-tuned "
         f"{s['steps']} steps" + (f", then DPO {s['dpo']['step']} steps on {s['dpo']['n_pairs']} pairs (refusal over "
                                  f"a sampled wrong answer, kept answer over a refusal)" if s.get("dpo") else "")
-        + f". Evaluation: {s['n_eval']} greedy questions about entities never probed "
-        f"({s['n_heldout']} about entities the corpus never names), tools banned; then with search on.",
+        + f". Evaluation: {s['n_eval']} greedy questions about entities never probed: entities never in SFT data "
+        f"either (unmarked tier rows; {s['n_heldout']} questions about entities the corpus never names) and "
+        f"'reserved' entities whose facts SFT taught; tools banned, then with search on.",
         "",
         "| metric | before (SFT) | after (honesty) |",
         "|---|---|---|",
