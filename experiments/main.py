@@ -255,7 +255,7 @@ def run(cfg: MainConfig) -> dict:
             t = time.time()
             if begin(i, "honesty", f"honesty (small): probe, refusals, fine-tune, before/after -> {out / 'honesty'}"):
                 h = honesty.run(honesty.HonestyConfig(init=str(out / "sft"), out_dir=str(out / "honesty"),
-                                                      preset="small", seed=seed, mesh=mesh))
+                                                      preset="small", seed=seed, mesh=mesh, resume=cfg.resume))
                 finish("honesty", t, {"section": honesty.report_section(h)})
 
     total = sum(timings.values())
