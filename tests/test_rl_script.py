@@ -64,7 +64,8 @@ def _cfg(init, out, **kw):
 
     base = dict(init=str(init), out_dir=str(out), algo="grpo", tasks="short_math:n=40",
                 eval_tasks="short_math:split=heldout,n=4", group_size=4, prompts_per_step=2, max_new_tokens=12,
-                steps=4, eval_every=2, ckpt_every=2, log_every=1, pass_k=2, async_checkpoint=False, lr=1e-2)
+                steps=4, eval_every=2, ckpt_every=2, log_every=1, pass_k=2, async_checkpoint=False, lr=1e-2,
+                dynamic_sampling=None)  # the preset's (grpo: off), so every row trains
     base.update(kw)
     return rl.RLRunConfig(**base)
 
@@ -116,8 +117,8 @@ def test_resume_after_kill_is_identical(rl_run, sft_dir):
     out = sft_dir.parent / "rl_killed"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
                XLA_FLAGS="--xla_force_host_platform_device_count=8")  # the same mesh as this process
-    flags = [f"--{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-             if f.name not in ("out_dir", "debug_kill_at_step") and getattr(cfg, f.name) is not None]
+    flags = [f"--{f.name}={'none' if getattr(cfg, f.name) is None else getattr(cfg, f.name)}"
+             for f in dataclasses.fields(cfg) if f.name not in ("out_dir", "debug_kill_at_step")]
     proc = subprocess.run([sys.executable, "-m", "experiments.rl", *flags, f"--out_dir={out}",
                            "--debug_kill_at_step=3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr[-3000:]
