@@ -23,6 +23,8 @@ import time
 import numpy as np
 from absl import app, flags
 
+from experiments import common
+
 FLAGS = flags.FLAGS
 
 
@@ -123,4 +125,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(common.cli(main))

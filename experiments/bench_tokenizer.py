@@ -21,6 +21,8 @@ import time
 
 from absl import app, flags
 
+from experiments import common
+
 FLAGS = flags.FLAGS
 
 _SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -230,4 +232,4 @@ if __name__ == "__main__":
     _threads = str(flags.FLAGS.rust_threads)
     os.environ["RAYON_NUM_THREADS"] = _threads
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false" if _threads == "1" else "true")
-    app.run(main)
+    app.run(common.cli(main))

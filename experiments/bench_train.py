@@ -34,6 +34,8 @@ import time
 
 from absl import app, flags
 
+from experiments import common
+
 flags.DEFINE_string("preset", "tiny", "model preset (core.model.PRESETS); its family switches are kept")
 flags.DEFINE_integer("width", 512, "d_model (0 = the preset's)")
 flags.DEFINE_integer("depth", 4, "n_layers (0 = the preset's)")
@@ -437,4 +439,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(common.cli(main))
