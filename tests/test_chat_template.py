@@ -157,6 +157,21 @@ def write_tokenizer_files(d, hf, source: str, tokens: dict) -> dict:
     return config
 
 
+def write_random_qwen2(d):
+    """A random tiny Qwen2 checkpoint that transformers writes, with our test tokenizer and the
+    Qwen2.5 chat template (eos <|im_end|>): the HF path of SFT and RL tests starts from it."""
+    import torch
+
+    tok_hf = train_hf_tokenizer()
+    config = transformers.Qwen2Config(vocab_size=tok_hf.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                                      max_position_embeddings=256, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(d)
+    write_tokenizer_files(d, tok_hf, QWEN25, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    return d
+
+
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     """{name: (directory, transformers tokenizer, our tokenizer, our template)}."""

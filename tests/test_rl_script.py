@@ -164,14 +164,7 @@ def test_hf_qwen2_path(tmp_path):
     from experiments import common, rl
     from tests import test_chat_template as tct
 
-    tok_hf = tct.train_hf_tokenizer()
-    hf_dir = tmp_path / "qwen"
-    config = transformers.Qwen2Config(vocab_size=tok_hf.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
-                                      max_position_embeddings=256, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(hf_dir)
-    tct.write_tokenizer_files(hf_dir, tok_hf, tct.QWEN25, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    hf_dir = tct.write_random_qwen2(tmp_path / "qwen")
     out = tmp_path / "rl"
     summary = rl.run(_cfg(hf_dir, out, steps=2, eval_every=0, pass_k=0, export_hf=True, max_new_tokens=8),
                      train_tasks=_tasks(_odd_length), eval_tasks=_tasks(_odd_length, 2))

@@ -8,13 +8,10 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from core import chat as chat_lib
-from core import loss as loss_lib
 from core import model as model_lib
 from core import optim
 from core import sharding
@@ -213,19 +210,12 @@ def test_assistant_eval_on_the_sft_run(sft_run):
 def test_sft_from_a_hugging_face_checkpoint_in_its_own_template(tmp_path):
     """A random Qwen2 checkpoint written by transformers, fine-tuned on messages-jsonl data in its
     ChatML template: the run directory keeps the template and is chat-tuned."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
     from experiments import common, sft
     from tests import test_chat_template as tct
 
-    tok_hf = tct.train_hf_tokenizer()
-    hf_dir = tmp_path / "qwen"
-    config = transformers.Qwen2Config(vocab_size=tok_hf.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
-                                      max_position_embeddings=256, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(hf_dir)
-    tct.write_tokenizer_files(hf_dir, tok_hf, tct.QWEN25, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    hf_dir = tct.write_random_qwen2(tmp_path / "qwen")
     data = tmp_path / "chat.jsonl"
     rows = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"{w}!"}]}
             for w in ("hello", "there", "cat", "dog", "sun", "moon", "tea", "sea", "red", "blue", "one", "two")]
