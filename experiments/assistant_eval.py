@@ -226,17 +226,12 @@ def figures_json(figures: dict, base_figures: Optional[dict] = None) -> str:
 
 def world_of_run(out_dir):
     """The synthetic world a run (or the base run it was fine-tuned from) was trained on."""
-    import pathlib
-
     from data import readers
 
-    cfg = common.load_run_config(out_dir)
-    spec = cfg.get("world_data") or cfg.get("data")
-    if not (isinstance(spec, str) and spec.startswith("synthetic")) and cfg.get("base"):
-        return world_of_run(pathlib.Path(cfg["base"]))
-    if not (isinstance(spec, str) and spec.startswith("synthetic")):
-        raise ValueError(f"{out_dir}: not trained on the synthetic world (data={spec!r}); the assistant evaluation "
-                         f"needs its ground truth")
+    spec = common.world_spec(out_dir)
+    if spec is None:
+        raise ValueError(f"{out_dir}: not trained on the synthetic world; the assistant evaluation needs its "
+                         f"ground truth")
     return readers.open_source(spec).world
 
 

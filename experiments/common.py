@@ -374,6 +374,21 @@ def load_run_config(out_dir) -> dict:
     return load_json(path, "run config")
 
 
+def world_spec(run_dir) -> Optional[str]:
+    """The `synthetic:...` data spec of the world a run was trained on: its config.json's
+    world_data or data, else its base run's (config.json "base", followed down the chain);
+    None for runs on other data, Hugging Face checkpoints and directories without a config."""
+    run_dir = pathlib.Path(run_dir)
+    if is_hf_checkpoint(run_dir) or not (run_dir / RUN_CONFIG_FILE).is_file() and \
+            not (run_dir / LEGACY_RUN_CONFIG_FILE).is_file():
+        return None
+    cfg = load_run_config(run_dir)
+    spec = cfg.get("world_data") or cfg.get("data")
+    if isinstance(spec, str) and spec.startswith("synthetic"):
+        return spec
+    return world_spec(cfg["base"]) if cfg.get("base") else None
+
+
 def load_model_config(out_dir):
     """The ModelConfig a run was trained with (out_dir/model_config.json)."""
     out_dir = pathlib.Path(out_dir)

@@ -302,7 +302,7 @@ def run(cfg: RLRunConfig, *, train_tasks: Optional[Sequence] = None, eval_tasks:
         common.save_json(out_dir / common.MODEL_CONFIG_FILE, common.model_config_to_json(model_cfg))
         options.save_config(cfg, out_dir, stage="rl", template=template.name, base=str(init_dir.resolve()),
                             base_stage=loaded.stage, rl=dataclasses.asdict(rl_cfg), seq_len=seq_len,
-                            world_data=_world_data(init_dir))
+                            world_data=common.world_spec(init_dir))
         if not resuming:  # a killed run that never checkpointed left logs behind: start them over
             for name in (common.METRICS_FILE, common.EVALS_FILE, "samples.txt"):
                 (out_dir / name).unlink(missing_ok=True)
@@ -430,15 +430,6 @@ def run(cfg: RLRunConfig, *, train_tasks: Optional[Sequence] = None, eval_tasks:
                f"{100 * summary['heldout_strict_end']:.1f}%), mean length {summary['mean_len_start']:.1f} -> "
                f"{summary['mean_len_end']:.1f} tokens, {common.format_duration(summary['wall_s'])}")
     return summary
-
-
-def _world_data(init_dir: pathlib.Path) -> Optional[str]:
-    """The synthetic world the SFT run came from (so chat and evaluation find it), if any."""
-    try:
-        c = common.load_run_config(init_dir)
-    except (FileNotFoundError, ValueError):
-        return None
-    return c.get("world_data") or c.get("data")
 
 
 def export_hf(params, model_cfg, init_dir: pathlib.Path, path: pathlib.Path, tokenizer) -> None:

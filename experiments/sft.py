@@ -96,20 +96,15 @@ class SFTConfig:
 # ----------------------------------------------------------------------------- data
 
 
-def world_for(cfg: SFTConfig):
-    """The synthetic world the base model was pretrained on (from --init's config.json), or
-    --world's; None when neither names one."""
+def world_for(cfg: SFTConfig) -> tuple[Optional[str], object]:
+    """(spec, world): the synthetic world the base model was pretrained on (--world, else the
+    one --init's run records), or (None, None) when neither names one."""
     from data import readers
 
-    spec = cfg.world
-    if spec is None:
-        try:
-            spec = common.load_run_config(cfg.init).get("data")
-        except FileNotFoundError:
-            spec = None
+    spec = cfg.world or common.world_spec(cfg.init)
     if not spec or not str(spec).startswith("synthetic"):
-        return None
-    return getattr(readers.open_source(spec), "world", None)
+        return None, None
+    return spec, getattr(readers.open_source(spec), "world", None)
 
 
 def load_examples(cfg: SFTConfig, world) -> tuple[list, list]:
@@ -219,8 +214,9 @@ def run(cfg: SFTConfig, *, examples: Optional[list] = None, val_examples: Option
     seq_len = cfg.seq_len or model_cfg.max_seq_len
     if seq_len > model_cfg.max_seq_len:
         raise ValueError(f"--seq_len={seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
+    world_data, world = world_for(cfg)
     if examples is None:
-        examples, val_examples = load_examples(cfg, world_for(cfg))
+        examples, val_examples = load_examples(cfg, world)
     examples, dropped = fits(examples, template, seq_len + 1)
     val_examples, _ = fits(val_examples or [], template, seq_len + 1)
     if not examples:
@@ -236,10 +232,8 @@ def run(cfg: SFTConfig, *, examples: Optional[list] = None, val_examples: Option
         tokenizer.save(out_dir / common.TOKENIZER_FILE)
         copy_tokenizer_files(init_dir, out_dir)
         common.save_json(out_dir / common.MODEL_CONFIG_FILE, common.model_config_to_json(model_cfg))
-        world_spec = cfg.world or (common.load_run_config(init_dir).get("data")
-                                   if (init_dir / common.RUN_CONFIG_FILE).exists() else None)
         options.save_config(cfg, out_dir, stage="sft", template=template.name, base=str(init_dir.resolve()),
-                            base_stage=loaded.stage, world_data=world_spec, n_train=len(examples),
+                            base_stage=loaded.stage, world_data=world_data, n_train=len(examples),
                             tokenizer_sha256=common.tokenizer_sha256(tokenizer),
                             dropped_too_long=dropped)
 
@@ -272,7 +266,7 @@ def run(cfg: SFTConfig, *, examples: Optional[list] = None, val_examples: Option
             from experiments import assistant_eval
 
             replies = assistant_eval.generate_replies(state["params"], model_cfg, template, [p.prompt for p in probes],
-                                                      mesh=mesh, tools=assistant_eval.default_tools(world_for(cfg)),
+                                                      mesh=mesh, tools=assistant_eval.default_tools(world),
                                                       max_new_tokens=96)
             for ex, r in zip(probes, replies):
                 q = ex.prompt[-1]["content"]
