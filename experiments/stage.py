@@ -162,8 +162,6 @@ def train(step_fn, init: Callable[[], Any], abstract_state: Callable[[], Any], b
 
     try:
         with StopFlag() as stop:
-            hooks = loop.Hooks(restore=restore, log=log, tick=tick, evaluate=ev if evaluate else None,
-                               save=save, after_step=after_step, should_stop=stop)
             # The logs are cut back to the restored step before anything is appended.
             def restore_and_open():
                 found = restore()
@@ -176,7 +174,8 @@ def train(step_fn, init: Callable[[], Any], abstract_state: Callable[[], Any], b
                 progress.start_step = start
                 return found
 
-            hooks.restore = restore_and_open
+            hooks = loop.Hooks(restore=restore_and_open, log=log, tick=tick, evaluate=ev if evaluate else None,
+                               save=save, after_step=after_step, should_stop=stop)
             result = loop.run(step_fn, init, batches, loop_cfg, hooks,
                               prepare=lambda b: sharding_lib.shard_batch(b, mesh))
         mngr.wait_until_finished()
