@@ -122,6 +122,10 @@ PRESETS: dict[str, ModelConfig] = {
     # Laptop CPU in minutes; vocab_size is normally overridden by the tokenizer's.
     "tiny": ModelConfig(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, d_ff=512,
                         max_seq_len=256, smear_keys=True, remat="dots", **_MODERN),
+    # ~4.5x tiny's compute per token (d_model 256, 6 layers): the CPU size for the assistant
+    # rows tiny is too small for (see the README's SFT section for the size/time trade-off).
+    "mini": ModelConfig(vocab_size=4096, d_model=256, n_layers=6, n_heads=4, d_ff=1024,
+                        max_seq_len=256, smear_keys=True, remat="dots", **_MODERN),
     "gpt2-124m": ModelConfig(vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
                              max_seq_len=1024, norm="layernorm", mlp="gelu", pos="learned",
                              qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True),
