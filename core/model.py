@@ -287,6 +287,14 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) ->
     return {"k": k, "v": v, "lengths": jnp.zeros((batch,), jnp.int32)}
 
 
+def with_prefix(own: Cache, prefix: Cache) -> Cache:
+    """A cache whose B = N * G rows continue N shared prefixes, G rows each (row b continues
+    prefix b // G): `own` from `init_cache(cfg, B, S)` holds the rows' own tokens, `prefix` (N
+    rows, e.g. a prefilled prompt cache) is read by all G rows and stored once, so memory does
+    not grow with G for long prompts. Own tokens take positions prefix_len + own slot."""
+    return dict(own, prefix={"k": prefix["k"], "v": prefix["v"], "lengths": prefix["lengths"]})
+
+
 def cache_slots(cache: Cache) -> int:
     """S, the number of slots of a cache from `init_cache`."""
     return cache["v"][0].shape[2]
@@ -394,7 +402,36 @@ def _scatter_bits(buf, index, values):
     return jax.lax.bitcast_convert_type(bits, buf.dtype)
 
 
-def _cached_attention(q_bthe, k_btke, v_btke, ck_bkes, cv_bkse, slots_bt, smear_k, cfg: ModelConfig):
+def _group_rows(x_bkqx: jax.Array, n: int) -> jax.Array:
+    """[B, K, Q, X] -> [N, K, G*Q, X] with B = N*G: the G rows of a prefix become query rows of
+    one matmul against the prefix (one read of it per group, not per row)."""
+    b, kh, q, x = x_bkqx.shape
+    g = b // n
+    return x_bkqx.reshape(n, g, kh, q, x).transpose(0, 2, 1, 3, 4).reshape(n, kh, g * q, x)
+
+
+def _ungroup_rows(x_nkqx: jax.Array, g: int) -> jax.Array:
+    """Inverse of `_group_rows`: [N, K, G*Q, X] -> [N*G, K, Q, X]."""
+    n, kh, gq, x = x_nkqx.shape
+    q = gq // g
+    return x_nkqx.reshape(n, kh, g, q, x).transpose(0, 2, 1, 3, 4).reshape(n * g, kh, q, x)
+
+
+def _attend_dots(q_bkqe, ck_bkes, cv_bkse, acc):
+    """(scores fn, values fn) for one cache part: batched float32 dots, or for a bfloat16 cache
+    read by few query rows a multiply-and-reduce that XLA:CPU fuses with the upcast and streams
+    over S (its batched bfloat16 dots are ~10x slower than float32 ones; a long query block would
+    materialise [B, K, Q, E, S], so prefills upcast the cache once and use float32 dots)."""
+    if ck_bkes.dtype == jnp.bfloat16 and q_bkqe.shape[2] <= 8:
+        return (lambda: jnp.sum(q_bkqe.astype(acc)[..., None] * ck_bkes[:, :, None].astype(acc), axis=3),
+                lambda p_bkqs: jnp.sum(p_bkqs[..., None] * cv_bkse[:, :, None].astype(acc), axis=3))
+    ck, cv = ck_bkes.astype(acc), cv_bkse.astype(acc)
+    return (lambda: jnp.einsum("bkqe,bkes->bkqs", q_bkqe.astype(acc), ck),
+            lambda p_bkqs: jnp.einsum("bkqs,bkse->bkqe", p_bkqs, cv))
+
+
+def _cached_attention(q_bthe, k_btke, v_btke, ck_bkes, cv_bkse, slots_bt, smear_k, cfg: ModelConfig,
+                      prefix=None):
     """Writes T new raw keys / values at slots slots_bt [B, T] of one layer's cache, then attends
     every query to the cache slots up to its own. Returns (o_bthe, (ck_bkes, cv_bkse)).
 
@@ -403,6 +440,10 @@ def _cached_attention(q_bthe, k_btke, v_btke, ck_bkes, cv_bkse, slots_bt, smear_
     Smeared keys act on scores: q . ((1 - g) k_s + g k_{s-1}) = (1 - g) (q . k_s) + g (q . k_{s-1}),
     so the stored keys stay raw and only the [B, K, T*G, S] scores are shifted by one slot (slot
     0 has no predecessor: rows hold one document each, from slot 0).
+
+    prefix: None, or (pk_nkep, pv_npke, plen_n) of a shared prefix (see `with_prefix`): row b also
+    attends to slots < plen_n[b // G] of prefix row b // G, which precede its own slot 0 (whose
+    smearing predecessor is the prefix's last token). One softmax spans both parts.
     """
     b, t, h, e = q_bthe.shape
     kh = ck_bkes.shape[1]
@@ -415,39 +456,51 @@ def _cached_attention(q_bthe, k_btke, v_btke, ck_bkes, cv_bkse, slots_bt, smear_
     # Rank-4 batched matmuls with (b, k) leading: [B, K, T*G, E] x [B, K, E, S]. The same
     # contraction written as a rank-5 einsum ('btkge,bkes->bkgts') runs ~10x slower on XLA:CPU.
     q_bkqe = q_bthe.reshape(b, t, kh, g, e).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, e)
-    # A bfloat16 cache at decode (T = 1): multiply-and-reduce, which XLA:CPU fuses with the
-    # upcast and streams over S; its batched bfloat16 dots are ~10x slower than float32 ones.
-    # (Not for a long T: that would materialise [B, K, T*G, E, S].)
-    small_bf16 = ck_bkes.dtype == jnp.bfloat16 and t * g <= 8
-    # Other cases (float32, or a bfloat16 prefill) run float32 dots: one upcast copy of the
-    # layer's cache per prefill costs less than XLA:CPU's slow bfloat16 batched dots.
-    ck_dot, cv_dot = (ck_bkes, cv_bkse) if small_bf16 else (ck_bkes.astype(acc), cv_bkse.astype(acc))
-    if small_bf16:
-        s_bkqs = jnp.sum(q_bkqe.astype(acc)[..., None] * ck_dot[:, :, None].astype(acc), axis=3)
-    else:
-        s_bkqs = jnp.einsum("bkqe,bkes->bkqs", q_bkqe.astype(acc), ck_dot)
-    s_bkqs = s_bkqs * (1.0 / math.sqrt(cfg.e))
-    if smear_k is not None:
-        gate = jax.nn.sigmoid(smear_k.astype(acc))[None, :, None, None]
-        prev = jnp.pad(s_bkqs[..., :-1], [(0, 0)] * 3 + [(1, 0)])
-        s_bkqs = s_bkqs + gate * (prev - s_bkqs)
+    scores, values = _attend_dots(q_bkqe, ck_bkes, cv_bkse, acc)
+    scale = 1.0 / math.sqrt(cfg.e)
+    s_bkqs = scores() * scale
     n_slots = cv_bkse.shape[2]
     mask_bts = jnp.arange(n_slots, dtype=jnp.int32)[None, None, :] <= slots_bt[:, :, None]
-    s_bktgs = jnp.where(mask_bts[:, None, :, None], s_bkqs.reshape(b, kh, t, g, n_slots), -jnp.inf)
-    p_bkqs = jax.nn.softmax(s_bktgs, axis=-1).reshape(b, kh, t * g, n_slots)
-    if small_bf16:
-        o_bkqe = jnp.sum(p_bkqs[..., None] * cv_dot[:, :, None].astype(acc), axis=3)
+    gate = None if smear_k is None else jax.nn.sigmoid(smear_k.astype(acc))[None, :, None, None]
+    if prefix is None:
+        if gate is not None:
+            prev = jnp.pad(s_bkqs[..., :-1], [(0, 0)] * 3 + [(1, 0)])
+            s_bkqs = s_bkqs + gate * (prev - s_bkqs)
+        s_bktgs = jnp.where(mask_bts[:, None, :, None], s_bkqs.reshape(b, kh, t, g, n_slots), -jnp.inf)
+        p_bkqs = jax.nn.softmax(s_bktgs, axis=-1).reshape(b, kh, t * g, n_slots)
+        o_bkqe = values(p_bkqs)
     else:
-        o_bkqe = jnp.einsum("bkqs,bkse->bkqe", p_bkqs, cv_dot)
+        pk_nkep, pv_npke, plen_n = prefix
+        n, p_slots = pk_nkep.shape[0], pk_nkep.shape[3]
+        q_nkqe = _group_rows(q_bkqe, n)
+        p_scores, p_values = _attend_dots(q_nkqe, pk_nkep, pv_npke, acc)
+        sp_bkqp = _ungroup_rows(p_scores(), b // n) * scale
+        plen_b = jnp.repeat(plen_n, b // n)
+        if gate is not None:
+            last_bkq1 = jnp.take_along_axis(sp_bkqp, jnp.maximum(plen_b - 1, 0)[:, None, None, None], -1)
+            prev = jnp.concatenate([last_bkq1, s_bkqs[..., :-1]], -1)
+            s_bkqs = s_bkqs + gate * (prev - s_bkqs)
+            prev_p = jnp.pad(sp_bkqp[..., :-1], [(0, 0)] * 3 + [(1, 0)])
+            sp_bkqp = sp_bkqp + gate * (prev_p - sp_bkqp)
+        sp_bkqp = jnp.where((jnp.arange(p_slots)[None, :] < plen_b[:, None])[:, None, None, :], sp_bkqp, -jnp.inf)
+        s_bkqs = jnp.where(mask_bts[:, None, :, None], s_bkqs.reshape(b, kh, t, g, n_slots),
+                           -jnp.inf).reshape(b, kh, t * g, n_slots)
+        # One softmax over both parts without concatenating them: a shared max, two exp-sums.
+        m_bkq1 = jnp.maximum(sp_bkqp.max(-1, keepdims=True), s_bkqs.max(-1, keepdims=True))
+        ep_bkqp, es_bkqs = jnp.exp(sp_bkqp - m_bkq1), jnp.exp(s_bkqs - m_bkq1)
+        inv_bkq1 = 1.0 / (ep_bkqp.sum(-1, keepdims=True) + es_bkqs.sum(-1, keepdims=True))
+        o_bkqe = (values(es_bkqs * inv_bkq1)
+                  + _ungroup_rows(p_values(_group_rows(ep_bkqp * inv_bkq1, n)), b // n))
     o_btkge = o_bkqe.reshape(b, kh, t, g, e).transpose(0, 2, 1, 3, 4)
     return o_btkge.reshape(b, t, h, e).astype(q_bthe.dtype), (ck_bkes, cv_bkse)
 
 
-def _block(x_btd, lp, cfg: ModelConfig, cos_bte, sin_bte, mask_bts, kv_cache, slots_bt, has_prev_bs):
+def _block(x_btd, lp, cfg: ModelConfig, cos_bte, sin_bte, mask_bts, kv_cache, slots_bt, has_prev_bs,
+           prefix=None):
     """One transformer block. kv_cache is None or (k_bkes, v_bkse): this layer's cache; the new
     keys (before smearing) and values go to slots slots_bt [B, T] and the updated buffers are
     returned. has_prev_bs [B, T]: key t has a predecessor in its document (smear_keys; unused
-    with a cache)."""
+    with a cache). prefix: this layer's shared-prefix (k, v, lengths) or None (`with_prefix`)."""
     dt = cfg.dtype
     h = _norm(x_btd, lp["attn_norm"], cfg).astype(dt)
     a = lp["attn"]
@@ -463,7 +516,7 @@ def _block(x_btd, lp, cfg: ModelConfig, cos_bte, sin_bte, mask_bts, kv_cache, sl
     new_kv = None
     if kv_cache is not None:
         o, new_kv = _cached_attention(q, k, v, kv_cache[0], kv_cache[1], slots_bt,
-                                      a["smear"] if cfg.smear_keys else None, cfg)
+                                      a["smear"] if cfg.smear_keys else None, cfg, prefix)
     else:
         if cfg.smear_keys:
             k = _smear(k, a["smear"], has_prev_bs)
@@ -505,6 +558,9 @@ def forward_hidden(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *, po
         mask_bts = has_prev_bs = None
         if positions is None:
             positions = slots_bt
+            if "prefix" in cache:  # own slot 0 follows the prefix's last token
+                plen_n = cache["prefix"]["lengths"]
+                positions = slots_bt + jnp.repeat(plen_n, b // plen_n.shape[0])[:, None]
     else:
         slots_bt = None
         idx = jnp.arange(t, dtype=jnp.int32)
@@ -548,8 +604,10 @@ def forward_hidden(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *, po
     layers = params["layers"]
     for i in range(cfg.n_layers):
         lp = layers[i] if isinstance(layers, (list, tuple)) else jax.tree_util.tree_map(lambda w, i=i: w[i], layers)
-        x, (ks[i], vs[i]) = _block(x, lp, cfg, cos, sin, None, (ks[i], vs[i]), slots_bt, None)
-    new_cache = {"k": tuple(ks), "v": tuple(vs), "lengths": cache["lengths"] + t}
+        pre = cache.get("prefix")
+        pre = None if pre is None else (pre["k"][i], pre["v"][i], pre["lengths"])
+        x, (ks[i], vs[i]) = _block(x, lp, cfg, cos, sin, None, (ks[i], vs[i]), slots_bt, None, pre)
+    new_cache = dict(cache, k=tuple(ks), v=tuple(vs), lengths=cache["lengths"] + t)
     return _norm(x, params["final_norm"], cfg), new_cache
 
 
@@ -591,6 +649,7 @@ def forward(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *, positions
       cache: None, or a dict from `init_cache`. Row b's T new tokens are written at slots
         lengths[b] .. lengths[b]+T-1 and attend to all slots up to their own; the returned cache
         has lengths += T. After a right-padded prefill, set cache['lengths'] to the prompt lengths.
+        A cache from `with_prefix` also attends to each row's shared prefix first.
 
     Returns:
       (logits_btv float32 [B, T, V], new cache or None).

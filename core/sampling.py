@@ -3,18 +3,26 @@ sampling (greedy, temperature, top-k, top-p, min-p), per-row stop tokens and len
 log-probs, and tool calls spliced into the token stream.
 
 How a batch is generated:
-  1. Prompts are right-padded to a power-of-two length and prefilled in one forward pass into a
-     cache of `S` slots (a power of two >= longest prompt + max_new_tokens, at most
-     cfg.max_seq_len). With n_samples > 1 each prompt is prefilled once and its cache rows are
-     repeated, so the samples of one prompt share its prefill.
+  1. Prompts are right-padded to a power-of-two length P and prefilled, one forward pass per
+     batch of prompts, into a shared-prefix cache (model.with_prefix): each prompt's keys and
+     values are stored once, and its n_samples rows keep only their own generated tokens (a
+     power of two >= max_new_tokens slots). The samples of a prompt share its prefill and its
+     cache: memory does not grow with n_samples for long prompts, and attention reads the prompt
+     once per group (its rows are query rows of one matmul).
   2. A jitted `lax.while_loop` decodes one token per row per step. Rows that finish (a stop token
      or their length limit) stop writing; the loop ends when every row is finished.
-  3. Tools: when a row samples a tool's end token (e.g. `<|calculator_end|>`), it pauses. The loop
-     runs in chunks of steps; between chunks the host decodes the paused row's call, runs the
-     tool and writes `<|output_start|> output <|output_end|>` into that row's device-side forced
-     buffer. The next steps feed those tokens (not sampled: `sampled_mask` 0) before the row
-     samples again. Other rows keep decoding meanwhile. Without tools or streaming the whole
-     generation is one device call, so the host never syncs per token.
+  3. Continuous batching (max_rows): prompts wait in a queue; when every row of a prompt has
+     finished, the host takes its results and prefills the next prompt into its slot, so a
+     batch does not wait for its longest row. Each row samples with its own key (the call's key
+     folded with its prompt index, sample index and token count), so the tokens do not depend on
+     which slot, batch or step a row ran in.
+  4. Tools: when a row samples a tool's end token (e.g. `<|calculator_end|>`), it pauses. The loop
+     runs in chunks of steps; between chunks the host decodes the paused row's call and starts it
+     on a thread pool (tool_workers); other rows keep decoding while calls run. A finished call's
+     `<|output_start|> output <|output_end|>` goes into its row's device-side forced buffer. The
+     next steps feed those tokens (not sampled: `sampled_mask` 0) before the row samples again.
+     Without tools, streaming or a queue the whole generation is one device call, so the host
+     never syncs per token.
 
 Shapes avoid recompiles: prompt length, cache size, output buffer and batch of stop ids are
 bucketed; sampling knobs (temperature, top-p, min-p) are traced values, so only the greedy flag,
@@ -27,6 +35,7 @@ tempered and truncated distribution actually sampled from (0 for greedy and forc
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -140,8 +149,9 @@ class GenerateResult:
 # ----------------------------------------------------------------------------- sampling
 
 
-def _sample(logits_bv: jax.Array, key: jax.Array, knobs: jax.Array, static: tuple):
-    """Draws one token per row. Returns (tokens_b int32, sample_logprob_b float32).
+def _sample(logits_bv: jax.Array, keys_b: jax.Array, knobs: jax.Array, static: tuple):
+    """Draws one token per row, row b with its own PRNG key keys_b[b] (so a row's draw does not
+    depend on the other rows). Returns (tokens_b int32, sample_logprob_b float32).
 
     knobs: [temperature, top_p, min_p]; static: (greedy, top_k, use_top_p, use_min_p, banned ids).
     """
@@ -164,7 +174,7 @@ def _sample(logits_bv: jax.Array, key: jax.Array, knobs: jax.Array, static: tupl
         # p_i >= min_p * p_max  <=>  z_i - z_max >= log(min_p); renormalisation cancels.
         z_max = jnp.max(z_bv, -1, keepdims=True)
         z_bv = jnp.where(z_bv - z_max >= jnp.log(knobs[2]), z_bv, -jnp.inf)
-    choice_b = jax.random.categorical(key, z_bv, axis=-1)
+    choice_b = jax.vmap(lambda k, z: jax.random.categorical(k, z))(keys_b, z_bv)
     logp_b = jnp.take_along_axis(jax.nn.log_softmax(z_bv, -1), choice_b[:, None], -1)[:, 0]
     if idx_bk is not None:
         choice_b = jnp.take_along_axis(idx_bk, choice_b[:, None], -1)[:, 0]
@@ -176,7 +186,8 @@ def sample_logits(logits_bv: jax.Array, key: jax.Array, sampling_cfg: SamplingCo
 
     Returns (tokens_b int32 [B], logprob_b float32 [B] under the sampling distribution).
     """
-    return _sample_jit(logits_bv, key, sampling_cfg.knobs(), sampling_cfg.static())
+    keys_b = jax.random.split(key, logits_bv.shape[0])
+    return _sample_jit(logits_bv, keys_b, sampling_cfg.knobs(), sampling_cfg.static())
 
 
 _sample_jit = jax.jit(_sample, static_argnums=3)
@@ -211,7 +222,8 @@ def _constrain(state: State, mesh, cfg: model_lib.ModelConfig) -> State:
     kv = "tensor" if mesh.shape.get("tensor", 1) > 1 and cfg.k % mesh.shape["tensor"] == 0 else None
 
     def pin(path, x):
-        in_cache = getattr(path[0], "key", "") == "cache" and getattr(path[1], "key", "") in ("k", "v")
+        keys = [getattr(q, "key", None) for q in path]
+        in_cache = keys[0] == "cache" and ("k" in keys or "v" in keys)  # own or shared-prefix buffers
         if x.ndim == 0:
             spec = P()
         elif in_cache:
@@ -276,52 +288,80 @@ def decode_step(params: Params, cfg: model_lib.ModelConfig, cache, tokens_b: jax
     return new_cache, logits_b1v[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "n_samples", "n_rows", "mesh", "t_buf",
-                                             "q_buf"))
-def _prefill_state(params, tokens_bp, lengths_b, max_new_n, stop_ns, *, cfg, cache_len, n_samples,
-                   n_rows, mesh, t_buf, q_buf):
-    """Prefill of the unique prompts, repeated n_samples times, padded to n_rows; the loop state."""
-    cache, logits_bv = prefill(params, cfg, tokens_bp, lengths_b, cache_len)
-    n_real = tokens_bp.shape[0] * n_samples
-
-    def rows(x, axis=0):
-        x = jnp.repeat(x, n_samples, axis=axis) if n_samples > 1 else x
-        pad = [(0, 0)] * x.ndim
-        pad[axis] = (0, n_rows - n_real)
-        return jnp.pad(x, pad)
-
-    cache = {"k": tuple(rows(k) for k in cache["k"]), "v": tuple(rows(v) for v in cache["v"]),
-             "lengths": jnp.pad(jnp.repeat(cache["lengths"], n_samples), (0, n_rows - n_real),
-                                constant_values=1)}
-    real_n = jnp.arange(n_rows) < n_real
-    state = {
-        "cache": cache,
-        "logits": rows(logits_bv),
-        "tokens": jnp.zeros((n_rows, t_buf), jnp.int32),
-        "logprobs": jnp.zeros((n_rows, t_buf), jnp.float32),
-        "sample_logprobs": jnp.zeros((n_rows, t_buf), jnp.float32),
-        "sampled": jnp.zeros((n_rows, t_buf), jnp.int32),
-        "out_len": jnp.zeros((n_rows,), jnp.int32),
-        # Padding rows (for an even split over the mesh) start finished.
-        "done": ~real_n,
-        "reason": jnp.where(real_n, _RUNNING, _LENGTH).astype(jnp.int32),
-        "paused": jnp.zeros((n_rows,), bool),
-        "forced": jnp.zeros((n_rows, q_buf), jnp.int32),
-        "forced_n": jnp.zeros((n_rows,), jnp.int32),
-        "forced_pos": jnp.zeros((n_rows,), jnp.int32),
-        "max_new": max_new_n,
-        "stop_ids": stop_ns,
+def _empty_state(cfg: model_lib.ModelConfig, n_groups: int, g: int, p_len: int, t_buf: int, q_buf: int,
+                 n_stop: int) -> State:
+    """The loop state with every group slot empty (its rows finished): n_groups shared prompt
+    prefixes of p_len slots and n_groups * g rows whose own cache holds t_buf generated tokens
+    (tool outputs included). `_refill` puts prompts into slots."""
+    b = n_groups * g
+    prefix = dict(model_lib.init_cache(cfg, n_groups, p_len, dtype=cfg.dtype), lengths=jnp.ones((n_groups,), jnp.int32))
+    zeros = functools.partial(jnp.zeros, (b, t_buf))
+    return {
+        "cache": model_lib.with_prefix(model_lib.init_cache(cfg, b, t_buf, dtype=cfg.dtype), prefix),
+        "logits": jnp.zeros((b, cfg.vocab_size), jnp.float32),
+        "tokens": zeros(jnp.int32),
+        "logprobs": zeros(jnp.float32),
+        "sample_logprobs": zeros(jnp.float32),
+        "sampled": zeros(jnp.int32),
+        "out_len": jnp.zeros((b,), jnp.int32),
+        "done": jnp.ones((b,), bool),
+        "reason": jnp.full((b,), _LENGTH, jnp.int32),
+        "paused": jnp.zeros((b,), bool),
+        "forced": jnp.zeros((b, q_buf), jnp.int32),
+        "forced_n": jnp.zeros((b,), jnp.int32),
+        "forced_pos": jnp.zeros((b,), jnp.int32),
+        "max_new": jnp.ones((b,), jnp.int32),
+        "stop_ids": jnp.full((b, n_stop), -1, jnp.int32),
+        "row_key": jnp.zeros((b, 2), jnp.uint32),
         "step": jnp.zeros((), jnp.int32),
     }
-    return _constrain(state, mesh, cfg)
 
 
-def _decode_body(params, state: State, key, knobs, tool_end_ids, *, cfg, static, mesh) -> State:
+_empty_state_jit = jax.jit(_empty_state, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"), donate_argnums=(1,))
+def _refill(params, state: State, key, slot_r, prompt_r, tokens_rp, lengths_r, max_new_rg, stop_rgs, *, cfg, mesh):
+    """Prefills R prompts into group slots slot_r [R] (index n_groups = padding, dropped) and resets
+    their G rows to start sampling. Row (prompt p, sample j) draws with key fold_in(fold_in(key,
+    p), j) folded with its own token count, so its tokens do not depend on which slot or step it
+    runs in (continuous batching gives the same samples as one big batch)."""
+    n_groups = state["cache"]["prefix"]["lengths"].shape[0]
+    b = state["out_len"].shape[0]
+    g = b // n_groups
+    pcache, logits_rv = prefill(params, cfg, tokens_rp, lengths_r, tokens_rp.shape[1])
+    pre = state["cache"]["prefix"]
+
+    def put_n(buf, val):
+        return buf.at[slot_r].set(val.astype(buf.dtype), mode="drop")
+
+    prefix = {"k": tuple(put_n(o, n) for o, n in zip(pre["k"], pcache["k"])),
+              "v": tuple(put_n(o, n) for o, n in zip(pre["v"], pcache["v"])),
+              "lengths": put_n(pre["lengths"], lengths_r)}
+    rows = (slot_r[:, None] * g + jnp.arange(g, dtype=jnp.int32)[None, :]).reshape(-1)
+
+    def put_b(buf, val):
+        return buf.at[rows].set(jnp.asarray(val).astype(buf.dtype), mode="drop")
+
+    keys = jax.vmap(lambda p: jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(key, p), j))(
+        jnp.arange(g)))(prompt_r).reshape(-1, 2)
+    cache = dict(state["cache"], lengths=put_b(state["cache"]["lengths"], 0), prefix=prefix)
+    new = dict(state, cache=cache, logits=put_b(state["logits"], jnp.repeat(logits_rv, g, axis=0)),
+               out_len=put_b(state["out_len"], 0), done=put_b(state["done"], False),
+               reason=put_b(state["reason"], _RUNNING), paused=put_b(state["paused"], False),
+               forced_n=put_b(state["forced_n"], 0), forced_pos=put_b(state["forced_pos"], 0),
+               max_new=put_b(state["max_new"], max_new_rg.reshape(-1)),
+               stop_ids=put_b(state["stop_ids"], stop_rgs.reshape(rows.shape[0], -1)),
+               row_key=put_b(state["row_key"], keys))
+    return _constrain(new, mesh, cfg)
+
+
+def _decode_body(params, state: State, knobs, tool_end_ids, *, cfg, static, mesh) -> State:
     """One step for every row: pick a token (forced if queued, else sampled), record it, feed it."""
     n_rows, t_buf = state["tokens"].shape
     row_n = jnp.arange(n_rows)
-    step_key = jax.random.fold_in(key, state["step"])
-    sampled_tok, sample_lp = _sample(state["logits"], step_key, knobs, static)
+    keys_b = jax.vmap(jax.random.fold_in)(state["row_key"], state["out_len"])
+    sampled_tok, sample_lp = _sample(state["logits"], keys_b, knobs, static)
     has_forced = state["forced_pos"] < state["forced_n"]
     forced_tok = jnp.take_along_axis(
         state["forced"], jnp.minimum(state["forced_pos"], state["forced"].shape[1] - 1)[:, None], 1)[:, 0]
@@ -362,17 +402,20 @@ def _decode_body(params, state: State, key, knobs, tool_end_ids, *, cfg, static,
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "static", "mesh"), donate_argnums=(1,))
-def _decode_chunk(params, state: State, key, knobs, tool_end_ids, n_steps, *, cfg, static, mesh):
-    """Up to n_steps decode steps; stops early once no row is running (all finished or paused)."""
+def _decode_chunk(params, state: State, knobs, tool_end_ids, n_steps, watch_n, *, cfg, static, mesh):
+    """Up to n_steps decode steps; stops early once no row is running (all finished or paused), or
+    once every row of a group slot in watch_n [n_groups] has finished (to refill it)."""
     params = model_lib.split_layers(params)  # once per call, not per step
+    n_groups = watch_n.shape[0]
 
     def cond(carry):
         s, i = carry
-        return (i < n_steps) & jnp.any(~s["done"] & ~s["paused"])
+        group_done = s["done"].reshape(n_groups, -1).all(-1)
+        return (i < n_steps) & jnp.any(~s["done"] & ~s["paused"]) & ~jnp.any(watch_n & group_done)
 
     def body(carry):
         s, i = carry
-        return _decode_body(params, s, key, knobs, tool_end_ids, cfg=cfg, static=static, mesh=mesh), i + 1
+        return _decode_body(params, s, knobs, tool_end_ids, cfg=cfg, static=static, mesh=mesh), i + 1
 
     state, _ = jax.lax.while_loop(cond, body, (state, jnp.zeros((), jnp.int32)))
     return state
@@ -435,6 +478,9 @@ def generate(
     max_tool_output_tokens: int = 256,
     on_tokens: Optional[Callable[[list[list[int]]], None]] = None,
     on_tool_call: Optional[Callable[[int, dict], None]] = None,
+    max_rows: Optional[int] = None,
+    refill_rows: bool = True,
+    tool_workers: int = 8,
 ) -> GenerateResult:
     """Samples continuations of `prompts`, n_samples each.
 
@@ -460,6 +506,14 @@ def generate(
       max_tool_output_tokens: room for one tool output, delimiters included (longer is cut).
       on_tokens: called after every chunk with each row's new tokens (for streaming).
       on_tool_call: called as on_tool_call(row, call) when a tool has run, before the row resumes.
+      max_rows: rows decoded at once (default: all N * n_samples). With fewer, prompts wait in a
+        queue and enter the batch as earlier ones finish.
+      refill_rows: with max_rows, a prompt whose rows have all finished is replaced by the next
+        one at once (continuous batching); False runs batch after batch, each waiting for its
+        longest row. Each row samples with its own key (from `key`, its prompt and sample index),
+        so the tokens do not depend on max_rows or refilling.
+      tool_workers: tool calls run concurrently on a pool of this many threads; rows waiting on a
+        call pause while the other rows keep decoding.
 
     Returns:
       GenerateResult (see its docstring for shapes).
@@ -491,34 +545,58 @@ def generate(
     if need > cfg.max_seq_len:
         raise ValueError(f"generate: prompt + max_new_tokens = {need} tokens exceeds the model's "
                          f"max_seq_len={cfg.max_seq_len}; shorten the prompt or max_new_tokens")
-    cache_len = min(bucket(need), cfg.max_seq_len)
-    p_len = min(bucket(longest), cache_len)
+    # Prompt prefixes and generated tokens live in separate cache parts (model.with_prefix):
+    # p_len slots per prompt, stored once for its n_samples rows, and t_buf per row.
+    p_len = bucket(longest)
     t_max = max(max_new)
     t_buf = bucket(t_max)
     if max_tool_output_tokens < 3:
         raise ValueError(f"generate: max_tool_output_tokens must be >= 3 (two delimiters and text), "
                          f"got {max_tool_output_tokens}")
+    if max_rows is not None and max_rows < n_samples:
+        raise ValueError(f"generate: max_rows={max_rows} must be >= n_samples={n_samples} (one prompt's rows)")
+    if tool_workers < 1:
+        raise ValueError(f"generate: tool_workers must be >= 1, got {tool_workers}")
     # Same buffer with or without tools, so turning tools on does not recompile.
     q_buf = bucket(max_tool_output_tokens)
-    n_rows = -(-n_real // _batch_multiple(mesh)) * _batch_multiple(mesh)
+    mult = _batch_multiple(mesh)
+    n_groups = n_prompts if max_rows is None else max(1, min(n_prompts, max_rows // n_samples))
+    n_groups = -(-n_groups // mult) * mult
     # At least 2 rows (a finished padding row for a single prompt): XLA:CPU turns a one-row cache
     # scatter into a select + dynamic-update-slice that it does not do in place, copying every
     # layer's cache several times per decode step (batch-1 decode at context 1024 ~1.5x slower).
-    n_rows = max(n_rows, 2)
-
-    tokens_bp = np.zeros((n_prompts, p_len), np.int32)
-    for i, p in enumerate(prompts):
-        tokens_bp[i, : len(p)] = p
-    lengths_b = np.asarray([len(p) for p in prompts], np.int32)
-    max_new_n = np.ones((n_rows,), np.int32)
-    max_new_n[:n_real] = max_new
-    stop_ns = np.full((n_rows, bucket(max((len(s) for s in stops), default=1), 1)), -1, np.int32)
-    for r, s in enumerate(stops):
-        stop_ns[r, : len(s)] = list(s)
+    while n_groups * n_samples < 2:
+        n_groups += mult
+    n_stop = bucket(max((len(st) for st in stops), default=1), 1)
 
     t0 = time.perf_counter()
-    state = _prefill_state(params, tokens_bp, lengths_b, max_new_n, stop_ns, cfg=cfg, cache_len=cache_len,
-                           n_samples=n_samples, n_rows=n_rows, mesh=mesh, t_buf=t_buf, q_buf=q_buf)
+    state = _empty_state_jit(cfg, n_groups, n_samples, p_len, t_buf, q_buf, n_stop)
+    queue = list(range(n_prompts))[::-1]  # pop() takes the next prompt
+    slot_prompt = [-1] * n_groups  # prompt held by each group slot, -1 when empty
+
+    def refill(state, slots):
+        """Prefills the next prompts into the free group `slots` (a bucketed batch: few compiles)."""
+        take = [(sl, queue.pop()) for sl in slots if queue]
+        if not take:
+            return state
+        r = bucket(len(take), 1)
+        slot_r = np.full((r,), n_groups, np.int32)
+        prompt_r = np.zeros((r,), np.int32)
+        tokens_rp = np.zeros((r, p_len), np.int32)
+        lengths_r = np.ones((r,), np.int32)
+        max_new_rg = np.ones((r, n_samples), np.int32)
+        stop_rgs = np.full((r, n_samples, n_stop), -1, np.int32)
+        for i, (sl, pi) in enumerate(take):
+            slot_prompt[sl] = pi
+            slot_r[i], prompt_r[i], lengths_r[i] = sl, pi, len(prompts[pi])
+            tokens_rp[i, : len(prompts[pi])] = prompts[pi]
+            for j in range(n_samples):
+                max_new_rg[i, j] = max_new[pi * n_samples + j]
+                stop_rgs[i, j, : len(stops[pi * n_samples + j])] = list(stops[pi * n_samples + j])
+        return _refill(params, state, key, slot_r, prompt_r, tokens_rp, lengths_r, max_new_rg, stop_rgs,
+                       cfg=cfg, mesh=mesh)
+
+    state = refill(state, range(n_groups))
     jax.block_until_ready(state["logits"])
     t1 = time.perf_counter()
     tool_map = protocol.end_to_tool(tuple(tools)) if protocol is not None else {}
@@ -527,35 +605,74 @@ def generate(
     knobs = sampling_cfg.knobs()
     run = functools.partial(_decode_chunk, cfg=cfg, static=sampling_cfg.static(), mesh=mesh)
     tool_calls: list[list[dict]] = [[] for _ in range(n_real)]
-
-    if not tools and on_tokens is None:
-        state = run(params, state, key, knobs, tool_end_ids, jnp.int32(t_buf + 1))
-    else:
-        seen = np.zeros((n_real,), np.int64)
-        while True:
-            state = run(params, state, key, knobs, tool_end_ids, jnp.int32(chunk_size))
-            out_len, done, paused, toks = jax.device_get(
-                (state["out_len"], state["done"], state["paused"], state["tokens"]))
+    out = {"tokens": np.zeros((n_real, t_buf), np.int32), "logprobs": np.zeros((n_real, t_buf), np.float32),
+           "sample_logprobs": np.zeros((n_real, t_buf), np.float32), "sampled": np.zeros((n_real, t_buf), np.int32),
+           "out_len": np.zeros((n_real,), np.int32), "reason": np.zeros((n_real,), np.int32)}
+    seen = np.zeros((n_real,), np.int64)  # tokens already streamed per result row
+    host_work = bool(tools) or on_tokens is not None
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=tool_workers) if tools else None
+    pending: dict[int, concurrent.futures.Future] = {}  # device row -> running tool call
+    try:
+        while any(pi >= 0 for pi in slot_prompt):
+            # Watch the live slots only while prompts wait for one (refill=False: batch by batch).
+            watch = np.asarray([pi >= 0 and bool(queue) and refill_rows for pi in slot_prompt])
+            steps = chunk_size if host_work else t_buf + 1
+            state = run(params, state, knobs, tool_end_ids, jnp.int32(steps), jnp.asarray(watch))
+            out_len, done, paused = (np.asarray(x) for x in jax.device_get(
+                (state["out_len"], state["done"], state["paused"])))
+            group_done = done.reshape(n_groups, n_samples).all(-1)
+            finished = [sl for sl, pi in enumerate(slot_prompt) if pi >= 0 and group_done[sl]]
+            if not refill_rows and queue and any(pi >= 0 and not group_done[sl] for sl, pi in enumerate(slot_prompt)):
+                finished = []  # static batching: the whole batch finishes before the next one starts
+            toks = np.asarray(jax.device_get(state["tokens"])) if (host_work or finished) else None
             if on_tokens is not None:
-                on_tokens([toks[r, seen[r]: out_len[r]].tolist() for r in range(n_real)])
-                seen = out_len[:n_real].astype(np.int64)
-            waiting = [r for r in range(n_real) if paused[r] and not done[r]]
-            if waiting:
-                state = _serve_tools(state, waiting, toks, out_len, prompts, n_samples, tools, tool_map,
-                                     protocol, max_tool_output_tokens, tool_calls, on_tool_call)
-            elif done[:n_real].all():
-                break
-
-    out = jax.device_get({k: state[k] for k in ("tokens", "logprobs", "sample_logprobs", "sampled",
-                                                "out_len", "reason")})
+                new = [[] for _ in range(n_real)]
+                for row in range(n_groups * n_samples):
+                    pi = slot_prompt[row // n_samples]
+                    if pi >= 0:
+                        rr = pi * n_samples + row % n_samples
+                        new[rr] = toks[row, seen[rr]: out_len[row]].tolist()
+                        seen[rr] = out_len[row]
+                on_tokens(new)
+            if tools:
+                for row in np.flatnonzero(paused & ~done):
+                    if row not in pending:
+                        pending[int(row)] = _submit_tool(pool, toks[row, : out_len[row]].tolist(),
+                                                         prompts[slot_prompt[row // n_samples]], tools, tool_map, protocol)
+                ready = [row for row, f in pending.items() if f.done()]
+                if not ready and pending and not finished and not (~done & ~paused).any():
+                    # Every running row waits on a tool: block until the first call returns.
+                    concurrent.futures.wait(list(pending.values()), return_when=concurrent.futures.FIRST_COMPLETED)
+                    ready = [row for row, f in pending.items() if f.done()]
+                if ready:
+                    state = _serve_tools(state, {row: pending.pop(row).result() for row in ready}, max_tool_output_tokens,
+                                         protocol, slot_prompt, n_samples, out_len, tool_calls, on_tool_call)
+            if finished:
+                got = jax.device_get({k: state[k] for k in ("logprobs", "sample_logprobs", "sampled", "reason")})
+                got["tokens"], got["out_len"] = toks, out_len
+                # A refilled row's buffers keep its previous prompt's tail: padding is zeroed here.
+                past_end = np.arange(t_buf)[None, :] >= out_len[:, None]
+                for k in ("tokens", "logprobs", "sample_logprobs", "sampled"):
+                    got[k] = np.where(past_end, 0, got[k])
+                for sl in finished:
+                    pi = slot_prompt[sl]
+                    rows = slice(sl * n_samples, (sl + 1) * n_samples)
+                    res_rows = slice(pi * n_samples, (pi + 1) * n_samples)
+                    for k in out:
+                        out[k][res_rows] = got[k][rows]
+                    slot_prompt[sl] = -1
+                state = refill(state, finished)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
     t2 = time.perf_counter()
     return GenerateResult(
-        tokens=out["tokens"][:n_real, :t_max],
-        logprobs=out["logprobs"][:n_real, :t_max],
-        sample_logprobs=out["sample_logprobs"][:n_real, :t_max],
-        sampled_mask=out["sampled"][:n_real, :t_max],
-        lengths=out["out_len"][:n_real],
-        finish_reason=[FINISH_REASONS[int(c)] for c in out["reason"][:n_real]],
+        tokens=out["tokens"][:, :t_max],
+        logprobs=out["logprobs"][:, :t_max],
+        sample_logprobs=out["sample_logprobs"][:, :t_max],
+        sampled_mask=out["sampled"][:, :t_max],
+        lengths=out["out_len"],
+        finish_reason=[FINISH_REASONS[int(c)] for c in out["reason"]],
         prompt_index=np.arange(n_real, dtype=np.int32) // n_samples,
         tool_calls=tool_calls,
         prefill_s=t1 - t0,
@@ -563,27 +680,33 @@ def generate(
     )
 
 
-def _serve_tools(state, waiting, toks, out_len, prompts, n_samples, tools, tool_map, protocol, limit,
-                 tool_calls, on_tool_call) -> State:
-    """Runs the closed tool call of every paused row and queues its output as forced tokens."""
-    forced, forced_n, forced_pos, paused = jax.device_get(
-        (state["forced"], state["forced_n"], state["forced_pos"], state["paused"]))
-    forced, forced_n, forced_pos, paused = (np.array(a) for a in (forced, forced_n, forced_pos, paused))
-    for r in waiting:
-        gen = toks[r, : out_len[r]].tolist()
-        name, start_id = tool_map[gen[-1]]
-        # The call may have been opened in the prompt (a chat template can force the start token).
-        history = prompts[r // n_samples] + gen[:-1]
-        starts = [i for i, t in enumerate(history) if t == start_id]
-        src_ids = history[starts[-1] + 1:] if starts else []
-        src = protocol.tokenizer.decode(src_ids)
+def _submit_tool(pool, gen: list[int], prompt: list[int], tools, tool_map, protocol) -> concurrent.futures.Future:
+    """Starts the closed call at the end of `gen` on the pool; the future gives (position, call)."""
+    name, start_id = tool_map[gen[-1]]
+    # The call may have been opened in the prompt (a chat template can force the start token).
+    history = prompt + gen[:-1]
+    starts = [i for i, t in enumerate(history) if t == start_id]
+    src = protocol.tokenizer.decode(history[starts[-1] + 1:]) if starts else ""
+
+    def call():
         output = _run_tool(tools[name], src) if starts else f"error: no {name} call was opened"
-        out_ids = protocol.render_output(output, limit)
-        forced[r, : len(out_ids)] = out_ids
-        forced_n[r], forced_pos[r], paused[r] = len(out_ids), 0, False
-        call = {"name": name, "input": src, "output": output, "position": len(gen) - 1}
-        tool_calls[r].append(call)
+        return {"name": name, "input": src, "output": output, "position": len(gen) - 1}
+
+    return pool.submit(call)
+
+
+def _serve_tools(state, calls: dict[int, dict], limit, protocol, slot_prompt, n_samples, out_len, tool_calls,
+                 on_tool_call) -> State:
+    """Queues each returned call's output as forced tokens of its (paused) row, which resumes."""
+    forced, forced_n, forced_pos, paused = (np.array(a) for a in jax.device_get(
+        (state["forced"], state["forced_n"], state["forced_pos"], state["paused"])))
+    for row, call in sorted(calls.items()):
+        out_ids = protocol.render_output(call["output"], limit)
+        forced[row, : len(out_ids)] = out_ids
+        forced_n[row], forced_pos[row], paused[row] = len(out_ids), 0, False
+        rr = slot_prompt[row // n_samples] * n_samples + row % n_samples
+        tool_calls[rr].append(call)
         if on_tool_call is not None:
-            on_tool_call(r, call)
+            on_tool_call(rr, call)
     return dict(state, forced=jnp.asarray(forced), forced_n=jnp.asarray(forced_n),
                 forced_pos=jnp.asarray(forced_pos), paused=jnp.asarray(paused))

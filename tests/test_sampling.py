@@ -304,6 +304,88 @@ def test_tool_output_cut_to_budget_and_errors_reported(bigram):
     assert res.row_tokens(1) == C("bcd") + [EOT]
 
 
+def test_tool_calls_run_concurrently_and_other_rows_keep_decoding(bigram):
+    """Two rows call a tool that returns only once both calls are running (a barrier: a serial
+    engine would time out), while row 2 (no tool) must keep decoding: the first call also waits
+    until row 2 has streamed 6 tokens, which it can only do if the engine decodes around it."""
+    import threading
+
+    cfg, params = bigram
+    barrier = threading.Barrier(2, timeout=20)
+    progressed = threading.Event()
+    streamed = [0]
+
+    def on_tokens(new):
+        streamed[0] += len(new[2])
+        if streamed[0] >= 6:
+            progressed.set()
+
+    def slow_calculator(expr):
+        barrier.wait()  # raises BrokenBarrierError (an error output) if the calls ran one by one
+        return _calculator(expr) if progressed.wait(timeout=20) else "stalled"
+
+    res = sampling.generate(params, cfg, [C("Q"), C("Q"), C("1"), C("a")], GREEDY_20, jax.random.PRNGKey(0),
+                            tokenizer=TOK, tools={"calculator": slow_calculator}, chunk_size=2,
+                            tool_workers=2, on_tokens=on_tokens)
+    assert [c["output"] for r in (0, 1) for c in res.tool_calls[r]] == ["17", "17"]
+    assert res.row_tokens(2) == C("23456712345671234567")
+    with pytest.raises(ValueError, match="tool_workers"):
+        sampling.generate(params, cfg, [C("Q")], GREEDY_20, jax.random.PRNGKey(0), tokenizer=TOK,
+                          tools={"calculator": _calculator}, tool_workers=0)
+
+
+@pytest.mark.parametrize("refill_rows", [True, False])
+def test_continuous_batching_gives_the_same_samples(tiny, refill_rows):
+    """Six prompts, 2 samples each, lengths skewed by per-prompt caps, through 4 rows at a time:
+    every row's tokens and log-probs equal the all-at-once batch (per-row keys), with and
+    without refilling finished rows."""
+    cfg, params = tiny
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [9, 9], [3, 1, 4, 1, 5], [2]]
+    caps = [3, 12, 5, 2, 9, 4]
+    sc = sampling.SamplingConfig(temperature=1.0, max_new_tokens=12, stop_ids=(7,))
+    ref = sampling.generate(params, cfg, prompts, sc, jax.random.PRNGKey(11), n_samples=2, max_new_tokens=caps)
+    got = sampling.generate(params, cfg, prompts, sc, jax.random.PRNGKey(11), n_samples=2, max_new_tokens=caps,
+                            max_rows=4, refill_rows=refill_rows)
+    assert len({len(ref.row_tokens(r)) for r in range(12)}) > 2  # lengths really differ
+    for r in range(12):
+        assert got.row_tokens(r) == ref.row_tokens(r), r
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
+    np.testing.assert_allclose(got.sample_logprobs, ref.sample_logprobs, atol=1e-5)
+    assert got.finish_reason == ref.finish_reason
+    with pytest.raises(ValueError, match="max_rows"):
+        sampling.generate(params, cfg, prompts, sc, jax.random.PRNGKey(11), n_samples=2, max_rows=1)
+
+
+def test_samples_share_one_copy_of_the_prompt_cache(tiny):
+    """The G samples of a prompt read one stored prefix: the loop state's cache grows with G only
+    by the generated tokens' slots, not by G copies of a long prompt; and decoding against the
+    shared prefix equals the full forward (smeared keys included: the first generated key's
+    predecessor is the prompt's last token)."""
+    cfg, _ = tiny
+
+    def cache_bytes(g):
+        st = jax.eval_shape(lambda: sampling._empty_state(cfg, 2, g, 512, 16, 8, 1))
+        return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(st["cache"]))
+
+    per_row = cache_bytes(2) - cache_bytes(1)  # one more sample per prompt (2 prompts)
+    assert per_row * 512 < cache_bytes(1) * 16 * 2, (per_row, cache_bytes(1))
+    for smear in (False, True):
+        c = model_lib.ModelConfig(**{**cfg.__dict__, "smear_keys": smear})
+        params = jax.jit(model_lib.init_params, static_argnums=1)(jax.random.PRNGKey(3), c)
+        tokens_np = np.asarray([[1, 2, 3, 4, 5, 0, 0, 0], [6, 7, 8, 9, 10, 11, 12, 13]], np.int32)
+        plen = np.asarray([5, 8], np.int32)
+        pre, _ = sampling.prefill(params, c, jnp.asarray(tokens_np), jnp.asarray(plen), 8)
+        cache = model_lib.with_prefix(model_lib.init_cache(c, 6, 4), pre)
+        fed = np.random.default_rng(0).integers(1, 64, (6, 4)).astype(np.int32)
+        for t in range(4):
+            logits, cache = model_lib.forward(params, jnp.asarray(fed[:, t: t + 1]), c, cache=cache)
+            for b in range(6):
+                n = b // 3
+                seq = list(tokens_np[n, : plen[n]]) + list(fed[b, : t + 1])
+                np.testing.assert_allclose(np.asarray(logits[b, 0]), full_logits(params, c, [seq])[0, len(seq) - 1],
+                                           atol=2e-4, err_msg=f"smear={smear} row {b} step {t}")
+
+
 # ----------------------------------------------------------------------------- sharding
 
 
