@@ -228,7 +228,9 @@ class RolloutConfig:
     max_new_tokens: completion budget in tokens (tool outputs count); temperature: sampling
     temperature (the loss uses the same); seq_len: row length T + 1 (longest prompt +
     max_new_tokens at least); max_rounds: dynamic-sampling draws per step, at most;
-    score_chunk: rows per scoring call.
+    score_chunk: rows per scoring call; max_rows: rows the engine decodes at once (None = all
+    N * G; fewer: continuous batching, a finished prompt's slot takes the next prompt);
+    tool_workers: tool calls running concurrently.
     """
 
     n_prompts: int
@@ -238,6 +240,8 @@ class RolloutConfig:
     temperature: float = 1.0
     max_rounds: int = 3
     score_chunk: int = 64
+    max_rows: Optional[int] = None
+    tool_workers: int = 8
 
     def __post_init__(self):
         _check(self.n_prompts >= 1, f"prompts per step must be >= 1, got {self.n_prompts}")
@@ -246,6 +250,9 @@ class RolloutConfig:
         _check(self.temperature > 0, f"rollouts sample: temperature must be > 0, got {self.temperature}")
         _check(self.max_rounds >= 1, f"max_rounds must be >= 1, got {self.max_rounds}")
         _check(self.seq_len > self.max_new_tokens, f"seq_len {self.seq_len} leaves no room for a prompt")
+        _check(self.max_rows is None or self.max_rows >= self.group_size,
+               f"max_rows {self.max_rows} must hold one prompt's {self.group_size} samples")
+        _check(self.tool_workers >= 1, f"tool_workers must be >= 1, got {self.tool_workers}")
 
     @property
     def rows(self) -> int:
@@ -313,7 +320,8 @@ def collect(params, draw: Callable[[int], Sequence[Any]], key: jax.Array, *, mod
         _check(len(tasks) == n, f"the prompt stream gave {len(tasks)} prompts, expected {n}")
         prompts = render_prompts(template, tasks)
         res = sampling.generate(params, model_cfg, prompts, scfg, jax.random.fold_in(key, rounds), n_samples=g,
-                                tools=tools or None, template=template, mesh=mesh)
+                                tools=tools or None, template=template, mesh=mesh, max_rows=rcfg.max_rows,
+                                tool_workers=rcfg.tool_workers)
         rounds += 1
         prompts_drawn += n
         row_texts = [response_text(template, res.row_tokens(b)) for b in range(n * g)]

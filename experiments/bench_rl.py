@@ -16,6 +16,11 @@ steps, runs a block of --steps zipchat steps, so the contenders alternate in blo
 on the same cores. The first step of each (compilation, warm-up) is not timed. Reports the median
 seconds per step and the spread (min-max over timed steps) of each, then a JSON line with
 steps_per_s, trl_steps_per_s, speedup_vs_trl, rollout_tokens_per_s, train_tokens_per_s (ours).
+
+Continuous batching (engine only, after the RL steps): --cb_prompts prompts x G samples with
+skewed lengths through --cb_rows rows at a time, refilling finished rows vs batch after batch,
+alternated --cb_repeats times; JSON keys rollout_tokens_per_s_refill, rollout_tokens_per_s_no_refill,
+refill_speedup (median per-round ratio) and refill_speedup_spread.
 """
 from __future__ import annotations
 
@@ -40,6 +45,9 @@ flags.DEFINE_integer("vocab", 1024, "BPE vocabulary of the benchmark tokenizer")
 flags.DEFINE_integer("steps", 3, "timed steps per block")
 flags.DEFINE_integer("blocks", 3, "blocks per contender (alternating)")
 flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0 = the CPU count)")
+flags.DEFINE_integer("cb_prompts", 32, "continuous batching: prompts per rollout (G samples each)")
+flags.DEFINE_integer("cb_rows", 32, "continuous batching: rows decoded at once")
+flags.DEFINE_integer("cb_repeats", 3, "continuous batching: alternated rounds per contender")
 flags.DEFINE_string("out_dir", None, "where the checkpoint and TRL's output go (default: a temp dir)")
 FLAGS = flags.FLAGS
 
@@ -197,6 +205,36 @@ def run_trl(ckpt: pathlib.Path, out: pathlib.Path, n: int, g: int, completion: i
     return times
 
 
+def bench_refill(ours: "Ours", n_prompts: int, g: int, rows: int, completion: int, repeats: int) -> dict:
+    """Rollout tokens/s through `rows` rows at a time, with and without refilling finished rows,
+    on a skewed length distribution (per-prompt caps: most short, one in eight the full budget,
+    as RL replies are). Same prompts, keys and tokens for both (per-row keys); alternated rounds."""
+    import jax
+    import numpy as np
+
+    from core import sampling
+
+    prompts = ours.rollout.render_prompts(ours.template, ours.draw(n_prompts))
+    caps = [completion if i % 8 == 0 else max(2, completion // 8) for i in range(n_prompts)]
+    scfg = sampling.SamplingConfig(temperature=1.0, max_new_tokens=completion)  # no stop: lengths = caps
+
+    def once(refill: bool) -> float:
+        res = sampling.generate(ours.state["params"], ours.cfg, prompts, scfg, jax.random.PRNGKey(0), n_samples=g,
+                                max_new_tokens=caps, max_rows=rows, refill_rows=refill, mesh=ours.mesh)
+        return float(res.lengths.sum()) / res.decode_s
+
+    once(True), once(False)  # compile
+    tps = {True: [], False: []}
+    for _ in range(repeats):
+        for refill in (True, False):
+            tps[refill].append(once(refill))
+    ratios = [a / b for a, b in zip(tps[True], tps[False])]
+    return {"refill": tps[True], "no_refill": tps[False], "ratios": ratios,
+            "rollout_tokens_per_s_refill": statistics.median(tps[True]),
+            "rollout_tokens_per_s_no_refill": statistics.median(tps[False]),
+            "refill_speedup": statistics.median(ratios), "refill_speedup_spread": [min(ratios), max(ratios)]}
+
+
 def _fmt(ts: list[float]) -> str:
     return f"{statistics.median(ts):.3f} s (min {min(ts):.3f}, max {max(ts):.3f}, n={len(ts)})"
 
@@ -226,6 +264,7 @@ def main(argv):
             ours.step(timed=True)
 
     trl_times = run_trl(ckpt, out / "trl", n, g, c, lr, FLAGS.steps, FLAGS.blocks, our_block)
+    cb = bench_refill(ours, FLAGS.cb_prompts, g, FLAGS.cb_rows, c, FLAGS.cb_repeats)
     load1 = os.getloadavg()
     med, trl_med = statistics.median(ours.times), statistics.median(trl_times)
     rollout_tps = sum(ours.gen_tokens) / sum(ours.rollout_s)
@@ -237,12 +276,20 @@ def main(argv):
         print(f"| {name} | {v} |")
     print(f"\nspeedup {trl_med / med:.2f}x; ours: {rollout_tps:.0f} generated tokens/s in rollouts, {train_tps:.0f} "
           f"tokens/s in the update; load average {load0[0]:.1f} -> {load1[0]:.1f}\n")
+    print(f"continuous batching: {FLAGS.cb_prompts} prompts x G={g} through {FLAGS.cb_rows} rows, lengths skewed "
+          f"(1 in 8 prompts gets {c} tokens, the rest {max(2, c // 8)}):\n"
+          f"| rollout | generated tokens/s, median (min..max) |\n|---|---|\n"
+          f"| refilling finished rows | {cb['rollout_tokens_per_s_refill']:.0f} ({min(cb['refill']):.0f}..{max(cb['refill']):.0f}) |\n"
+          f"| batch after batch | {cb['rollout_tokens_per_s_no_refill']:.0f} ({min(cb['no_refill']):.0f}..{max(cb['no_refill']):.0f}) |\n"
+          f"refilling: {cb['refill_speedup']:.2f}x (per-round ratios {cb['refill_speedup_spread'][0]:.2f}.."
+          f"{cb['refill_speedup_spread'][1]:.2f})\n")
     print(json.dumps({"steps_per_s": 1 / med, "trl_steps_per_s": 1 / trl_med, "speedup_vs_trl": trl_med / med,
                       "rollout_tokens_per_s": rollout_tps, "train_tokens_per_s": train_tps,
                       "ours_step_s_min": min(ours.times), "ours_step_s_max": max(ours.times),
                       "trl_step_s_min": min(trl_times), "trl_step_s_max": max(trl_times),
                       "n": n, "g": g, "completion": c, "d_model": FLAGS.d_model, "n_layers": FLAGS.n_layers,
-                      "vocab": ours.cfg.vocab_size, "load_avg_start": load0[0], "load_avg_end": load1[0]}), flush=True)
+                      "vocab": ours.cfg.vocab_size, "load_avg_start": load0[0], "load_avg_end": load1[0],
+                      **{k: v for k, v in cb.items() if k not in ("refill", "no_refill", "ratios")}}), flush=True)
 
 
 if __name__ == "__main__":

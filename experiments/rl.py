@@ -67,6 +67,9 @@ class RLRunConfig:
     mu: int = _f(1, "inner iterations over each rollout batch (PPO epochs)")
     minibatch_size: int = _f(0, "rows per optimizer update, whole groups (0 = the whole rollout batch)")
     max_rounds: int = _f(2, "dynamic sampling: rollout rounds per step at most")
+    rollout_rows: int = _f(0, "rows the engine decodes at once (0 = all N * G; fewer: continuous batching, "
+                           "a prompt whose samples finished makes room for the next)")
+    tool_workers: int = _f(8, "tool calls that run concurrently during rollouts")
     lr: float = _f(2e-4, "learning rate (AdamW)")
     warmup_steps: int = _f(0, "linear warmup (updates)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -120,6 +123,10 @@ class RLRunConfig:
         for name in ("steps", "mu", "max_new_tokens", "log_every", "ckpt_every", "keep_checkpoints", "max_rounds"):
             need(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
         need(self.eval_every >= 0 and self.pass_k >= 0, "--eval_every and --pass_k must be >= 0")
+        need(self.rollout_rows == 0 or self.rollout_rows >= self.group_size,
+             f"--rollout_rows={self.rollout_rows} must be 0 (all) or hold one prompt's --group_size={self.group_size} "
+             f"samples")
+        need(self.tool_workers >= 1, f"--tool_workers must be >= 1, got {self.tool_workers}")
         need(self.temperature > 0, f"--temperature must be > 0 (rollouts sample), got {self.temperature}")
         need(self.lr >= 0, f"--lr must be >= 0, got {self.lr}")
         self.rl_config()  # knob errors now, naming the knob
@@ -285,7 +292,8 @@ def run(cfg: RLRunConfig, *, train_tasks: Optional[Sequence] = None, eval_tasks:
     seq_len = min(-(-seq_len // 8) * 8, model_cfg.max_seq_len)  # T+1, one shape for the whole run
     rcfg = rollout.RolloutConfig(n_prompts=cfg.prompts_per_step, group_size=cfg.group_size,
                                  max_new_tokens=cfg.max_new_tokens, seq_len=seq_len, temperature=cfg.temperature,
-                                 max_rounds=cfg.max_rounds)
+                                 max_rounds=cfg.max_rounds, max_rows=cfg.rollout_rows or None,
+                                 tool_workers=cfg.tool_workers)
     optimizer = optim_lib.make_optimizer(cfg.optim_config())
     fingerprint = {"model_config": common.model_config_to_json(model_cfg),
                    "run": {"init": str(init_dir.resolve()), "algo": cfg.algo, "rl": dataclasses.asdict(rl_cfg),
