@@ -166,8 +166,9 @@ def train(step_fn, init: Callable[[], Any], abstract_state: Callable[[], Any], b
             def restore_and_open():
                 found = restore()
                 start = found[0] if found else 0
-                common.truncate_jsonl(out_dir / common.METRICS_FILE, start)
-                common.truncate_jsonl(out_dir / common.EVALS_FILE, start)
+                if is_main:  # the one writer; another process's rewrite would orphan its open file
+                    common.truncate_jsonl(out_dir / common.METRICS_FILE, start)
+                    common.truncate_jsonl(out_dir / common.EVALS_FILE, start)
                 nonlocal metrics_log, evals_log
                 metrics_log = common.MetricsLogger(out_dir / common.METRICS_FILE, enabled=is_main)
                 evals_log = common.MetricsLogger(out_dir / common.EVALS_FILE, enabled=is_main)

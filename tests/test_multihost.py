@@ -5,8 +5,8 @@ The harness (reusable for every stage):
   `launch(job, config, n_processes, devices_per_process)` starts `python -m tests.test_multihost
   JOB SPEC` once per process and returns each process's result dict (process order). A job is a
   function in `JOBS`, config -> JSON-able dict, run inside an initialised process. Pretraining
-  and the cross-topology restore are here; SFT and an RL step are two more entries in JOBS
-  calling their stage's `run(Config(...))` (see `_pretrain_job`).
+  SFT and the cross-topology restore are jobs here (a stage's `run(Config(...))` as
+  a black box, see `_pretrain_job`).
 
 What is checked:
   - 2 processes x 4 devices give the same per-step losses and validation bits per byte as
@@ -170,6 +170,24 @@ def _pretrain_job(config: dict) -> dict:
             "val_bpb": [e["val_bpb"] for e in evals], "final_val_bpb": summary.get("val_bpb")}
 
 
+def _sft_job(config: dict) -> dict:
+    """experiments.sft.run as a black box from a pretraining run; returns its per-step losses.
+    config: SFTConfig fields, plus data_processes (emulated data sharding, 1 process only)."""
+    from jax.experimental import multihost_utils
+
+    from experiments import common
+    from experiments import sft
+
+    config = dict(config)
+    n = config.pop("data_processes", 1)
+    if n > 1:
+        _emulate_data_processes(n)
+    sft.run(sft.SFTConfig(**config))
+    multihost_utils.sync_global_devices("sft done")
+    recs = common.read_jsonl(pathlib.Path(config["out_dir"]) / common.METRICS_FILE)
+    return {"losses": [r["loss"] for r in recs], "steps": [r["step"] for r in recs]}
+
+
 def _restore_job(config: dict) -> dict:
     """Restores the params of the checkpoint in config['out_dir'] onto a mesh over all global
     devices; writes them (gathered) to config['npz'] from process 0. Then tries to restore this
@@ -200,7 +218,7 @@ def _restore_job(config: dict) -> dict:
 
 
 # The jobs a process can run; SFT and RL steps go here (config -> JSON-able result).
-JOBS: dict[str, Callable[[dict], dict]] = {"pretrain": _pretrain_job, "restore": _restore_job}
+JOBS: dict[str, Callable[[dict], dict]] = {"pretrain": _pretrain_job, "sft": _sft_job, "restore": _restore_job}
 
 
 # ----------------------------------------------------------------------------- tests
@@ -259,6 +277,21 @@ def test_each_process_reads_only_its_share(runs, tokenizer_path, tmp_path):
     plain = launch("pretrain", _pretrain_config(tmp_path / "plain", tokenizer_path, steps=2, eval_every=0), 1, 8,
                    tmp_path / "w", cache_dir=root / "jax_cache")
     assert not np.allclose(plain[0]["losses"][:1], one[0]["losses"][:1], rtol=1e-4)  # step 1: same init
+
+
+def test_sft_on_two_processes_like_one(runs):
+    """SFT from the pretraining run: packed, masked conversation rows split over 2 processes give
+    the losses of 1 process fed the same global batches."""
+    root, _, _ = runs
+    cfg = dict(init=str(root / "one"), n_conversations=200, val_conversations=8, seq_len=96, batch_size=8, steps=4,
+               eval_every=0, eval_samples=0, ckpt_every=4, log_every=1, warmup_steps=1, mesh=MESH,
+               async_checkpoint=False)
+    two = launch("sft", dict(cfg, out_dir=str(root / "sft_two")), 2, 4, root / "w_sft_two", cache_dir=root / "jax_cache")
+    one = launch("sft", dict(cfg, out_dir=str(root / "sft_one"), data_processes=2), 1, 8, root / "w_sft_one",
+                 cache_dir=root / "jax_cache")
+    assert one[0]["steps"] == [1, 2, 3, 4]
+    for r in two:
+        np.testing.assert_allclose(r["losses"], one[0]["losses"], rtol=2e-5, atol=0)
 
 
 def test_checkpoints_restore_across_process_counts(runs):
