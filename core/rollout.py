@@ -45,6 +45,7 @@ from core import loss as loss_lib
 from core import model as model_lib
 from core import rl as rl_lib
 from core import sampling
+from core import sharding as sharding_lib
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -211,7 +212,7 @@ def score_rows(scorer, params, rows: Mapping[str, np.ndarray], chunk: int, shard
         b = {k: rows[k][lo: lo + chunk] for k in MODEL_KEYS}
         if shard is not None:
             b = shard(b)
-        lp, en = jax.device_get(scorer(params, b))
+        lp, en = sharding_lib.to_host(scorer(params, b))
         logps.append(np.asarray(lp, np.float32))
         ents.append(np.asarray(en, np.float32))
     return np.concatenate(logps), np.concatenate(ents)

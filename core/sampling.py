@@ -317,7 +317,11 @@ def _empty_state(cfg: model_lib.ModelConfig, n_groups: int, g: int, p_len: int, 
     }
 
 
-_empty_state_jit = jax.jit(_empty_state, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
+def _new_state(cfg, n_groups, g, p_len, t_buf, q_buf, n_stop, mesh) -> State:
+    """`_empty_state` created on the devices it lives on (split over `mesh`, every process's share)."""
+    return _constrain(_empty_state(cfg, n_groups, g, p_len, t_buf, q_buf, n_stop), mesh, cfg)
+
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mesh"), donate_argnums=(1,))
@@ -570,7 +574,7 @@ def generate(
     n_stop = bucket(max((len(st) for st in stops), default=1), 1)
 
     t0 = time.perf_counter()
-    state = _empty_state_jit(cfg, n_groups, n_samples, p_len, t_buf, q_buf, n_stop)
+    state = _new_state(cfg, n_groups, n_samples, p_len, t_buf, q_buf, n_stop, mesh)
     queue = list(range(n_prompts))[::-1]  # pop() takes the next prompt
     slot_prompt = [-1] * n_groups  # prompt held by each group slot, -1 when empty
 
@@ -601,8 +605,8 @@ def generate(
     t1 = time.perf_counter()
     tool_map = protocol.end_to_tool(tuple(tools)) if protocol is not None else {}
     # Padded with -1 (never a token) to a fixed size: the tool set does not change shapes.
-    tool_end_ids = jnp.asarray(sorted(tool_map) + [-1] * (bucket(len(tool_map), 4) - len(tool_map)), jnp.int32)
-    knobs = sampling_cfg.knobs()
+    tool_end_ids = np.asarray(sorted(tool_map) + [-1] * (bucket(len(tool_map), 4) - len(tool_map)), np.int32)
+    knobs = np.asarray(sampling_cfg.knobs())
     run = functools.partial(_decode_chunk, cfg=cfg, static=sampling_cfg.static(), mesh=mesh)
     tool_calls: list[list[dict]] = [[] for _ in range(n_real)]
     out = {"tokens": np.zeros((n_real, t_buf), np.int32), "logprobs": np.zeros((n_real, t_buf), np.float32),
@@ -617,14 +621,13 @@ def generate(
             # Watch the live slots only while prompts wait for one (refill=False: batch by batch).
             watch = np.asarray([pi >= 0 and bool(queue) and refill_rows for pi in slot_prompt])
             steps = chunk_size if host_work else t_buf + 1
-            state = run(params, state, knobs, tool_end_ids, jnp.int32(steps), jnp.asarray(watch))
-            out_len, done, paused = (np.asarray(x) for x in jax.device_get(
-                (state["out_len"], state["done"], state["paused"])))
+            state = run(params, state, knobs, tool_end_ids, np.int32(steps), watch)
+            out_len, done, paused = sharding_lib.to_host((state["out_len"], state["done"], state["paused"]))
             group_done = done.reshape(n_groups, n_samples).all(-1)
             finished = [sl for sl, pi in enumerate(slot_prompt) if pi >= 0 and group_done[sl]]
             if not refill_rows and queue and any(pi >= 0 and not group_done[sl] for sl, pi in enumerate(slot_prompt)):
                 finished = []  # static batching: the whole batch finishes before the next one starts
-            toks = np.asarray(jax.device_get(state["tokens"])) if (host_work or finished) else None
+            toks = sharding_lib.to_host(state["tokens"]) if (host_work or finished) else None
             if on_tokens is not None:
                 new = [[] for _ in range(n_real)]
                 for row in range(n_groups * n_samples):
@@ -648,7 +651,7 @@ def generate(
                     state = _serve_tools(state, {row: pending.pop(row).result() for row in ready}, max_tool_output_tokens,
                                          protocol, slot_prompt, n_samples, out_len, tool_calls, on_tool_call)
             if finished:
-                got = jax.device_get({k: state[k] for k in ("logprobs", "sample_logprobs", "sampled", "reason")})
+                got = sharding_lib.to_host({k: state[k] for k in ("logprobs", "sample_logprobs", "sampled", "reason")})
                 got["tokens"], got["out_len"] = toks, out_len
                 # A refilled row's buffers keep its previous prompt's tail: padding is zeroed here.
                 past_end = np.arange(t_buf)[None, :] >= out_len[:, None]
@@ -698,7 +701,7 @@ def _submit_tool(pool, gen: list[int], prompt: list[int], tools, tool_map, proto
 def _serve_tools(state, calls: dict[int, dict], limit, protocol, slot_prompt, n_samples, out_len, tool_calls,
                  on_tool_call) -> State:
     """Queues each returned call's output as forced tokens of its (paused) row, which resumes."""
-    forced, forced_n, forced_pos, paused = (np.array(a) for a in jax.device_get(
+    forced, forced_n, forced_pos, paused = (np.array(a) for a in sharding_lib.to_host(
         (state["forced"], state["forced_n"], state["forced_pos"], state["paused"])))
     for row, call in sorted(calls.items()):
         out_ids = protocol.render_output(call["output"], limit)
@@ -708,5 +711,5 @@ def _serve_tools(state, calls: dict[int, dict], limit, protocol, slot_prompt, n_
         tool_calls[rr].append(call)
         if on_tool_call is not None:
             on_tool_call(rr, call)
-    return dict(state, forced=jnp.asarray(forced), forced_n=jnp.asarray(forced_n),
-                forced_pos=jnp.asarray(forced_pos), paused=jnp.asarray(paused))
+    # Host arrays (identical on every process): the next jitted call places them per the mesh.
+    return dict(state, forced=forced, forced_n=forced_n, forced_pos=forced_pos, paused=paused)

@@ -241,6 +241,22 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     return out
 
 
+def shard_global_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Host numpy batch that every process holds whole (e.g. an RL rollout batch, which all
+    processes assemble identically) -> global jax arrays split over data x fsdp; each process
+    places only the rows of its own devices. Single-process: the same as `shard_batch`."""
+    sharding = batch_sharding(mesh)
+    div = batch_divisor(mesh)
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        if v.shape[0] % div:
+            raise ValueError(f"batch['{k}'] has batch size {v.shape[0]}, not a multiple of data x fsdp = {div} "
+                             f"of the mesh {dict(mesh.shape)}")
+        out[k] = jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+    return out
+
+
 def initialize_distributed(enabled: bool, **kwargs) -> None:
     """Calls `jax.distributed.initialize(**kwargs)` when `enabled` (multi-host TPU/GPU runs);
     must run before anything touches jax devices. A no-op otherwise."""
@@ -253,3 +269,14 @@ def describe(shardings: Any) -> dict[str, str]:
     flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
     return {"/".join(str(getattr(k, "key", k)) for k in path): str(s.spec) for path, s in flat}
 
+
+def to_host(tree):
+    """Host numpy copies of (possibly sharded) device arrays. With several processes each holds
+    only its shards: they are gathered, so every process sees (and decides on) the whole batch,
+    as the engine's and the rollouts' host-side logic needs."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in leaves):
+        from jax.experimental import multihost_utils
+
+        return jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))

@@ -323,7 +323,8 @@ def run(cfg: RLRunConfig, *, train_tasks: Optional[Sequence] = None, eval_tasks:
     train_step = train_lib.make_train_step(model_cfg, optimizer, mesh, loss_fn)
     stream = PromptStream(len(train_tasks), cfg.seed)
     base_key = jax.random.PRNGKey(cfg.seed)
-    shard = functools.partial(sharding_lib.shard_batch, mesh=mesh)
+    # Every process holds the whole rollout batch (the engine gathers it): each places its rows.
+    shard = functools.partial(sharding_lib.shard_global_batch, mesh=mesh)
     n_params = model_lib.count_params(model_lib.param_shapes(model_cfg))
     peak, peak_desc = common.peak_flops_total(mesh.devices.flatten().tolist())
     progress = common.Progress(cfg.steps, cfg.rows * seq_len, model_lib.flops_per_token(model_cfg, seq_len), peak)
@@ -380,7 +381,7 @@ def run(cfg: RLRunConfig, *, train_tasks: Optional[Sequence] = None, eval_tasks:
             for batch in rollout.minibatches(roll.batch, cfg.group_size, mb, seed=(cfg.seed * 1_000_003 + step) * 131 + epoch):
                 state, m = train_step(state, shard(batch))
                 ms.append(m)
-        ms = [rl_lib.step_metrics(m, rl_cfg.loss_kwargs()["kl_coef"]) for m in jax.device_get(ms)]
+        ms = [rl_lib.step_metrics(m, rl_cfg.loss_kwargs()["kl_coef"]) for m in sharding_lib.to_host(ms)]
         train_s = time.perf_counter() - t0
         out = dict(roll.metrics)
         for k in ("loss", "pg_loss", "kl", "ratio_mean", "clip_frac_low", "clip_frac_high", "clip_frac",

@@ -188,6 +188,21 @@ def _sft_job(config: dict) -> dict:
     return {"losses": [r["loss"] for r in recs], "steps": [r["step"] for r in recs]}
 
 
+def _rl_job(config: dict) -> dict:
+    """experiments.rl.run as a black box from an SFT run: rollouts with the engine on the global
+    mesh, rewards, the GRPO update; returns its per-step losses and rewards."""
+    from jax.experimental import multihost_utils
+
+    from experiments import common
+    from experiments import rl
+
+    rl.run(rl.RLRunConfig(**config))
+    multihost_utils.sync_global_devices("rl done")
+    recs = common.read_jsonl(pathlib.Path(config["out_dir"]) / common.METRICS_FILE)
+    return {"losses": [r["loss"] for r in recs], "rewards": [r["reward_mean"] for r in recs],
+            "steps": [r["step"] for r in recs]}
+
+
 def _restore_job(config: dict) -> dict:
     """Restores the params of the checkpoint in config['out_dir'] onto a mesh over all global
     devices; writes them (gathered) to config['npz'] from process 0. Then tries to restore this
@@ -218,7 +233,8 @@ def _restore_job(config: dict) -> dict:
 
 
 # The jobs a process can run; SFT and RL steps go here (config -> JSON-able result).
-JOBS: dict[str, Callable[[dict], dict]] = {"pretrain": _pretrain_job, "sft": _sft_job, "restore": _restore_job}
+JOBS: dict[str, Callable[[dict], dict]] = {"pretrain": _pretrain_job, "sft": _sft_job, "rl": _rl_job,
+                                            "restore": _restore_job}
 
 
 # ----------------------------------------------------------------------------- tests
@@ -279,9 +295,9 @@ def test_each_process_reads_only_its_share(runs, tokenizer_path, tmp_path):
     assert not np.allclose(plain[0]["losses"][:1], one[0]["losses"][:1], rtol=1e-4)  # step 1: same init
 
 
-def test_sft_on_two_processes_like_one(runs):
-    """SFT from the pretraining run: packed, masked conversation rows split over 2 processes give
-    the losses of 1 process fed the same global batches."""
+@pytest.fixture(scope="module")
+def sft_runs(runs):
+    """SFT from the pretraining run on 2 processes and on 1 fed the same global batches."""
     root, _, _ = runs
     cfg = dict(init=str(root / "one"), n_conversations=200, val_conversations=8, seq_len=96, batch_size=8, steps=4,
                eval_every=0, eval_samples=0, ckpt_every=4, log_every=1, warmup_steps=1, mesh=MESH,
@@ -289,9 +305,30 @@ def test_sft_on_two_processes_like_one(runs):
     two = launch("sft", dict(cfg, out_dir=str(root / "sft_two")), 2, 4, root / "w_sft_two", cache_dir=root / "jax_cache")
     one = launch("sft", dict(cfg, out_dir=str(root / "sft_one"), data_processes=2), 1, 8, root / "w_sft_one",
                  cache_dir=root / "jax_cache")
+    return root, two, one
+
+
+def test_sft_on_two_processes_like_one(sft_runs):
+    """Packed, masked conversation rows split over 2 processes give the losses of 1 process."""
+    _, two, one = sft_runs
     assert one[0]["steps"] == [1, 2, 3, 4]
     for r in two:
         np.testing.assert_allclose(r["losses"], one[0]["losses"], rtol=2e-5, atol=0)
+
+
+def test_rl_steps_on_two_processes_like_one(sft_runs):
+    """Rollouts (the engine's state sharded over both processes' devices), rewards and GRPO
+    updates: 2 processes give 1 process's rewards and losses."""
+    root, _, _ = sft_runs
+    cfg = dict(init=str(root / "sft_one"), tasks="short_math:n=40", eval_tasks="short_math:split=heldout,n=4",
+               group_size=4, prompts_per_step=2, max_new_tokens=12, steps=2, eval_every=0, pass_k=0, ckpt_every=2,
+               log_every=1, mesh=MESH, async_checkpoint=False, lr=1e-2, dynamic_sampling=None)
+    two = launch("rl", dict(cfg, out_dir=str(root / "rl_two")), 2, 4, root / "w_rl_two", cache_dir=root / "jax_cache")
+    one = launch("rl", dict(cfg, out_dir=str(root / "rl_one")), 1, 8, root / "w_rl_one", cache_dir=root / "jax_cache")
+    assert one[0]["steps"] == [1, 2]
+    for r in two:
+        np.testing.assert_allclose(r["rewards"], one[0]["rewards"], rtol=1e-6)
+        np.testing.assert_allclose(r["losses"], one[0]["losses"], rtol=2e-5, atol=1e-7)
 
 
 def test_checkpoints_restore_across_process_counts(runs):
