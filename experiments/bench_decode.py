@@ -32,7 +32,8 @@ over the decoded tokens).
 Prints a table, then one JSON line with tokens_per_s_b1, tokens_per_s_b64 (at --headline_context),
 speedup_vs_nocache_512 (batch 1), speedup_vs_hf_b1 and speedup_vs_hf_b64 (median ratios; their
 min..max in *_spread), flops_fraction_b64, peak_gflops, the load averages, bf16 figures with
---bf16, plus every cell.
+--bf16, speedup_vs_hf_group (batch 64 as 64/G prompts x G samples at temperature 1, --group: our
+samples share one stored prompt cache, HF's num_return_sequences repeats it), plus every cell.
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ class BenchConfig:
     n_kv_heads: int = 2
     d_ff: int = 768
     seed: int = 0
+    group: int = 8
 
     def __post_init__(self):
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -84,6 +86,8 @@ class BenchConfig:
             raise ValueError(f"--arch must be llama or qwen2, got {self.arch!r}")
         if self.repeats < 1:
             raise ValueError(f"--repeats must be >= 1, got {self.repeats}")
+        if self.group < 1 or 64 % self.group:
+            raise ValueError(f"--group must divide 64 (batch 64 = 64/G prompts x G samples), got {self.group}")
 
     def model_config(self):
         from core import model as model_lib
@@ -102,15 +106,17 @@ def _prompts(rng, batch: int, length: int, vocab: int) -> list[list[int]]:
     return rng.integers(1, vocab, (batch, length)).tolist()
 
 
-def bench_kv_cache(params, cfg, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
-    """(decode tokens/s, generated tokens) of core.sampling.generate, greedy, no stop tokens."""
+def bench_kv_cache(params, cfg, prompts, new_tokens: int, n_samples: int = 1) -> tuple[float, list[list[int]]]:
+    """(decode tokens/s, generated tokens) of core.sampling.generate, no stop tokens: greedy, or
+    with n_samples > 1 sampled at temperature 1 (the samples share their prompt's cache)."""
     import jax
 
     from core import sampling
 
-    sc = sampling.SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)
-    res = sampling.generate(params, cfg, prompts, sc, jax.random.PRNGKey(0))
-    return len(prompts) * new_tokens / res.decode_s, [res.row_tokens(r) for r in range(len(prompts))]
+    sc = sampling.SamplingConfig(temperature=0.0 if n_samples == 1 else 1.0, max_new_tokens=new_tokens)
+    res = sampling.generate(params, cfg, prompts, sc, jax.random.PRNGKey(0), n_samples=n_samples)
+    rows = len(prompts) * n_samples
+    return rows * new_tokens / res.decode_s, [res.row_tokens(r) for r in range(rows)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,7 +171,7 @@ def load_hf(params, cfg, directory: str):
     return model.eval()
 
 
-def bench_hf(model, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
+def bench_hf(model, prompts, new_tokens: int, n_samples: int = 1) -> tuple[float, list[list[int]]]:
     """(decode tokens/s, generated tokens) of transformers' greedy `generate`, timed from the
     first generated token to the last (the prefill is excluded, as for our engine)."""
     import torch
@@ -184,13 +190,16 @@ def bench_hf(model, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
     ids = torch.tensor(prompts, dtype=torch.long)
     clock = Clock()
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None, streamer=clock)
+        # n_samples > 1: num_return_sequences repeats each prompt (and its cache) n_samples times.
+        sampled = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n_samples)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None, streamer=clock,
+                             **(sampled if n_samples > 1 else dict(do_sample=False)))
     # times[0]: the prompt is pushed; times[1]: first new token (after the prefill); times[-1]: last.
     if len(clock.times) != new_tokens + 1:
         raise RuntimeError(f"transformers streamer saw {len(clock.times)} pushes, expected {new_tokens + 1}")
     seconds = clock.times[-1] - clock.times[1]
-    return len(prompts) * (new_tokens - 1) / seconds, out[:, ids.shape[1]:].tolist()
+    return len(prompts) * n_samples * (new_tokens - 1) / seconds, out[:, ids.shape[1]:].tolist()
 
 
 def hf_logit_gap(params, cfg, model, tokens: list[int]) -> float:
@@ -390,6 +399,26 @@ def run(bc: BenchConfig) -> dict:
             common.say(f"{b:>5} {ctx:>7} | {_fmt(kv):>14} {_fmt(cell['bf16']):>10} {_fmt(nocache):>14} "
                        f"{_fmt(hf_tps):>10} | {(f'{kv / nocache:.1f}x' if nocache else '-'):>10} {xhf:>17} "
                        f"{('-' if same is None else f'{100 * same:.0f}%'):>11}")
+    group_cells = []
+    if bc.group > 1 and 64 in bc.batch_sizes:
+        # RL's shape: batch 64 as 64/G prompts x G samples. Ours stores each prompt's cache once;
+        # HF's num_return_sequences expands it G times.
+        for ctx in bc.contexts:
+            prompts = _prompts(rng, 64 // bc.group, ctx - bc.new_tokens, cfg.vocab_size)
+            contenders = {"kv_cache": lambda: bench_kv_cache(params, cfg, prompts, bc.new_tokens, bc.group)[0]}
+            contenders["kv_cache"]()  # compile
+            if hf_model is not None:
+                contenders["hf"] = lambda: bench_hf(hf_model, prompts, bc.new_tokens, bc.group)[0]
+            rounds = time_cell(contenders, bc.repeats)
+            ratios = [o / h for o, h in zip(rounds["kv_cache"], rounds.get("hf", []))]
+            group_cells.append({"batch": 64, "group": bc.group, "context": ctx, "kv_cache": _median(rounds["kv_cache"]),
+                                "hf": _median(rounds.get("hf", [])), "speedup_vs_hf": _median(ratios),
+                                "speedup_vs_hf_spread": _spread(ratios)})
+            xhf = "-" if not ratios else f"{_median(ratios):.2f} ({min(ratios):.2f}..{max(ratios):.2f})"
+            common.say(f"{f'{64 // bc.group}x{bc.group}':>5} {ctx:>7} | {_fmt(group_cells[-1]['kv_cache']):>14} "
+                       f"{'-':>10} {'-':>14} {_fmt(group_cells[-1]['hf']):>10} | {'-':>10} {xhf:>17} {'-':>11}")
+        common.say(f"(rows {64 // bc.group}x{bc.group}: {64 // bc.group} prompts x {bc.group} samples at temperature 1; "
+                   f"HF with num_return_sequences={bc.group})")
     if tmp is not None:
         tmp.cleanup()
     peaks.append(peak_matmul_flops())
@@ -422,6 +451,10 @@ def run(bc: BenchConfig) -> dict:
         "load_avg_start": load_start,
         "load_avg_end": load_end,
         "bf16_tokens_per_s_b64": pick(64, "bf16"),
+        "group": bc.group,
+        "speedup_vs_hf_group": next((c["speedup_vs_hf"] for c in group_cells if c["context"] == bc.headline_context),
+                                    None),
+        "group_cells": group_cells,
         **bf16,
         "cells": cells,
     }
@@ -460,6 +493,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("n_kv_heads", 2, "key/value heads")
     flags.DEFINE_integer("d_ff", 768, "MLP width")
     flags.DEFINE_integer("seed", 0, "seed for weights and prompts")
+    flags.DEFINE_integer("group", 8, "also time batch 64 as 64/G prompts x G samples (RL's shape) vs HF "
+                         "num_return_sequences (1 = skip)")
 
 
 def _ints(values, flag: str) -> tuple[int, ...]:
@@ -479,7 +514,7 @@ def main(argv):
                      headline_context=F.headline_context, hf=F.hf, hf_threads=F.hf_threads, repeats=F.repeats,
                      bf16=F.bf16, arch=F.arch,
                      vocab_size=F.vocab_size, d_model=F.d_model, n_layers=F.n_layers, n_heads=F.n_heads,
-                     n_kv_heads=F.n_kv_heads, d_ff=F.d_ff, seed=F.seed)
+                     n_kv_heads=F.n_kv_heads, d_ff=F.d_ff, seed=F.seed, group=F.group)
     t0 = time.time()
     summary = run(bc)
     summary["wall_s"] = round(time.time() - t0, 1)
