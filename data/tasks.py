@@ -109,6 +109,19 @@ def _math_reward(fmt: str, reward: str, format_weight: float):
 # ----------------------------------------------------------------------------- math
 
 
+def short_math_tasks(seed: int = 0, split: str = "train", n: int = 100, *, fmt: str = "answer",
+                     reward: str = "strict", format_weight: float = 0.0) -> list[TaskItem]:
+    """data/conversations.py's short two-step one-digit word problems (the SFT mixture's
+    `math_short` kind; split 'heldout' has templates and numbers never trained on), for RL on a
+    model small enough that the full synthetic_math problems are out of reach."""
+    from data import conversations as conv
+
+    fn = _math_reward(fmt, reward, format_weight)
+    return [TaskItem(f"short_math/{split}/{seed}/{i}", ({"role": "user", "content": p["question"]},), p["answer"], fn,
+                     {"source": "short_math", "split": split, "template": p["template"], "format": fmt})
+            for i, p in enumerate(conv.short_math_problems(seed, split, n))]
+
+
 def synthetic_math_tasks(seed: int, split: str = "train", n: int = 100, *, fmt: str = "answer",
                          reward: str = "strict", format_weight: float = 0.0,
                          instruction: Optional[str] = None) -> list[TaskItem]:
@@ -297,6 +310,7 @@ def open_tasks(spec: str) -> list[TaskItem]:
       'synthetic_math[:seed=0,split=train,n=100,fmt=answer,reward=strict]'
       'gsm8k:PATH[,split=train,n=,fmt=any,reward=strict]'
       'countdown[:seed=0,split=train,n=100,fmt=r1,use_all=0,max_number=99,max_target=100]'
+      'short_math[:seed=0,split=train|heldout,n=100,fmt=answer,reward=strict]'
     """
     name, _, rest = spec.partition(":")
     args = [a for a in rest.split(",") if a] if rest else []
@@ -321,10 +335,12 @@ def open_tasks(spec: str) -> list[TaskItem]:
     try:
         if name == "synthetic_math":
             return synthetic_math_tasks(**{"seed": 0, **kw})
+        if name == "short_math":
+            return short_math_tasks(**kw)
         if name == "gsm8k":
             return gsm8k_tasks(path, **kw)
         if name == "countdown":
             return countdown_tasks(**{"seed": 0, **kw})
     except TypeError as e:
         raise ValueError(f"task spec {spec!r}: {e}") from None
-    raise ValueError(f"unknown task source {name!r} in {spec!r}; choose synthetic_math, gsm8k or countdown")
+    raise ValueError(f"unknown task source {name!r} in {spec!r}; choose synthetic_math, short_math, gsm8k or countdown")

@@ -210,7 +210,6 @@ def bench_refill(ours: "Ours", n_prompts: int, g: int, rows: int, completion: in
     on a skewed length distribution (per-prompt caps: most short, one in eight the full budget,
     as RL replies are). Same prompts, keys and tokens for both (per-row keys); alternated rounds."""
     import jax
-    import numpy as np
 
     from core import sampling
 

@@ -17,9 +17,9 @@ step, loop, checkpoints and resume are SFT's (core/train.py, core/loop.py, exper
 ('none' = the preset's value). Each step: one rollout, then --mu passes over it in mini-batches of
 --minibatch_size rows (whole groups).
 
-Tasks (--tasks / --eval_tasks): data/tasks.py `open_tasks` specs (synthetic_math, gsm8k, countdown),
-plus `short_math[:seed=,split=train|heldout,n=]`, data/conversations.py's two-step one-digit word
-problems (the SFT mixture's math_short; held-out template and number triples in 'heldout').
+Tasks (--tasks / --eval_tasks): data/tasks.py `open_tasks` specs (synthetic_math, short_math,
+gsm8k, countdown); short_math is data/conversations.py's two-step one-digit word problems (the SFT
+mixture's math_short; held-out template and number triples in 'heldout').
 
 Evaluation on --eval_tasks at step 0 and every --eval_every steps: greedy pass@1 and sampled
 pass@k, strict (the required 'Answer: N' line) and lenient. Outputs in --out_dir: checkpoints,
@@ -54,8 +54,7 @@ class RLRunConfig:
     algo: str = _f("grpo", "core.rl preset: the loss / advantage / shaping knobs below default to it", choices=ALGOS)
     init: Optional[str] = _f(None, "the policy to start from: an SFT run directory or a Hugging Face checkpoint")
     out_dir: Optional[str] = _f(None, "run directory of the RL-trained model")
-    tasks: str = _f("synthetic_math:split=train,n=4000", "training prompts (data/tasks.py open_tasks spec, or "
-                    "short_math)")
+    tasks: str = _f("synthetic_math:split=train,n=4000", "training prompts (data/tasks.py open_tasks spec)")
     eval_tasks: str = _f("synthetic_math:split=test,n=128", "held-out prompts for evaluation (templates / numbers "
                          "never trained on)")
     group_size: int = _f(8, "G: samples per prompt")
@@ -158,38 +157,6 @@ class RLRunConfig:
 # ----------------------------------------------------------------------------- tasks
 
 
-def short_math_tasks(seed: int = 0, split: str = "train", n: int = 100, fmt: str = "answer") -> list:
-    """data/conversations.py's short two-step problems as RL task items ('Answer: N' line required
-    for strict accuracy; the reward pays strict accuracy)."""
-    from core import rewards
-    from data import conversations as conv
-    from data import tasks as tasks_lib
-
-    fn = functools.partial(rewards.score_math, fmt=fmt, reward="strict")
-    return [tasks_lib.TaskItem(f"short_math/{split}/{seed}/{i}", ({"role": "user", "content": p["question"]},),
-                               p["answer"], fn, {"source": "short_math", "split": split, "template": p["template"],
-                                                 "format": fmt})
-            for i, p in enumerate(conv.short_math_problems(seed, split, n))]
-
-
-def open_tasks(spec: str) -> list:
-    """data/tasks.py `open_tasks`, plus 'short_math[:seed=,split=,n=]'."""
-    from data import tasks as tasks_lib
-
-    name, _, rest = spec.partition(":")
-    if name != "short_math":
-        return tasks_lib.open_tasks(spec)
-    kw: dict[str, Any] = {}
-    for a in (x for x in rest.split(",") if x):
-        if "=" not in a:
-            raise ValueError(f"task spec {spec!r}: expected key=value, got {a!r}")
-        k, v = a.split("=", 1)
-        if k not in ("seed", "split", "n", "fmt"):
-            raise ValueError(f"task spec {spec!r}: unknown key {k!r} (seed, split, n, fmt)")
-        kw[k] = int(v) if k in ("seed", "n") else v
-    return short_math_tasks(**kw)
-
-
 class PromptStream:
     """The RL batch source: prompt order and the rollout RNG, resumable.
 
@@ -262,6 +229,7 @@ def run(cfg: RLRunConfig, *, train_tasks: Optional[Sequence] = None, eval_tasks:
     from core import rollout
     from core import sharding as sharding_lib
     from core import train as train_lib
+    from data import tasks as tasks_lib
 
     t_start = time.time()
     out_dir = pathlib.Path(cfg.out_dir)
@@ -280,8 +248,8 @@ def run(cfg: RLRunConfig, *, train_tasks: Optional[Sequence] = None, eval_tasks:
         raise ValueError(f"--init={init_dir}: its tokenizer has no chat template; RL samples assistant replies")
     rollout.check_template(template)
     tools = make_tools(cfg.tools) if template.tools is not None else {}
-    train_tasks = list(train_tasks) if train_tasks is not None else open_tasks(cfg.tasks)
-    eval_tasks = list(eval_tasks) if eval_tasks is not None else open_tasks(cfg.eval_tasks)
+    train_tasks = list(train_tasks) if train_tasks is not None else tasks_lib.open_tasks(cfg.tasks)
+    eval_tasks = list(eval_tasks) if eval_tasks is not None else tasks_lib.open_tasks(cfg.eval_tasks)
     if not train_tasks or not eval_tasks:
         raise ValueError("--tasks and --eval_tasks must each give at least one prompt")
     longest = max(len(p) for p in rollout.render_prompts(template, list(train_tasks) + list(eval_tasks)))

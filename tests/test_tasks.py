@@ -94,6 +94,9 @@ def test_gsm8k_tasks(shared_data):
 
 def test_open_tasks_and_errors(tmp_path):
     assert len(tasks.open_tasks("synthetic_math:seed=2,split=test,n=5")) == 5
+    short = tasks.open_tasks("short_math:split=heldout,n=4")
+    assert [t.id for t in short] == [f"short_math/heldout/0/{i}" for i in range(4)]
+    assert short[0].score(f"Answer: {short[0].answer}").strict and not short[0].score("Answer: -1").strict
     cd = tasks.open_tasks("countdown:n=3,use_all=1,fmt=any")
     assert len(cd) == 3 and cd[0].info["use_all"] and cd[0].info["format"] == "any"
     with pytest.raises(ValueError, match="unknown task source"):
