@@ -320,14 +320,22 @@ def test_tool_calls_run_concurrently_and_other_rows_keep_decoding(bigram):
         if streamed[0] >= 6:
             progressed.set()
 
+    lock, arrivals = threading.Lock(), []
+
     def slow_calculator(expr):
+        with lock:
+            arrivals.append(expr)
+            nth = len(arrivals)  # the two calls get different outputs: 17 and 18
         barrier.wait()  # raises BrokenBarrierError (an error output) if the calls ran one by one
-        return _calculator(expr) if progressed.wait(timeout=20) else "stalled"
+        return str(int(_calculator(expr)) + nth - 1) if progressed.wait(timeout=20) else "stalled"
 
     res = sampling.generate(params, cfg, [C("Q"), C("Q"), C("1"), C("a")], GREEDY_20, jax.random.PRNGKey(0),
                             tokenizer=TOK, tools={"calculator": slow_calculator}, chunk_size=2,
                             tool_workers=2, on_tokens=on_tokens)
-    assert [c["output"] for r in (0, 1) for c in res.tool_calls[r]] == ["17", "17"]
+    assert sorted(c["output"] for r in (0, 1) for c in res.tool_calls[r]) == ["17", "18"]
+    for r in (0, 1):  # each row is fed the output of its own call
+        (call,) = res.tool_calls[r]
+        assert res.row_tokens(r)[5:9] == [OUT, *C(call["output"]), OUT_END], TOK.decode(res.row_tokens(r))
     assert res.row_tokens(2) == C("23456712345671234567")
     with pytest.raises(ValueError, match="tool_workers"):
         sampling.generate(params, cfg, [C("Q")], GREEDY_20, jax.random.PRNGKey(0), tokenizer=TOK,
