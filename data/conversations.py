@@ -708,19 +708,27 @@ def _ordinal(n: int) -> str:
     return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
+# Train phrasings quote the word or not, spell numbers as ordinals or digits, so that the held-out
+# phrasings (never trained on) test paraphrase, not an unseen surface form.
 _LETTER_QUESTIONS = {
     "count_letters": {"train": ('How many times does the letter "{l}" appear in "{w}"?',
                                 'How many "{l}" are in the word "{w}"?', 'Count the letter "{l}" in "{w}".',
-                                'How often does "{l}" occur in "{w}"?'),
+                                'How often does "{l}" occur in "{w}"?', "How many {l}s does {w} have?",
+                                "Count how many {l} letters the word {w} contains.",
+                                "What is the number of {l} in {w}?", "In {w}, how often does the letter {l} appear?"),
                       "heldout": ("How many {l} in {w}?", 'In the word "{w}", how many times is there a "{l}"?')},
-    "spell": {"train": ('Spell the word "{w}".', 'How do you spell "{w}"?', 'Spell "{w}" letter by letter.'),
+    "spell": {"train": ('Spell the word "{w}".', 'How do you spell "{w}"?', 'Spell "{w}" letter by letter.',
+                        "Spell {w}.", "How is {w} spelled?"),
               "heldout": ("Can you spell {w} for me?",)},
     "nth_letter": {"train": ('What is the {nth} letter of "{w}"?', 'Which letter is {nth} in the word "{w}"?',
-                             'Tell me the {nth} letter of "{w}".'),
+                             'Tell me the {nth} letter of "{w}".', "Which letter is at position {n} in {w}?",
+                             "What is letter {n} of the word {w}?"),
                    "heldout": ("What's letter number {n} in {w}?",)},
-    "reverse": {"train": ('Spell "{w}" backwards.', 'What is "{w}" reversed?', 'Write "{w}" backwards.'),
+    "reverse": {"train": ('Spell "{w}" backwards.', 'What is "{w}" reversed?', 'Write "{w}" backwards.',
+                          "Write {w} in reverse.", "What is {w} spelled backwards?"),
                 "heldout": ("Reverse the word {w}.",)},
-    "length": {"train": ('How many letters are in "{w}"?', 'How long is the word "{w}"?'),
+    "length": {"train": ('How many letters are in "{w}"?', 'How long is the word "{w}"?',
+                         "How many letters does {w} have?", "What is the length of the word {w}?"),
                "heldout": ("Count the letters of {w}.",)},
 }
 

@@ -169,8 +169,8 @@ def test_heldout_numbers_and_words_never_appear_in_train(mixture, heldout_sets, 
         if e.kind == "math":
             assert e.meta["template"] in synthetic.MATH_TRAIN_TEMPLATES
         if e.kind in C._LETTER_QUESTIONS:
-            quoted = re.findall(r'"([a-z]{3,})"', question)
-            assert quoted and not set(quoted) & C.HELDOUT_WORDS, question
+            words = set(re.findall(r"[a-z]{3,}", question))
+            assert e.meta["word"] in words and not words & C.HELDOUT_WORDS, question
         if e.kind == "preset":
             for m in e.messages:
                 if m["role"] == "user":
