@@ -499,7 +499,8 @@ def generate(
         the tool's end token pauses; the text since its start token runs through fn and
         `output_start output output_end` is fed to that row (sampled_mask 0). The tokens are the
         template's tool protocol (core.chat.ToolProtocol).
-      tokenizer: with tools and no template: zipchat's tool tokens are taken from it.
+      tokenizer: with tools and no template: zipchat's tool tokens are taken from it. With a
+        template or tokenizer, ids past its vocabulary (a padded embedding table) are never sampled.
       template: a core.chat.ChatTemplate whose tool protocol (and tokenizer) tools use.
       max_new_tokens: per-prompt or per-row caps (default sampling_cfg.max_new_tokens).
       stop_ids: per-prompt or per-row stop-id lists, replacing sampling_cfg.stop_ids.
@@ -533,6 +534,13 @@ def generate(
         if min(p) < 0 or max(p) >= cfg.vocab_size:
             raise ValueError(f"generate: prompt {i} has ids outside [0, {cfg.vocab_size})")
     protocol = _tool_protocol(tools, tokenizer, template)
+    tok = template.tokenizer if template is not None else tokenizer
+    n_tok = getattr(tok, "vocab_size", None)
+    if isinstance(n_tok, int) and 0 < n_tok < cfg.vocab_size:
+        # A padded embedding table (Qwen2.5: 151,936 rows for 151,665 tokens): rows past the
+        # tokenizer are never sampled, since nothing could decode them.
+        sampling_cfg = dataclasses.replace(
+            sampling_cfg, banned_ids=tuple(sorted(set(sampling_cfg.banned_ids) | set(range(n_tok, cfg.vocab_size)))))
     if chunk_size < 1:
         raise ValueError(f"generate: chunk_size must be >= 1, got {chunk_size}")
     n_prompts = len(prompts)

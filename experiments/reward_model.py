@@ -390,8 +390,9 @@ def run(cfg: RewardModelConfig, *, comparisons=None, val_comparisons=None, loade
     if is_main:
         np.savez(out_dir / HEAD_FILE, w=np.asarray(head["w"]), b=np.asarray(head["b"]))
     evs = common.read_jsonl(out_dir / common.EVALS_FILE)
-    summary = {"val_pair_acc": evs[-1]["val_pair_acc"] if evs else None,
-               "val_gold_pair_acc": evs[-1]["val_gold_pair_acc"] if evs else None,
+    # float(): a NaN (no held-out pair with distinct gold scores) is stored in JSON as "nan".
+    summary = {"val_pair_acc": float(evs[-1]["val_pair_acc"]) if evs else None,
+               "val_gold_pair_acc": float(evs[-1]["val_gold_pair_acc"]) if evs else None,
                "label_gold_agreement": prefs.label_agreement(comparisons), "n_comparisons": n,
                "n_pairs": n * cfg.k * (cfg.k - 1) // 2, "reference_mean_before_shift": mean_ref,
                "steps": result.step, "wall_s": time.time() - t_start, "out_dir": str(out_dir),

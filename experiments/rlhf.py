@@ -627,8 +627,8 @@ def run(cfg: RLHFConfig) -> dict:
                                               world=world)
         else:
             evs = common.read_jsonl(d / common.EVALS_FILE)
-            rm_summaries[str(size)] = {"val_pair_acc": evs[-1]["val_pair_acc"],
-                                       "val_gold_pair_acc": evs[-1]["val_gold_pair_acc"]}
+            rm_summaries[str(size)] = {"val_pair_acc": float(evs[-1]["val_pair_acc"]),  # "nan" in JSON -> NaN
+                                       "val_gold_pair_acc": float(evs[-1]["val_gold_pair_acc"])}
         rm_params[size] = rmx.load_reward_model(d, mesh=mesh).params
     main_size = max(cfg.sizes)
     seq_len = row_len(template, world, cfg.max_new_tokens, model_cfg)

@@ -170,7 +170,9 @@ def test_reward_model_run_directory_and_shifted_head(rlhf_run):
     r = rmx.score_responses(rmx.make_reward_fn(rm.cfg), rm.params, prompts, responses, rm.seq_len)
     assert abs(r.mean()) < 1e-4 and r.std() > 0
     acc = summary["reward_models"]["16"]
-    assert 0 <= acc["val_pair_acc"] <= 1 and 0 <= acc["val_gold_pair_acc"] <= 1
+    # NaN when no held-out pair has distinct gold scores (the micro model's 8-token replies often tie).
+    assert 0 <= acc["val_pair_acc"] <= 1
+    assert math.isnan(acc["val_gold_pair_acc"]) or 0 <= acc["val_gold_pair_acc"] <= 1
 
 
 def test_rlhf_summary_plot_and_report(rlhf_run):

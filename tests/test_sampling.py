@@ -281,6 +281,17 @@ def test_calculator_output_spliced_into_one_row(bigram):
     assert res.row_tokens(0) == C("bcd") + [EOT] and res.row_tokens(2) == C("cd") + [EOT]
 
 
+def test_ids_past_the_tokenizer_are_never_sampled():
+    """A model whose embedding table is padded past the tokenizer (as Qwen2.5's is) and whose
+    bigram prefers a padding id: given the tokenizer, the engine samples only decodable ids."""
+    pad_id = TOK.vocab_size + 1
+    cfg, params = bigram_model({C("a")[0]: pad_id, pad_id: EOT}, TOK.vocab_size + 4)
+    plain = sampling.generate(params, cfg, [C("a"), C("a")], GREEDY_20, jax.random.PRNGKey(0))
+    assert plain.row_tokens(0)[0] == pad_id
+    got = sampling.generate(params, cfg, [C("a"), C("a")], GREEDY_20, jax.random.PRNGKey(0), tokenizer=TOK)
+    assert all(t < TOK.vocab_size for r in range(2) for t in got.row_tokens(r))
+
+
 def test_tool_output_cut_to_budget_and_errors_reported(bigram):
     cfg, params = bigram
     prompts = [C("Q"), C("a"), C("Q"), C("1")]
