@@ -148,57 +148,50 @@ def _emulate_data_processes(n: int) -> None:
     pipeline.make_train_iterator = make
 
 
-def _pretrain_job(config: dict) -> dict:
-    """experiments.pretrain.run as a black box; returns its per-step losses and evals.
-    config: PretrainConfig fields, plus data_processes (emulated data sharding, 1 process only)."""
+def _run_stage(config: dict, run) -> tuple[object, list[dict], pathlib.Path]:
+    """Runs a stage's `run(config)` as a black box in every process (config may add
+    data_processes: emulated data sharding, 1 process only); returns (its summary, metrics.jsonl
+    records, out_dir). Process 0 alone writes metrics.jsonl; every process reads it once all have
+    finished."""
+    from jax.experimental import multihost_utils
+
     from experiments import common
-    from experiments import pretrain
 
     config = dict(config)
     n = config.pop("data_processes", 1)
     if n > 1:
         _emulate_data_processes(n)
-    summary = pretrain.run(pretrain.PretrainConfig(**config))
-    # Process 0 alone writes metrics.jsonl; every process reads it once all have finished.
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices("pretrain done")
+    summary = run(config)
+    multihost_utils.sync_global_devices("stage done")
     out_dir = pathlib.Path(config["out_dir"])
-    recs = common.read_jsonl(out_dir / common.METRICS_FILE)
+    return summary, common.read_jsonl(out_dir / common.METRICS_FILE), out_dir
+
+
+def _pretrain_job(config: dict) -> dict:
+    """experiments.pretrain.run; returns its per-step losses and evals."""
+    from experiments import common
+    from experiments import pretrain
+
+    summary, recs, out_dir = _run_stage(config, lambda c: pretrain.run(pretrain.PretrainConfig(**c)))
     evals = common.read_jsonl(out_dir / common.EVALS_FILE) if (out_dir / common.EVALS_FILE).exists() else []
     return {"losses": [r["loss"] for r in recs], "steps": [r["step"] for r in recs],
             "val_bpb": [e["val_bpb"] for e in evals], "final_val_bpb": summary.get("val_bpb")}
 
 
 def _sft_job(config: dict) -> dict:
-    """experiments.sft.run as a black box from a pretraining run; returns its per-step losses.
-    config: SFTConfig fields, plus data_processes (emulated data sharding, 1 process only)."""
-    from jax.experimental import multihost_utils
-
-    from experiments import common
+    """experiments.sft.run from a pretraining run; returns its per-step losses."""
     from experiments import sft
 
-    config = dict(config)
-    n = config.pop("data_processes", 1)
-    if n > 1:
-        _emulate_data_processes(n)
-    sft.run(sft.SFTConfig(**config))
-    multihost_utils.sync_global_devices("sft done")
-    recs = common.read_jsonl(pathlib.Path(config["out_dir"]) / common.METRICS_FILE)
+    _, recs, _ = _run_stage(config, lambda c: sft.run(sft.SFTConfig(**c)))
     return {"losses": [r["loss"] for r in recs], "steps": [r["step"] for r in recs]}
 
 
 def _rl_job(config: dict) -> dict:
-    """experiments.rl.run as a black box from an SFT run: rollouts with the engine on the global
-    mesh, rewards, the GRPO update; returns its per-step losses and rewards."""
-    from jax.experimental import multihost_utils
-
-    from experiments import common
+    """experiments.rl.run from an SFT run: rollouts with the engine on the global mesh, rewards,
+    the GRPO update; returns its per-step losses and rewards."""
     from experiments import rl
 
-    rl.run(rl.RLRunConfig(**config))
-    multihost_utils.sync_global_devices("rl done")
-    recs = common.read_jsonl(pathlib.Path(config["out_dir"]) / common.METRICS_FILE)
+    _, recs, _ = _run_stage(config, lambda c: rl.run(rl.RLRunConfig(**c)))
     return {"losses": [r["loss"] for r in recs], "rewards": [r["reward_mean"] for r in recs],
             "steps": [r["step"] for r in recs]}
 
