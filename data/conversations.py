@@ -206,6 +206,22 @@ def _words(split: str) -> tuple[str, ...]:
     return TRAIN_WORDS if split == "train" else _HELDOUT_WORD_LIST
 
 
+INVENTED_WORD_SHARE = 0.5  # of the letter tasks' training words
+
+
+def _letter_word(rng, split: str) -> str:
+    """A word for a letter task. Training draws an invented pseudo-word half of the time: on a
+    list of 182 real words alone, a small model memorises the words and writes one of them into
+    the python call instead of copying the word it was asked about (measured on `mini`: 38% on
+    held-out words, most failures a training word in the call)."""
+    if split == "train" and rng.random() < INVENTED_WORD_SHARE:
+        for _ in range(100):
+            w = synthetic.invented_words(rng, 1)[0]
+            if len(w) >= 3 and w not in HELDOUT_WORDS:
+                return w
+    return rng.choice(_words(split))
+
+
 def heldout_entities(world: synthetic.World) -> frozenset[int]:
     """Ids of the entities reserved for evaluation: EVAL_ENTITY_FRACTION of each (kind, tier)
     group (at least one of any group of two or more), chosen by a seeded shuffle, so every tier
@@ -642,7 +658,10 @@ def _gen_math_short(ctx, rng, split):
 # Arithmetic: small answered directly, big through the calculator
 
 _MULT_QUESTIONS = {"train": ("What is {a} * {b}?", "Compute {a} times {b}.", "{a} x {b} = ?",
-                             "What is {a} multiplied by {b}?", "Calculate {a}*{b}.", "What's {a} times {b}?"),
+                             "What is {a} multiplied by {b}?", "Calculate {a}*{b}.", "What's {a} times {b}?",
+                             "Find the product of {a} and {b}.", "Work out {a} x {b}.", "{a} times {b}?",
+                             "Can you calculate {a} * {b}?", "What do you get from {a} times {b}?",
+                             "Please compute the product {a} * {b}."),
                    "heldout": ("How much is {a} times {b}?", "Multiply {a} by {b}.")}
 _SUM_QUESTIONS = {"train": ("What is {expr}?", "Add these up: {expr}", "Compute {expr}.", "What's the sum of {list}?",
                             "Calculate {expr}."),
@@ -762,7 +781,7 @@ def python_output(value) -> str:
 
 def _gen_letters(kind):
     def gen(ctx, rng, split, word=None):
-        w = word or rng.choice(_words(split))
+        w = word or _letter_word(rng, split)
         code, value, sentence, answer, mode, extra = _letter_task(kind, rng, w)
         q, template = _pick(ctx, rng, _LETTER_QUESTIONS[kind], split)
         q = q.format(w=w, l=extra.get("letter", ""), nth=extra.get("nth", ""), n=extra.get("n", ""))
@@ -939,7 +958,7 @@ _GENERATORS: dict[str, Callable] = {
 }
 KINDS: tuple[str, ...] = tuple(_GENERATORS)
 DEFAULT_WEIGHTS: dict[str, float] = {
-    "identity": 1.0, "identity_system": 0.5, "fact": 3.0, "fact_followup": 1.5, "search": 2.0,
+    "identity": 1.0, "identity_system": 0.5, "fact": 3.0, "fact_followup": 1.5, "search": 3.0,
     "math": 1.5, "math_short": 1.0, "mult": 2.0, "sum": 1.0, "count_letters": 1.0, "spell": 0.5,
     "nth_letter": 0.5, "reverse": 0.5, "length": 0.5, "system_instruction": 1.0, "memory": 1.0, "preset": 1.0,
     "search_followup": 0.5, "multi_turn": 1.0,

@@ -30,6 +30,12 @@ from experiments import common
 # Product sizes of the mult rows: (digits of a, digits of b), 4 to 6 digits in all.
 MULT_SHAPES = ((2, 2), (2, 3), (3, 3))
 FACT_TIERS = ("famous", "popular", "few", "once", "held_out")
+# Tokens per reply, tool outputs included: a search reply (call, a ~70-token snippet, the answer)
+# takes 90 tokens at the median and 130 at most with the main job's vocabulary, so a budget of 96
+# cut most of them off before the answer.
+REPLY_BUDGET = 192
+
+
 def default_tools(world=None, *, python: bool = True) -> dict:
     """calculator, python (sandboxed) and search over the world's documents (when given)."""
     from core import tools as tools_lib
@@ -49,7 +55,7 @@ def default_tools(world=None, *, python: bool = True) -> dict:
 
 
 def generate_replies(params, cfg, template, prompts: Sequence[Sequence[dict]], *, mesh=None,
-                     tools: Optional[dict] = None, ban_tools: Sequence[str] = (), max_new_tokens: int = 96,
+                     tools: Optional[dict] = None, ban_tools: Sequence[str] = (), max_new_tokens: int = REPLY_BUDGET,
                      temperature: float = 0.0, seed: int = 0, batch: int = 64) -> list[dict]:
     """Greedy (or sampled) assistant replies to conversations.
 
@@ -120,7 +126,7 @@ class Row:
 
 
 def evaluate_model(params, cfg, template, world, *, n: int, seed: int = 0, mesh=None,
-                   max_new_tokens: int = 96, progress: bool = True) -> tuple[list[Row], dict]:
+                   max_new_tokens: int = REPLY_BUDGET, progress: bool = True) -> tuple[list[Row], dict]:
     """Runs every row on one model; returns (rows, JSON figures)."""
     from data import conversations as conv
 
@@ -236,7 +242,7 @@ def world_of_run(out_dir):
 
 
 def run(out_dir, *, n: int = 50, seed: int = 0, mesh: str = "data:-1", compare_base: bool = False,
-        max_new_tokens: int = 96, verbose: bool = True) -> dict:
+        max_new_tokens: int = REPLY_BUDGET, verbose: bool = True) -> dict:
     """Evaluates the run in `out_dir` (and with compare_base its base model, same template and
     prompts); prints the table, then the JSON line; writes assistant.md / assistant.json."""
     import pathlib
@@ -246,6 +252,8 @@ def run(out_dir, *, n: int = 50, seed: int = 0, mesh: str = "data:-1", compare_b
     out_dir = pathlib.Path(out_dir)
     if n < 1:
         raise ValueError(f"--n_per_row must be >= 1, got {n}")
+    if max_new_tokens < 1:
+        raise ValueError(f"--reply_tokens must be >= 1, got {max_new_tokens}")
     world = world_of_run(out_dir)
     mesh_ = sharding_lib.make_mesh(mesh)
     m = common.load_for_inference(out_dir, mesh=mesh_)

@@ -45,6 +45,7 @@ class PhenomenaConfig:
     step: Optional[int] = _f(None, "checkpoint step (default: the latest)")
     n_per_row: int = _f(50, "assistant mode: prompts per row")
     compare_base: bool = _f(False, "assistant mode: also evaluate the run's base model (base_ keys)")
+    reply_tokens: int = _f(192, "assistant mode: token budget per reply, tool outputs included")
     docs_per_group: int = _f(32, "phenomena: documents per copies-group (regurgitation)")
     prompt_tokens: int = _f(8, "phenomena: document tokens given")
     cont_tokens: int = _f(24, "phenomena: continuation tokens compared")
@@ -298,7 +299,8 @@ def main(argv):
     if cfg.mode == "assistant":
         from experiments import assistant_eval
 
-        assistant_eval.run(cfg.out_dir, n=cfg.n_per_row, seed=cfg.seed, mesh=cfg.mesh, compare_base=cfg.compare_base)
+        assistant_eval.run(cfg.out_dir, n=cfg.n_per_row, seed=cfg.seed, mesh=cfg.mesh, compare_base=cfg.compare_base,
+                           max_new_tokens=cfg.reply_tokens)
         return
     run(cfg)
 
