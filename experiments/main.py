@@ -246,7 +246,10 @@ def run(cfg: MainConfig) -> dict:
 
             t = time.time()
             if begin(i, "rlhf", f"RLHF (small): reward model, best-of-n, RL vs the RM, DPO -> {out / 'rlhf'}"):
-                r = rlhf.run(rlhf.small_config(str(out / "sft"), str(out / "rlhf"), seed=seed, mesh=mesh))
+                r = rlhf.run(rlhf.small_config(str(out / "sft"), str(out / "rlhf"), seed=seed, mesh=mesh,
+                                               resume=cfg.resume))
+                if r.get("interrupted"):
+                    return {"interrupted": True}
                 finish("rlhf", t, {"section": rlhf.report_section(r)})
             i += 1
         if cfg.honesty:

@@ -32,9 +32,12 @@ best-of-n gold peak and d at the peak (and RL's with --rl_all_rms). report.md ho
 the last line is JSON with proxy_start, proxy_end, gold_start, gold_peak, gold_end and
 d_at_gold_peak of the RL run (against the largest reward model), plus the fits.
 
-Not checkpointed (minutes on a CPU): the reward models are run directories (resumable), the RL
-and DPO policies are evaluated along the way, and the final policies saved as chat-ready run
-directories (OUT/rl_policy, OUT/dpo_policy).
+Every phase that trains is a chat-ready run directory trained by the shared loop
+(experiments/stage.py: checkpoints every --ckpt_every steps, metrics.jsonl, evals.jsonl with the
+step-0 SFT figures): the reward models OUT/rm_N, RL OUT/rl_policy (against the main reward model;
+OUT/rl_rmN against the others) and DPO OUT/dpo_policy. `--resume` continues a killed run: the
+labelled pool and finished reward models are reused and RL / DPO resume exactly from their
+latest checkpoint.
 """
 from __future__ import annotations
 
@@ -91,6 +94,9 @@ class RLHFConfig:
     dpo_beta: float = _f(0.1, "DPO beta")
     dpo_lr: float = _f(3e-4, "DPO learning rate")
     eval_every: int = _f(5, "RL / DPO steps between evaluations")
+    ckpt_every: int = _f(20, "RL / DPO steps between checkpoints (each phase is a resumable run directory)")
+    resume: bool = _f(False, "continue an earlier run in --out_dir: reuse its labelled pool and reward models, "
+                      "resume RL and DPO from their checkpoints")
     eval_prompts: int = _f(32, "held-out prompts per evaluation")
     eval_samples: int = _f(4, "samples per prompt per evaluation")
     mesh: str = _f("data:-1", "device mesh")
@@ -111,7 +117,7 @@ class RLHFConfig:
              f"--bon_max_n must be a power of two >= 2, got {self.bon_max_n}")
         need(self.rl_group >= 2, f"--rl_group must be >= 2 (group-relative advantages), got {self.rl_group}")
         for name in ("n_prompts", "val_prompts", "rm_steps", "rm_batch", "bon_prompts", "rl_steps", "rl_prompts",
-                     "eval_every", "eval_prompts", "eval_samples", "dpo_batch", "max_new_tokens"):
+                     "eval_every", "eval_prompts", "eval_samples", "dpo_batch", "max_new_tokens", "ckpt_every"):
             need(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
         need(self.k >= 2, f"--k must be >= 2, got {self.k}")
         need(self.dpo_steps >= 0, f"--dpo_steps must be >= 0, got {self.dpo_steps}")
@@ -309,6 +315,7 @@ class Ctx:
     reward_fn: Any
     rm_params: Any
     eval_prompts: list
+    loaded: Any  # common.load_for_inference(init): tokenizer, template, the SFT params
 
 
 def evaluate_policy(ctx: Ctx, params, key) -> dict:
@@ -346,12 +353,94 @@ def evaluate_policy(ctx: Ctx, params, key) -> dict:
 # ----------------------------------------------------------------------------- RL and DPO
 
 
-def run_rl(ctx: Ctx, log_path, *, steps: int, label: str) -> tuple[list[dict], Any]:
-    """RL against the reward model `ctx.rm_params` (module docstring, step 3). Returns (the
-    evaluations, step 0 = the SFT policy, as dicts with step, proxy, gold, kl, d; final params)."""
+def _phase_dir(ctx: Ctx, out_dir: pathlib.Path, stage_name: str) -> bool:
+    """Makes `out_dir` a chat-ready run directory for one optimisation phase (tokenizer, model
+    config, config.json); returns True when it holds checkpoints to resume (--resume), and
+    starts its logs over when it does not."""
+    from experiments import sft, stage
+
+    c = ctx.cfg
+    resuming = stage.check_fresh_or_resume(out_dir, c.resume)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx.loaded.tokenizer.save(out_dir / common.TOKENIZER_FILE)
+    sft.copy_tokenizer_files(pathlib.Path(c.init), out_dir)
+    common.save_json(out_dir / common.MODEL_CONFIG_FILE, common.model_config_to_json(ctx.model_cfg))
+    options.save_config(c, out_dir, stage=stage_name, template=ctx.template.name,
+                        base=str(pathlib.Path(c.init).resolve()),
+                        world_data=common.load_run_config(c.init).get("world_data"))
+    if not resuming:  # a killed phase that never checkpointed left logs behind
+        for name in (common.METRICS_FILE, common.EVALS_FILE):
+            (out_dir / name).unlink(missing_ok=True)
+    return resuming
+
+
+def _train_phase(ctx: Ctx, out_dir: pathlib.Path, *, stage_name: str, label: str, step_fn, optimizer, batches,
+                 steps: int, fingerprint: dict, eval_key, tokens_per_step: int) -> tuple[list[dict], Any]:
+    """One phase (RL or DPO) through the shared loop (experiments/stage.py): starts from the SFT
+    policy, evaluates it at step 0 (kept in evals.jsonl across resumes) and every --eval_every
+    steps, checkpoints every --ckpt_every steps and resumes exactly with --resume. Returns (the
+    evaluations in step order, the final params)."""
+    import jax
+
+    from core import checkpoint as ck
+    from core import loop
+    from core import model as model_lib
+    from core import train as train_lib
+    from experiments import stage
+
+    c = ctx.cfg
+    _phase_dir(ctx, out_dir, stage_name)
+
+    def evaluate(step, params) -> dict:
+        ev = evaluate_policy(ctx, params, jax.random.fold_in(eval_key, step))
+        common.say(f"{label} step {step}/{steps}: proxy {ev['proxy']:+.3f} gold {ev['gold']:+.3f} KL {ev['kl']:.3f} "
+                   f"len {ev['len']:.1f} | {ev['sample'][:90]!r}")
+        return ev
+
+    evals_path = out_dir / common.EVALS_FILE
+    if not any(r.get("step") == 0 for r in common.read_jsonl(evals_path)):
+        with common.MetricsLogger(evals_path) as lg:
+            lg.log({"step": 0, **evaluate(0, ctx.ref_params)})
+
+    def init():  # the train state's buffers are donated every update: the SFT params stay intact
+        return train_lib.train_state_from_params(jax.tree.map(lambda x: x.copy(), ctx.ref_params), ctx.model_cfg,
+                                                 optimizer, ctx.mesh)
+
+    shardings = train_lib.state_shardings(ctx.model_cfg, optimizer, ctx.mesh)
+    peak, _ = common.peak_flops_total(ctx.mesh.devices.flatten().tolist())
+    progress = common.Progress(steps, tokens_per_step, model_lib.flops_per_token(ctx.model_cfg, ctx.seq_len), peak)
+    io = stage.StageIO(out_dir, fingerprint, 1, False, c.resume)
+    loop_cfg = loop.LoopConfig(total_steps=steps, log_every=c.eval_every, eval_every=c.eval_every,
+                               save_every=min(c.ckpt_every, steps))
+    result = stage.train(step_fn, init, lambda: ck.abstract_state(jax.eval_shape(init), shardings), batches,
+                         loop_cfg, io, mesh=ctx.mesh, progress=progress,
+                         evaluate=lambda s, st: evaluate(s, st["params"]))
+    if result.interrupted:
+        raise _Interrupted(out_dir)
+    evals = sorted(common.read_jsonl(evals_path), key=lambda r: r["step"])
+    return evals, result.state["params"]
+
+
+class _Interrupted(Exception):
+    """Ctrl-C stopped a phase (its checkpoint is saved): the run stops, --resume continues it."""
+
+
+def _fingerprint(ctx: Ctx, **run) -> dict:
+    c = ctx.cfg
+    return {"model_config": common.model_config_to_json(ctx.model_cfg),
+            "run": {"init": str(pathlib.Path(c.init).resolve()), "seed": c.seed, "seq_len": ctx.seq_len,
+                    "max_new_tokens": c.max_new_tokens, **run}}
+
+
+def run_rl(ctx: Ctx, out_dir: pathlib.Path, *, steps: int, label: str, rm_size: int, stage_name: str = "rlhf"
+           ) -> tuple[list[dict], Any]:
+    """RL against the reward model `ctx.rm_params` (module docstring, step 3) in the run
+    directory `out_dir`. Returns (the evaluations, step 0 = the SFT policy, as dicts with step,
+    proxy, gold, kl, d; final params)."""
     import jax
     import numpy as np
 
+    from core import loop
     from core import optim as optim_lib
     from core import rl as rl_lib
     from core import sharding as sharding_lib
@@ -363,50 +452,43 @@ def run_rl(ctx: Ctx, log_path, *, steps: int, label: str) -> tuple[list[dict], A
     in_loss = c.kl_placement == "loss"
     rl_cfg = rl_lib.RLConfig(estimator="grpo", kl_coef=c.kl_coef, kl_placement=c.kl_placement,
                              kl_estimator="k3" if in_loss else "k1", agg="token_mean")
-    opt = optim_lib.make_optimizer(optim_lib.OptimConfig(lr=c.rl_lr, warmup_steps=min(5, steps), total_steps=steps,
-                                                         schedule="constant", clip_norm=1.0))
-    step_fn = train_lib.make_train_step(ctx.model_cfg, opt, ctx.mesh, rl_lib.make_policy_loss_fn(rl_cfg))
-    state = train_lib.train_state_from_params(jax.tree.map(lambda x: x.copy(), ctx.ref_params), ctx.model_cfg, opt,
-                                              ctx.mesh)
+    ocfg = optim_lib.OptimConfig(lr=c.rl_lr, warmup_steps=min(5, steps), total_steps=steps, schedule="constant",
+                                 clip_norm=1.0)
+    opt = optim_lib.make_optimizer(ocfg)
+    update = train_lib.make_train_step(ctx.model_cfg, opt, ctx.mesh, rl_lib.make_policy_loss_fn(rl_cfg))
     prompts = prefs.preference_prompts(ctx.judge.world, steps * c.rl_prompts, c.seed + 7)
-    log = common.MetricsLogger(log_path)
-    evals = []
     key = jax.random.PRNGKey(c.seed + 11)
-    t0 = time.time()
-    try:
-        for s in range(steps + 1):
-            if s % c.eval_every == 0 or s == steps:
-                ev = {"step": s, **evaluate_policy(ctx, state["params"], jax.random.fold_in(key, 10**6 + s))}
-                evals.append(ev)
-                log.log({"kind": "eval", **ev})
-                common.say(f"{label} step {s}/{steps}: proxy {ev['proxy']:+.3f} gold {ev['gold']:+.3f} "
-                           f"KL {ev['kl']:.3f} len {ev['len']:.1f} | {ev['sample'][:90]!r}")
-            if s == steps:
-                break
-            batch_prompts = prompts[s * c.rl_prompts: (s + 1) * c.rl_prompts]
-            ids, _, prompt_ids = rmx.sample_responses(state["params"], ctx.model_cfg, ctx.template, batch_prompts,
-                                                      c.rl_group, max_new_tokens=c.max_new_tokens, temperature=1.0,
-                                                      key=jax.random.fold_in(key, s), mesh=ctx.mesh)
-            rows_p = [prompt_ids[i // c.rl_group] for i in range(len(ids))]
-            r_b = rmx.score_responses(ctx.reward_fn, ctx.rm_params, rows_p, ids, ctx.seq_len, mesh=ctx.mesh)
-            rows = response_rows(rows_p, ids, ctx.seq_len)
-            old = token_logps(ctx.scorer, state["params"], rows, ctx.mesh)
-            ref = token_logps(ctx.scorer, ctx.ref_params, rows, ctx.mesh) if c.kl_coef > 0 else None
-            shaped = r_b
-            if ref is not None and not in_loss:
-                shaped = np.asarray(rl_lib.kl_penalised_rewards(r_b, old, ref, rows["mask"], c.kl_coef, "k1"))
-            adv = np.asarray(rl_lib.group_advantages(shaped.reshape(c.rl_prompts, c.rl_group), "grpo"), np.float32)
-            batch = {**rows, "old_logp": old, "advantages": adv.reshape(-1)}
-            if in_loss and ref is not None:
-                batch["ref_logp"] = ref
-            state, m = step_fn(state, sharding_lib.shard_batch(batch, ctx.mesh))
-            m = jax.device_get(m)
-            log.log({"kind": "step", "step": s + 1, "proxy_reward": float(r_b.mean()),
-                     "shaped_reward": float(np.mean(shaped)), "loss": float(m["loss"]),
-                     "grad_norm": float(m["grad_norm"]), "elapsed": time.time() - t0})
-    finally:
-        log.close()
-    return evals, state["params"]
+    counter = loop.ListIterator([{}])  # rollouts happen in the step; the loop only counts (resumable)
+
+    def rl_step(state, _):
+        s = counter.i - 1  # 0-based: this step's prompts and rollout key
+        batch_prompts = prompts[s * c.rl_prompts: (s + 1) * c.rl_prompts]
+        ids, _, prompt_ids = rmx.sample_responses(state["params"], ctx.model_cfg, ctx.template, batch_prompts,
+                                                  c.rl_group, max_new_tokens=c.max_new_tokens, temperature=1.0,
+                                                  key=jax.random.fold_in(key, s), mesh=ctx.mesh)
+        rows_p = [prompt_ids[i // c.rl_group] for i in range(len(ids))]
+        r_b = rmx.score_responses(ctx.reward_fn, ctx.rm_params, rows_p, ids, ctx.seq_len, mesh=ctx.mesh)
+        rows = response_rows(rows_p, ids, ctx.seq_len)
+        old = token_logps(ctx.scorer, state["params"], rows, ctx.mesh)
+        ref = token_logps(ctx.scorer, ctx.ref_params, rows, ctx.mesh) if c.kl_coef > 0 else None
+        shaped = r_b
+        if ref is not None and not in_loss:
+            shaped = np.asarray(rl_lib.kl_penalised_rewards(r_b, old, ref, rows["mask"], c.kl_coef, "k1"))
+        adv = np.asarray(rl_lib.group_advantages(shaped.reshape(c.rl_prompts, c.rl_group), "grpo"), np.float32)
+        batch = {**rows, "old_logp": old, "advantages": adv.reshape(-1)}
+        if in_loss and ref is not None:
+            batch["ref_logp"] = ref
+        state, m = update(state, sharding_lib.shard_batch(batch, ctx.mesh))
+        m = jax.device_get(m)
+        return state, {"proxy_reward": float(r_b.mean()), "shaped_reward": float(np.mean(shaped)),
+                       "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                       "len": float(np.mean([len(r) for r in ids]))}
+
+    fp = _fingerprint(ctx, phase="rl", rm_size=rm_size, rl=dataclasses.asdict(rl_cfg), optim=dataclasses.asdict(ocfg),
+                      rl_prompts=c.rl_prompts, rl_group=c.rl_group)
+    return _train_phase(ctx, out_dir, stage_name=stage_name, label=label, step_fn=rl_step, optimizer=opt,
+                        batches=counter, steps=steps, fingerprint=fp, eval_key=jax.random.fold_in(key, 10**6),
+                        tokens_per_step=c.rl_prompts * c.rl_group * ctx.seq_len)
 
 
 def dpo_rows(template, pairs, seq_len: int) -> dict:
@@ -421,15 +503,15 @@ def dpo_rows(template, pairs, seq_len: int) -> dict:
     return {k: v.reshape((len(pairs), 2) + v.shape[1:]) for k, v in rows.items()}
 
 
-def run_dpo(ctx: Ctx, comparisons, log_path, *, steps: int) -> tuple[list[dict], Any]:
-    """DPO on every C(K,2) pair of `comparisons` (module docstring, step 4); (evaluations as
-    RL's, final params)."""
+def run_dpo(ctx: Ctx, comparisons, out_dir: pathlib.Path, *, steps: int) -> tuple[list[dict], Any]:
+    """DPO on every C(K,2) pair of `comparisons` (module docstring, step 4) in the run directory
+    `out_dir`; (evaluations as RL's, final params)."""
     import jax
     import numpy as np
 
+    from core import loop
     from core import optim as optim_lib
     from core import rl as rl_lib
-    from core import sharding as sharding_lib
     from core import train as train_lib
     from data import preferences as prefs
 
@@ -437,36 +519,20 @@ def run_dpo(ctx: Ctx, comparisons, log_path, *, steps: int) -> tuple[list[dict],
     pairs = prefs.preference_pairs(comparisons)
     rows = dpo_rows(ctx.template, pairs, ctx.seq_len)
     flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in rows.items()}
+    # the reference's log-probs are data: computed once, before any update
     rows["ref_logp"] = token_logps(ctx.scorer, ctx.ref_params, flat, ctx.mesh).sum(1).reshape(len(pairs), 2)
-    opt = optim_lib.make_optimizer(optim_lib.OptimConfig(lr=c.dpo_lr, warmup_steps=min(5, steps), total_steps=steps,
-                                                         schedule="constant", clip_norm=1.0))
-    step_fn = train_lib.make_train_step(ctx.model_cfg, opt, ctx.mesh, rl_lib.make_dpo_loss_fn(c.dpo_beta))
-    state = train_lib.train_state_from_params(jax.tree.map(lambda x: x.copy(), ctx.ref_params), ctx.model_cfg, opt,
-                                              ctx.mesh)
+    ocfg = optim_lib.OptimConfig(lr=c.dpo_lr, warmup_steps=min(5, steps), total_steps=steps, schedule="constant",
+                                 clip_norm=1.0)
+    opt = optim_lib.make_optimizer(ocfg)
+    update = train_lib.make_train_step(ctx.model_cfg, opt, ctx.mesh, rl_lib.make_dpo_loss_fn(c.dpo_beta))
     rng = np.random.default_rng(c.seed + 3)
     order = np.concatenate([rng.permutation(len(pairs)) for _ in range(-(-steps * c.dpo_batch // len(pairs)))])
-    log = common.MetricsLogger(log_path)
-    evals = []
-    key = jax.random.PRNGKey(c.seed + 13)
-    try:
-        for s in range(steps + 1):
-            if s % c.eval_every == 0 or s == steps:
-                ev = {"step": s, **evaluate_policy(ctx, state["params"], jax.random.fold_in(key, s))}
-                evals.append(ev)
-                log.log({"kind": "eval", **ev})
-                common.say(f"dpo step {s}/{steps}: proxy {ev['proxy']:+.3f} gold {ev['gold']:+.3f} KL {ev['kl']:.3f} "
-                           f"len {ev['len']:.1f} | {ev['sample'][:90]!r}")
-            if s == steps:
-                break
-            idx = order[s * c.dpo_batch: (s + 1) * c.dpo_batch]
-            batch = {k: v[idx] for k, v in rows.items()}
-            state, m = step_fn(state, sharding_lib.shard_batch(batch, ctx.mesh))
-            m = jax.device_get(m)
-            log.log({"kind": "step", "step": s + 1, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
-                     "reward_margin": float(m["reward_margin"])})
-    finally:
-        log.close()
-    return evals, state["params"]
+    batches = [{k: v[order[s * c.dpo_batch: (s + 1) * c.dpo_batch]] for k, v in rows.items()} for s in range(steps)]
+    fp = _fingerprint(ctx, phase="dpo", n_pairs=len(pairs), dpo_beta=c.dpo_beta, dpo_batch=c.dpo_batch,
+                      optim=dataclasses.asdict(ocfg))
+    return _train_phase(ctx, out_dir, stage_name="dpo", label="dpo", step_fn=update, optimizer=opt,
+                        batches=loop.ListIterator(batches), steps=steps, fingerprint=fp,
+                        eval_key=jax.random.PRNGKey(c.seed + 13), tokens_per_step=2 * c.dpo_batch * ctx.seq_len)
 
 
 # ----------------------------------------------------------------------------- report
@@ -570,9 +636,36 @@ def report_section(summary: dict) -> str:
 # ----------------------------------------------------------------------------- the run
 
 
+def rl_dir_name(size: int, main_size: int) -> str:
+    """The RL policy's run directory under OUT: rl_policy against the main reward model."""
+    return "rl_policy" if size == main_size else f"rl_rm{size}"
+
+
+def check_out_dir(cfg: RLHFConfig) -> None:
+    """An earlier run in --out_dir needs --resume (nothing is overwritten); every phase's
+    checkpoints are checked before any work."""
+    from experiments import stage
+
+    out = pathlib.Path(cfg.out_dir)
+    if not cfg.resume and (out / "comparisons.jsonl").exists():
+        raise ValueError(f"--out_dir={out} holds an earlier rlhf run; pass --resume to continue it (finished "
+                         f"parts are reused) or use a fresh --out_dir")
+    main_size = max(cfg.sizes)
+    for d in [rl_dir_name(s, main_size) for s in cfg.sizes] + ["dpo_policy"]:
+        stage.check_fresh_or_resume(out / d, cfg.resume)
+
+
 def run(cfg: RLHFConfig) -> dict:
     """Runs every phase (module docstring) and returns the summary (also OUT/summary.json);
-    summary['headline'] is the RL run's curve_summary plus its fit."""
+    summary['headline'] is the RL run's curve_summary plus its fit. A Ctrl-C during RL or DPO
+    saves that phase's checkpoint and returns {'interrupted': True, 'out_dir': ...}."""
+    try:
+        return _run(cfg)
+    except _Interrupted:
+        return {"interrupted": True, "out_dir": cfg.out_dir}
+
+
+def _run(cfg: RLHFConfig) -> dict:
     import jax
     import numpy as np
 
@@ -587,6 +680,7 @@ def run(cfg: RLHFConfig) -> dict:
     div = sharding_lib.batch_divisor(mesh)
     if cfg.rm_batch % div or cfg.dpo_batch % div:
         raise ValueError(f"--rm_batch and --dpo_batch must be multiples of data x fsdp = {div}")
+    check_out_dir(cfg)
     loaded = common.load_for_inference(cfg.init, mesh=mesh)
     if loaded.template is None:
         raise ValueError(f"--init={cfg.init}: no chat template")
@@ -634,7 +728,7 @@ def run(cfg: RLHFConfig) -> dict:
     seq_len = row_len(template, world, cfg.max_new_tokens, model_cfg)
     eval_prompts = prefs.preference_prompts(world, cfg.eval_prompts, cfg.seed + 5, split="heldout")
     ctx = Ctx(cfg, model_cfg, template, loaded.params, judge, mesh, seq_len, make_token_scorer(model_cfg),
-              rmx.make_reward_fn(model_cfg), rm_params[main_size], eval_prompts)
+              rmx.make_reward_fn(model_cfg), rm_params[main_size], eval_prompts, loaded)
 
     # 2. best-of-n from one pool, scored by every reward model
     t = time.time()
@@ -662,18 +756,15 @@ def run(cfg: RLHFConfig) -> dict:
         if size != main_size and not cfg.rl_all_rms:
             continue
         # the proxy reported is the reward model being optimised
-        evals, params = run_rl(dataclasses.replace(ctx, rm_params=rm_params[size]), out / f"rl_rm{size}.jsonl",
-                               steps=cfg.rl_steps, label=f"rl (RM {size})")
+        evals, _ = run_rl(dataclasses.replace(ctx, rm_params=rm_params[size]), out / rl_dir_name(size, main_size),
+                          steps=cfg.rl_steps, label=f"rl (RM {size})", rm_size=size)
         rl[str(size)] = {"evals": evals, "steps": cfg.rl_steps,
                          "fit": fit_gao([e["d"] for e in evals], [e["gold"] - evals[0]["gold"] for e in evals], "rl")}
-        if size == main_size:
-            save_policy(params, loaded, cfg, out / "rl_policy", "rlhf")
 
     # 4. DPO on the main reward model's rankings
     dpo = None
     if cfg.dpo_steps:
-        evals, params = run_dpo(ctx, pool[:main_size], out / "dpo.jsonl", steps=cfg.dpo_steps)
-        save_policy(params, loaded, cfg, out / "dpo_policy", "dpo")
+        evals, _ = run_dpo(ctx, pool[:main_size], out / "dpo_policy", steps=cfg.dpo_steps)
         dpo = {"evals": evals, "steps": cfg.dpo_steps,
                "fit": fit_gao([e["d"] for e in evals], [e["gold"] - evals[0]["gold"] for e in evals], "rl")}
 
@@ -690,29 +781,13 @@ def run(cfg: RLHFConfig) -> dict:
     return summary
 
 
-def save_policy(params, loaded, cfg: RLHFConfig, out_dir: pathlib.Path, stage_name: str) -> None:
-    """A chat-ready run directory (tokenizer, model config, config.json, one checkpoint); a
-    policy an earlier run of this experiment left there is replaced."""
-    import shutil
-
-    from core import checkpoint as ck
-
-    shutil.rmtree(out_dir / common.CHECKPOINT_DIR, ignore_errors=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    loaded.tokenizer.save(out_dir / common.TOKENIZER_FILE)
-    common.save_json(out_dir / common.MODEL_CONFIG_FILE, common.model_config_to_json(loaded.cfg))
-    options.save_config(cfg, out_dir, stage=stage_name, template=loaded.template.name,
-                        base=str(pathlib.Path(cfg.init).resolve()),
-                        world_data=common.load_run_config(cfg.init).get("world_data"))
-    with ck.make_manager(out_dir / common.CHECKPOINT_DIR, max_to_keep=1, async_save=False) as mngr:
-        ck.save(mngr, 1, {"params": params}, meta={"model_config": common.model_config_to_json(loaded.cfg)}, force=True)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_logging()
     summary = run(options.from_flags(RLHFConfig))
+    if summary.get("interrupted"):
+        return
     print(report_section(summary))
     print(json.dumps({k: summary["headline"][k] for k in ("proxy_start", "proxy_end", "gold_start", "gold_peak",
                                                           "gold_end", "d_at_gold_peak", "d_end", "fit_a", "fit_b",

@@ -3,9 +3,11 @@ expectation against brute force, Gao et al.'s fits on synthetic numbers with kno
 DPO through the shared train step on a micro SFT model, and the whole pipeline end to end on that
 model (reward-model run directory with its shifted head, best-of-n, RL, DPO, plot, report).
 The best-of-n KL formula itself is tested in tests/test_rl.py (test_best_of_n_kl)."""
+import dataclasses
 import itertools
 import json
 import math
+import pathlib
 
 import jax
 import numpy as np
@@ -148,12 +150,15 @@ def test_dpo_through_the_shared_train_step(micro_sft):
 
 @pytest.fixture(scope="module")
 def rlhf_run(micro_sft):
-    out = micro_sft / "rlhf"
-    cfg = rlhf.RLHFConfig(init=str(micro_sft / "sft"), out_dir=str(out), n_prompts=16, val_prompts=8, k=3,
-                          rm_sizes="16", rm_steps=3, rm_batch=8, max_new_tokens=8, bon_prompts=2, bon_max_n=8,
-                          rl_steps=2, rl_prompts=2, rl_group=4, dpo_steps=2, dpo_batch=8, eval_every=2,
-                          eval_prompts=4, eval_samples=2)
-    return out, rlhf.run(cfg)
+    cfg = _rlhf_cfg(micro_sft)
+    return pathlib.Path(cfg.out_dir), rlhf.run(cfg)
+
+
+def _rlhf_cfg(micro_sft):
+    return rlhf.RLHFConfig(init=str(micro_sft / "sft"), out_dir=str(micro_sft / "rlhf"), n_prompts=16,
+                           val_prompts=8, k=3, rm_sizes="16", rm_steps=3, rm_batch=8, max_new_tokens=8, bon_prompts=2,
+                           bon_max_n=8, rl_steps=2, rl_prompts=2, rl_group=4, dpo_steps=2, dpo_batch=8, eval_every=2,
+                           eval_prompts=4, eval_samples=2, ckpt_every=1)
 
 
 def test_reward_model_run_directory_and_shifted_head(rlhf_run):
@@ -190,3 +195,48 @@ def test_rlhf_summary_plot_and_report(rlhf_run):
     assert "| best-of-n (n<=8) | 16 |" in md and "| RL (2 steps) | 16 |" in md and "| DPO (2 steps)" in md
     assert (out / "rl_policy" / "checkpoints").is_dir() and (out / "dpo_policy" / "checkpoints").is_dir()
     assert json.loads((out / "rl_policy" / "config.json").read_text())["stage"] == "rlhf"
+    # each phase is a run directory of the shared loop: per-step metrics, evaluations from step 0
+    steps = [r["step"] for r in map(json.loads, (out / "rl_policy" / "metrics.jsonl").read_text().splitlines())]
+    assert steps == [1, 2]
+    evals = [json.loads(x) for x in (out / "dpo_policy" / "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2] and evals[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_rlhf_needs_resume_for_an_earlier_run(rlhf_run):
+    out, _ = rlhf_run
+    cfg = dataclasses.replace(_rlhf_cfg(out.parent), resume=False)
+    with pytest.raises(ValueError, match="--resume"):
+        rlhf.run(cfg)
+
+
+def test_rlhf_phases_resume_exactly_after_a_stop(rlhf_run, tmp_path, monkeypatch):
+    """Stopped (as by Ctrl-C) after RL step 1, then --resume: the RL losses, rewards and the
+    evaluations equal the uninterrupted run's."""
+    import shutil
+
+    from experiments import stage
+
+    out, summary = rlhf_run
+    new = tmp_path / "rlhf"
+    shutil.copytree(out, new, ignore=shutil.ignore_patterns("rl_policy", "dpo_policy"))  # pool + RM reused
+    cfg = dataclasses.replace(_rlhf_cfg(out.parent), out_dir=str(new), resume=True)
+    polls = []
+    monkeypatch.setattr(stage.StopFlag, "__call__", lambda self: polls.append(1) or len(polls) == 1)
+    first = rlhf.run(cfg)
+    assert first["interrupted"] and (new / "rl_policy" / "checkpoints" / "1").is_dir()
+    assert not (new / "dpo_policy").exists()
+    monkeypatch.setattr(stage.StopFlag, "__call__", lambda self: False)
+    second = rlhf.run(cfg)
+
+    def records(d):
+        return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+
+    for phase in ("rl_policy", "dpo_policy"):
+        a, b = records(out / phase), records(new / phase)
+        assert [r["step"] for r in b] == [r["step"] for r in a]
+        np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5)
+    np.testing.assert_allclose([r["proxy_reward"] for r in records(new / "rl_policy")],
+                               [r["proxy_reward"] for r in records(out / "rl_policy")], rtol=1e-5)
+    ga = [e["gold"] for e in summary["rl"]["16"]["evals"]]
+    gb = [e["gold"] for e in second["rl"]["16"]["evals"]]
+    np.testing.assert_allclose(gb, ga, rtol=1e-6)
