@@ -90,10 +90,7 @@ class HonestyConfig:
     resume: bool = _f(False, "continue an interrupted fine-tune in OUT/model (probing is recomputed)")
 
     def __post_init__(self):
-        def need(cond, msg):
-            if not cond:
-                raise ValueError(msg)
-
+        need = options.need
         need(bool(self.init), "--init is required (an SFT run directory)")
         need(bool(self.out_dir), "--out_dir is required")
         need(pathlib.Path(self.init).resolve() != pathlib.Path(self.out_dir).resolve(),

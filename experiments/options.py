@@ -31,6 +31,13 @@ CONFIG_FILE = "config.json"
 _NONE = ("none", "null")
 
 
+def need(cond: Any, msg: str) -> None:
+    """An option check in a config's __post_init__: a false `cond` is the user's error `msg`
+    (a ValueError, printed as one line by common.cli)."""
+    if not cond:
+        raise ValueError(msg)
+
+
 def field(default: Any, help: str, *, parse: Optional[Callable[[str], Any]] = None,
           choices: Optional[Sequence[str]] = None, flag: bool = True) -> Any:
     """A dataclass field with its flag's help text; `flag=False` keeps it out of the flags."""

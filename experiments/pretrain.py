@@ -97,10 +97,7 @@ class PretrainConfig:
                                  "(during its checkpoint write if N is a checkpoint step)")
 
     def __post_init__(self):
-        def need(cond, msg):
-            if not cond:
-                raise ValueError(msg)
-
+        need = options.need
         need(bool(self.out_dir), "--out_dir is required")
         need(self.lr >= 0, f"--lr must be >= 0, got {self.lr}")
         need(self.grad_accum >= 1, f"--grad_accum must be >= 1, got {self.grad_accum}")

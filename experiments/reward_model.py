@@ -70,10 +70,7 @@ class RewardModelConfig:
     async_checkpoint: bool = _f(True, "write checkpoints in the background")
 
     def __post_init__(self):
-        def need(cond, msg):
-            if not cond:
-                raise ValueError(msg)
-
+        need = options.need
         need(bool(self.init), "--init is required (an SFT run directory)")
         need(bool(self.out_dir), "--out_dir is required")
         need(pathlib.Path(self.init).resolve() != pathlib.Path(self.out_dir).resolve(),

@@ -103,10 +103,7 @@ class RLRunConfig:
     debug_kill_at_step: int = _f(-1, "testing: SIGKILL this process right after step N")
 
     def __post_init__(self):
-        def need(cond, msg):
-            if not cond:
-                raise ValueError(msg)
-
+        need = options.need
         need(bool(self.init), "--init is required (an SFT run directory or a Hugging Face checkpoint)")
         need(bool(self.out_dir), "--out_dir is required")
         need(pathlib.Path(self.init).resolve() != pathlib.Path(self.out_dir).resolve(),

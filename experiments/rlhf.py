@@ -103,10 +103,7 @@ class RLHFConfig:
     seed: int = _f(0, "seed")
 
     def __post_init__(self):
-        def need(cond, msg):
-            if not cond:
-                raise ValueError(msg)
-
+        need = options.need
         need(bool(self.init), "--init is required (an SFT run directory)")
         need(bool(self.out_dir), "--out_dir is required")
         need(pathlib.Path(self.init).resolve() != pathlib.Path(self.out_dir).resolve(), "--out_dir must differ from --init")
