@@ -10,7 +10,9 @@ triples never trained on), greedily; the judge reads the 'Answer: N' line. A mod
 commit to the answer in its first tokens has to compute a*b-c inside one forward pass; one that
 writes a*b = 42 first only has to do one small step per token.
 
-Prints a table, then a JSON line with acc_answer_first, acc_reasoning_first, n_eval, steps;
+Prints a table, then a JSON line with acc_answer_first, acc_reasoning_first (all held-out
+problems), the same split by kind (acc_ORDER_unseen_numbers, acc_ORDER_unseen_template), n_eval,
+steps;
 writes OUT_DIR/report.md and the two run directories OUT_DIR/answer_first, OUT_DIR/reasoning_first.
 """
 from __future__ import annotations
@@ -63,7 +65,20 @@ def problems(seed: int, n_train: int, n_eval: int, order: str):
     return train, evals
 
 
-def accuracy(run_dir, examples, mesh) -> float:
+HELDOUT_KINDS = ("unseen_numbers", "unseen_template")
+
+
+def heldout_kind(example) -> str:
+    """'unseen_template' (a story never trained on) or 'unseen_numbers' (a trained story with a
+    number triple never trained on): the second isolates the computation, the first adds
+    generalisation to a new wording, which the small models mostly fail in either order."""
+    from data import conversations as conv
+
+    return "unseen_template" if example.meta["template"] in conv.SHORT_MATH_HELDOUT_TEMPLATES else "unseen_numbers"
+
+
+def accuracy(run_dir, examples, mesh) -> dict:
+    """{'all': accuracy, 'unseen_numbers': ..., 'unseen_template': ...} (greedy, no tools)."""
     from core import sharding as sharding_lib
     from data import conversations as conv
     from experiments import assistant_eval
@@ -71,7 +86,12 @@ def accuracy(run_dir, examples, mesh) -> float:
     m = common.load_for_inference(run_dir, mesh=sharding_lib.make_mesh(mesh))
     replies = assistant_eval.generate_replies(m.params, m.cfg, m.template, [ex.prompt for ex in examples],
                                               ban_tools=("calculator", "python", "search"), max_new_tokens=64)
-    return sum(conv.judge(ex, r["text"]) for ex, r in zip(examples, replies)) / len(examples)
+    ok = [conv.judge(ex, r["text"]) for ex, r in zip(examples, replies)]
+    out = {"all": sum(ok) / len(ok)}
+    for kind in HELDOUT_KINDS:
+        sub = [o for o, ex in zip(ok, examples) if heldout_kind(ex) == kind]
+        out[kind] = sum(sub) / len(sub) if sub else None
+    return out
 
 
 def run(cfg: ThinkConfig) -> dict:
@@ -92,16 +112,27 @@ def run(cfg: ThinkConfig) -> dict:
                                   data=f"think:{order}"), examples=train, val_examples=evals[:64])
         if s["interrupted"]:
             return {"interrupted": True}
-        results[order] = {"acc": accuracy(run_dir, evals, cfg.mesh), "train_loss": s["loss"],
-                          "val_loss": s["val_loss"]}
-        common.say(f"   held-out accuracy ({order}): {100 * results[order]['acc']:.1f}%")
+        acc = accuracy(run_dir, evals, cfg.mesh)
+        results[order] = {"acc": acc["all"], "by_kind": acc, "train_loss": s["loss"], "val_loss": s["val_loss"]}
+        common.say(f"   held-out accuracy ({order}): {100 * acc['all']:.1f}%")
     a, r = results["answer_first"]["acc"], results["reasoning_first"]["acc"]
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+
     table = "\n".join([
-        "| SFT data | held-out accuracy | train loss | held-out loss |", "|---|---|---|---|",
-        *(f"| {o.replace('_', ' ')} | {100 * results[o]['acc']:.1f}% | {results[o]['train_loss']:.3f} | "
+        "| SFT data | held-out accuracy | unseen numbers | unseen story | train loss | held-out loss |",
+        "|---|---|---|---|---|---|",
+        *(f"| {o.replace('_', ' ')} | {pct(results[o]['acc'])} | {pct(results[o]['by_kind']['unseen_numbers'])} | "
+          f"{pct(results[o]['by_kind']['unseen_template'])} | {results[o]['train_loss']:.3f} | "
           f"{results[o]['val_loss']:.3f} |" for o in ORDERS)])
     line = {"acc_answer_first": round(a, 4), "acc_reasoning_first": round(r, 4), "n_eval": cfg.n_eval,
-            "steps": cfg.steps, "ratio": round(r / a, 2) if a else None, "wall_s": round(time.time() - t0, 1)}
+            "steps": cfg.steps, "ratio": round(r / a, 2) if a else None}
+    for kind in HELDOUT_KINDS:
+        for o in ORDERS:
+            v = results[o]["by_kind"][kind]
+            line[f"acc_{o}_{kind}"] = None if v is None else round(v, 4)
+    line["wall_s"] = round(time.time() - t0, 1)
     (out / "report.md").write_text(f"# Models need tokens to think\n\nbase {cfg.base}, {cfg.n_train} two-step "
                                    f"problems, {cfg.steps} SFT steps each, {cfg.n_eval} held-out problems "
                                    f"(greedy, no tools)\n\n{table}\n\n```json\n{json.dumps(line)}\n```\n")

@@ -233,3 +233,23 @@ def test_sft_from_a_hugging_face_checkpoint_in_its_own_template(tmp_path):
     # the loss covered only the replies in the native template: the rendered mask of one example
     ids, mask = loaded.template.render(rows[0]["messages"])
     assert loaded.tokenizer.decode([i for i, m in zip(ids, mask) if m]).startswith("hello!")
+
+
+def test_tokens_to_think_runs_both_orders_and_splits_held_out_kinds(sft_run):
+    """Two micro SFT runs (answer first / reasoning first) from the same base; the JSON line's
+    per-kind accuracies average (weighted by their counts) to the overall one."""
+    from experiments import tokens_to_think as ttt
+
+    root = sft_run[0]
+    base, out = root / "base", root / "think"
+    line = ttt.run(ttt.ThinkConfig(base=str(base), out_dir=str(out), n_train=32, n_eval=16, steps=2, batch_size=8))
+    for o in ttt.ORDERS:
+        assert (out / o / "config.json").is_file()
+        _, evals = ttt.problems(0, 1, 16, o)
+        kinds = [ttt.heldout_kind(e) for e in evals]
+        parts = [line[f"acc_{o}_{k}"] * kinds.count(k) for k in ttt.HELDOUT_KINDS if kinds.count(k)]
+        assert sum(parts) / 16 == pytest.approx(line[f"acc_{o}"], abs=1e-3)
+        assert set(kinds) == set(ttt.HELDOUT_KINDS)
+    train, _ = ttt.problems(0, 32, 1, "answer_first")
+    assert all(ttt.heldout_kind(e) == "unseen_numbers" for e in train)  # no held-out story in training
+    assert "| reasoning first |" in (out / "report.md").read_text()
