@@ -609,6 +609,26 @@ _SHORT_MATH = {
               "How many pages does {n} read in all?",
               ("{a}*{b} = <<{a}*{b}={ab}>>{ab} pages.", "{ab}+{c} = <<{ab}+{c}={r}>>{r} pages in all."),
               lambda a, b, c: a * b + c),
+    "boxes_sell": ("{n} packs {a} boxes with {b} {things} in each box and sells {c} {things}. "
+                   "How many {things} are left?",
+                   ("{a}*{b} = <<{a}*{b}={ab}>>{ab} {things} were packed.",
+                    "{ab}-{c} = <<{ab}-{c}={r}>>{r} {things} are left."),
+                   lambda a, b, c: a * b - c),
+    "coins_spend": ("{n} saves {a} coins a week for {b} weeks and then spends {c} coins. "
+                    "How many coins does {n} have left?",
+                    ("{n} saved {a}*{b} = <<{a}*{b}={ab}>>{ab} coins.",
+                     "{ab}-{c} = <<{ab}-{c}={r}>>{r} coins are left."),
+                    lambda a, b, c: a * b - c),
+    "shelf_add": ("A shelf has {a} rows with {b} books in each row. {n} puts {c} more books on it. "
+                  "How many books are on the shelf?",
+                  ("{a}*{b} = <<{a}*{b}={ab}>>{ab} books in the rows.",
+                   "{ab}+{c} = <<{ab}+{c}={r}>>{r} books on the shelf."),
+                  lambda a, b, c: a * b + c),
+    "finds_loses": ("{n} has {a} {things}. {P} finds {b} more and then loses {c}. How many {things} does {n} "
+                    "have now?",
+                    ("{a}+{b} = <<{a}+{b}={apb}>>{apb} {things}.",
+                     "{apb}-{c} = <<{apb}-{c}={r}>>{r} {things} now."),
+                    lambda a, b, c: a + b - c),
     # held out: a new story over the same two operations
     "trays": ("{n} bakes {a} trays with {b} muffins on each tray and drops {c} muffins. How many muffins are left?",
               ("{a}*{b} = <<{a}*{b}={ab}>>{ab} muffins were baked.",
