@@ -206,22 +206,6 @@ def _words(split: str) -> tuple[str, ...]:
     return TRAIN_WORDS if split == "train" else _HELDOUT_WORD_LIST
 
 
-INVENTED_WORD_SHARE = 0.5  # of the letter tasks' training words
-
-
-def _letter_word(rng, split: str) -> str:
-    """A word for a letter task. Training draws an invented pseudo-word half of the time: on a
-    list of 182 real words alone, a small model memorises the words and writes one of them into
-    the python call instead of copying the word it was asked about (measured on `mini`: 38% on
-    held-out words, most failures a training word in the call)."""
-    if split == "train" and rng.random() < INVENTED_WORD_SHARE:
-        for _ in range(100):
-            w = synthetic.invented_words(rng, 1)[0]
-            if len(w) >= 3 and w not in HELDOUT_WORDS:
-                return w
-    return rng.choice(_words(split))
-
-
 def heldout_entities(world: synthetic.World) -> frozenset[int]:
     """Ids of the entities reserved for evaluation: EVAL_ENTITY_FRACTION of each (kind, tier)
     group (at least one of any group of two or more), chosen by a seeded shuffle, so every tier
@@ -801,7 +785,7 @@ def python_output(value) -> str:
 
 def _gen_letters(kind):
     def gen(ctx, rng, split, word=None):
-        w = word or _letter_word(rng, split)
+        w = word or rng.choice(_words(split))
         code, value, sentence, answer, mode, extra = _letter_task(kind, rng, w)
         q, template = _pick(ctx, rng, _LETTER_QUESTIONS[kind], split)
         q = q.format(w=w, l=extra.get("letter", ""), nth=extra.get("nth", ""), n=extra.get("n", ""))

@@ -952,7 +952,7 @@ def spelling_problems(seed: int, n: int = 100) -> list[dict]:
 _SYLLABLES = tuple(sorted({o + v + c for o in _ONSETS for v in _VOWELS for c in _CODAS}))
 
 
-def invented_words(rng: random.Random, n: int) -> list[str]:
+def _invented_words(rng: random.Random, n: int) -> list[str]:
     """n distinct lowercase pseudo-words of 1-2 syllables (entity names are capitalised, so these
     never spell one)."""
     out: dict[str, None] = {}
@@ -963,7 +963,7 @@ def invented_words(rng: random.Random, n: int) -> list[str]:
 
 def _pattern_inputs(rng: random.Random, n: int, common: bool) -> list[str]:
     """n distinct inputs: common English words or invented ones."""
-    return rng.sample(_DISTINCT_WORDS, n) if common else invented_words(rng, n)
+    return rng.sample(_DISTINCT_WORDS, n) if common else _invented_words(rng, n)
 
 
 # rule name -> (words per input, only common words?, rule)
