@@ -34,6 +34,7 @@ FACT_TIERS = ("famous", "popular", "few", "once", "held_out")
 # takes 90 tokens at the median and 130 at most with the main job's vocabulary, so a budget of 96
 # cut most of them off before the answer.
 REPLY_BUDGET = 192
+MIN_REPLY = 32  # a prompt longer than the context minus the budget shrinks the budget to this, then is cut
 
 
 def default_tools(world=None, *, python: bool = True) -> dict:
@@ -63,8 +64,9 @@ def generate_replies(params, cfg, template, prompts: Sequence[Sequence[dict]], *
       prompts: message lists, each ending with the turn to answer.
       tools: name -> fn; tool calls the model makes run and their output enters the stream.
       ban_tools: tool names whose start tokens are never sampled (answer-only evaluation).
-      max_new_tokens: budget per reply (tool outputs included); prompts are cut from the left to
-        fit the context, never the reply budget.
+      max_new_tokens: budget per reply (tool outputs included); where a batch's longest prompt
+        leaves less room in the context, the budget shrinks to fit it (down to MIN_REPLY tokens),
+        and only then are prompts cut from the left.
 
     Returns:
       one dict per prompt: text (the reply's own text parts), message (parsed), ids (generated),
@@ -86,8 +88,11 @@ def generate_replies(params, cfg, template, prompts: Sequence[Sequence[dict]], *
     budget = max(1, min(max_new_tokens, cfg.max_seq_len - 8))
     for lo in range(0, len(prompts), batch):
         chunk = prompts[lo: lo + batch]
-        ids = [template.render_for_completion(list(p))[-(cfg.max_seq_len - budget):] for p in chunk]
-        scfg = sampling.SamplingConfig(temperature=temperature, max_new_tokens=budget, stop_ids=template.stop_ids,
+        ids = [template.render_for_completion(list(p)) for p in chunk]
+        # The budget gives way to long prompts (down to MIN_REPLY tokens); only then are prompts cut.
+        room = min(budget, max(cfg.max_seq_len - max(len(i) for i in ids), min(budget, MIN_REPLY)))
+        ids = [i[-(cfg.max_seq_len - room):] for i in ids]
+        scfg = sampling.SamplingConfig(temperature=temperature, max_new_tokens=room, stop_ids=template.stop_ids,
                                        banned_ids=banned)
         res = sampling.generate(params, cfg, ids, scfg, jax.random.PRNGKey(seed + lo), tools=tools or None,
                                 template=template, mesh=mesh)
