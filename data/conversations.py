@@ -621,35 +621,88 @@ _SHORT_MATH = {
 }
 SHORT_MATH_HELDOUT_TEMPLATES = ("trays",)
 
+# Three small steps over four one-digit numbers a, b, c, d: more than a small model computes in
+# one forward pass, each step still one table fact or a two-digit sum or difference.
+_THREE_STEP_MATH = {
+    "bags_boxes": ("{n} has {a} bags with {b} {things} in each bag and {c} boxes with {d} {things} in each box. "
+                   "How many {things} does {n} have?",
+                   ("{a}*{b} = <<{a}*{b}={ab}>>{ab} {things} in the bags.",
+                    "{c}*{d} = <<{c}*{d}={cd}>>{cd} {things} in the boxes.",
+                    "{ab}+{cd} = <<{ab}+{cd}={r}>>{r} {things} in all."),
+                   lambda a, b, c, d: a * b + c * d),
+    "pages_two_parts": ("{n} reads {a} pages a day for {b} days, then {c} pages a day for {d} days. "
+                        "How many pages does {n} read?",
+                        ("{a}*{b} = <<{a}*{b}={ab}>>{ab} pages first.",
+                         "{c}*{d} = <<{c}*{d}={cd}>>{cd} pages then.",
+                         "{ab}+{cd} = <<{ab}+{cd}={r}>>{r} pages in all."),
+                        lambda a, b, c, d: a * b + c * d),
+    "share_out": ("{n} has {a} bags with {b} {things} in each bag. {P} gives {c} {things} to each of {d} "
+                  "friends. How many {things} does {n} have left?",
+                  ("{n} has {a}*{b} = <<{a}*{b}={ab}>>{ab} {things}.",
+                   "{P} gives away {c}*{d} = <<{c}*{d}={cd}>>{cd} {things}.",
+                   "{ab}-{cd} = <<{ab}-{cd}={r}>>{r} {things} are left."),
+                  lambda a, b, c, d: a * b - c * d),
+    "buy_then_give": ("{n} has {a} {things}. {P} buys {b} packs with {c} {things} in each pack and then gives "
+                      "away {d}. How many {things} does {n} have now?",
+                      ("The packs hold {b}*{c} = <<{b}*{c}={bc}>>{bc} {things}.",
+                       "{a}+{bc} = <<{a}+{bc}={s}>>{s} {things}.",
+                       "{s}-{d} = <<{s}-{d}={r}>>{r} {things} now."),
+                      lambda a, b, c, d: a + b * c - d),
+    "coins_two_jobs": ("{n} earns {a} coins a day for {b} days and {c} coins a day for {d} more days. How many "
+                       "coins does {n} earn?",
+                       ("{a}*{b} = <<{a}*{b}={ab}>>{ab} coins.",
+                        "{c}*{d} = <<{c}*{d}={cd}>>{cd} coins.",
+                        "{ab}+{cd} = <<{ab}+{cd}={r}>>{r} coins in all."),
+                       lambda a, b, c, d: a * b + c * d),
+    # held out: a new story over the same operations
+    "trays_two": ("{n} bakes {a} trays with {b} muffins on each tray and {c} trays with {d} muffins on each "
+                  "tray. How many muffins does {n} bake?",
+                  ("{a}*{b} = <<{a}*{b}={ab}>>{ab} muffins on the first trays.",
+                   "{c}*{d} = <<{c}*{d}={cd}>>{cd} muffins on the others.",
+                   "{ab}+{cd} = <<{ab}+{cd}={r}>>{r} muffins in all."),
+                  lambda a, b, c, d: a * b + c * d),
+}
+THREE_STEP_HELDOUT_TEMPLATES = ("trays_two",)
+MATH_STEPS = (2, 3)  # the step counts short_math_problems offers
 
-def short_math_problems(seed: int, split: str = "train", n: int = 100) -> list[dict]:
-    """Problems a tiny model can solve with two small worked steps (one-digit operands).
+
+def short_math_problems(seed: int, split: str = "train", n: int = 100, *, steps: int = 2) -> list[dict]:
+    """Problems a tiny model can solve with `steps` small worked steps (one-digit operands):
+    two steps over a, b, c (_SHORT_MATH), or three over a, b, c, d (_THREE_STEP_MATH).
 
     Returns dicts like synthetic.math_problems: question, solution (steps with '<<a*b=c>>'
     annotations, last line '#### N'), answer, template, split, numbers. The 'heldout' split
-    uses SHORT_MATH_HELDOUT_TEMPLATES half of the time and otherwise number triples that
-    `heldout_numbers` reserves; 'train' never draws either."""
+    uses the held-out stories (SHORT_MATH_HELDOUT_TEMPLATES, THREE_STEP_HELDOUT_TEMPLATES) half of
+    the time and otherwise number tuples that `heldout_numbers` reserves; 'train' never draws
+    either."""
     _check_split(split)
-    train_t = [k for k in _SHORT_MATH if k not in SHORT_MATH_HELDOUT_TEMPLATES]
+    if steps not in MATH_STEPS:
+        raise ValueError(f"steps must be one of {MATH_STEPS}, got {steps}")
+    stories, held = (_SHORT_MATH, SHORT_MATH_HELDOUT_TEMPLATES) if steps == 2 else \
+        (_THREE_STEP_MATH, THREE_STEP_HELDOUT_TEMPLATES)
+    k = steps + 1  # numbers per problem
+    train_t = [name for name in stories if name not in held]
     out = []
     for i in range(n):
-        rng = _rng(seed, "short_math", split, i)
+        rng = _rng(seed, "short_math" if steps == 2 else f"math_{steps}_steps", split, i)
         unseen_template = split == "heldout" and rng.random() < 0.5
-        name = rng.choice(SHORT_MATH_HELDOUT_TEMPLATES if unseen_template else train_t)
-        q_t, steps_t, fn = _SHORT_MATH[name]
+        name = rng.choice(held if unseen_template else train_t)
+        q_t, steps_t, fn = stories[name]
         while True:
-            a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 9)
-            if fn(a, b, c) >= 0 and (unseen_template or heldout_numbers(a, b, c) == (split == "heldout")):
+            nums = tuple(rng.randint(2, 9) for _ in range(k))
+            if fn(*nums) >= 0 and (unseen_template or heldout_numbers(*nums) == (split == "heldout")):
                 break
         who = rng.choice(synthetic._PEOPLE)
         pron = synthetic._PRONOUN[who]
         _, things = rng.choice(synthetic._ITEMS)
-        r = fn(a, b, c)
+        r = fn(*nums)
+        a, b, c = nums[:3]
+        d = nums[3] if k > 3 else 0
         values = dict(n=who, p=pron, P=pron.capitalize(), o={"she": "her", "he": "him"}[pron], things=things,
-                      a=a, b=b, c=c, ab=a * b, apb=a + b, r=r)
-        steps = "\n".join(s.format(**values) for s in steps_t)
-        out.append(dict(question=q_t.format(**values), solution=f"{steps}\n#### {r}", answer=str(r),
-                        template=name, split=split, numbers=[a, b, c]))
+                      a=a, b=b, c=c, d=d, ab=a * b, apb=a + b, cd=c * d, bc=b * c, s=a + b * c, r=r)
+        text = "\n".join(t.format(**values) for t in steps_t)
+        out.append(dict(question=q_t.format(**values), solution=f"{text}\n#### {r}", answer=str(r),
+                        template=name, split=split, numbers=list(nums)))
     return out
 
 

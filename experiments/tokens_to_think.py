@@ -2,17 +2,18 @@
 
     python -m experiments.tokens_to_think --base=runs/main --out_dir=runs/think
 
-Two SFT runs from the same pretrained base on the same two-step word problems
-(data/conversations.py `short_math_problems`, no tools): one whose replies start with
-'Answer: N' and give the worked steps after it, one that works the steps first and ends with
-'Answer: N'. Each model is then asked held-out problems (an unseen story template and number
-triples never trained on), greedily; the judge reads the 'Answer: N' line. A model that must
-commit to the answer in its first tokens has to compute a*b-c inside one forward pass; one that
-writes a*b = 42 first only has to do one small step per token.
+Two SFT runs from the same pretrained base on the same word problems (data/conversations.py
+`short_math_problems`, no tools; two worked steps over three one-digit numbers, or three over four
+with --math_steps=3): one whose replies start with 'Answer: N' and give the worked steps after
+it, one that works the steps first and ends with 'Answer: N'. Each model is then asked held-out
+problems (an unseen story, or number tuples never trained on), greedily; the judge reads the
+'Answer: N' line. A model that must commit to the answer in its first tokens has to compute
+a*b-c (or a*b+c*d) inside one forward pass; one that writes a*b = 42 first only has to do one
+small step per token.
 
 Prints a table, then a JSON line with acc_answer_first, acc_reasoning_first (all held-out
 problems), the same split by kind (acc_ORDER_unseen_numbers, acc_ORDER_unseen_template), n_eval,
-steps;
+steps, math_steps;
 writes OUT_DIR/report.md and the two run directories OUT_DIR/answer_first, OUT_DIR/reasoning_first.
 """
 from __future__ import annotations
@@ -37,6 +38,8 @@ class ThinkConfig:
     out_dir: Optional[str] = _f(None, "where the two SFT runs and the report go")
     n_train: int = _f(4000, "training problems (the same for both runs)")
     n_eval: int = _f(200, "held-out problems per model")
+    math_steps: int = _f(2, "worked steps per problem: 2 (a*b-c over three one-digit numbers) or 3 (a*b+c*d "
+                         "over four)", choices=(2, 3))
     steps: int = _f(400, "SFT steps per run")
     batch_size: int = _f(16, "rows per step")
     lr: float = _f(1e-3, "peak learning rate")
@@ -54,14 +57,14 @@ class ThinkConfig:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
 
-def problems(seed: int, n_train: int, n_eval: int, order: str):
+def problems(seed: int, n_train: int, n_eval: int, order: str, steps: int = 2):
     """(train examples, held-out eval examples) in the given order; the same problems for both orders."""
     from data import conversations as conv
 
     train = [conv.math_example(p, order=order, tools_on=False, kind="math_short")
-             for p in conv.short_math_problems(seed, "train", n_train)]
+             for p in conv.short_math_problems(seed, "train", n_train, steps=steps)]
     evals = [conv.math_example(p, order=order, tools_on=False, kind="math_short")
-             for p in conv.short_math_problems(seed + 1, "heldout", n_eval)]
+             for p in conv.short_math_problems(seed + 1, "heldout", n_eval, steps=steps)]
     return train, evals
 
 
@@ -74,7 +77,8 @@ def heldout_kind(example) -> str:
     generalisation to a new wording, which the small models mostly fail in either order."""
     from data import conversations as conv
 
-    return "unseen_template" if example.meta["template"] in conv.SHORT_MATH_HELDOUT_TEMPLATES else "unseen_numbers"
+    held = conv.SHORT_MATH_HELDOUT_TEMPLATES + conv.THREE_STEP_HELDOUT_TEMPLATES
+    return "unseen_template" if example.meta["template"] in held else "unseen_numbers"
 
 
 def accuracy(run_dir, examples, mesh) -> dict:
@@ -103,13 +107,13 @@ def run(cfg: ThinkConfig) -> dict:
         raise ValueError(f"--base={cfg.base} is not a zipchat run directory (no {common.MODEL_CONFIG_FILE})")
     results = {}
     for order in ORDERS:
-        train, evals = problems(cfg.seed, cfg.n_train, cfg.n_eval, order)
+        train, evals = problems(cfg.seed, cfg.n_train, cfg.n_eval, order, cfg.math_steps)
         run_dir = out / order
         common.say(f"== SFT with the {order.replace('_', ' ')} ({len(train)} problems, {cfg.steps} steps) -> {run_dir}")
         s = sft.run(sft.SFTConfig(init=cfg.base, out_dir=str(run_dir), steps=cfg.steps, batch_size=cfg.batch_size,
                                   lr=cfg.lr, mesh=cfg.mesh, seed=cfg.seed, resume=cfg.resume, eval_every=0,
                                   eval_samples=0, ckpt_every=cfg.steps, log_every=max(cfg.steps // 8, 1),
-                                  data=f"think:{order}"), examples=train, val_examples=evals[:64])
+                                  data=f"think:{order},math_steps={cfg.math_steps}"), examples=train, val_examples=evals[:64])
         if s["interrupted"]:
             return {"interrupted": True}
         acc = accuracy(run_dir, evals, cfg.mesh)
@@ -127,13 +131,13 @@ def run(cfg: ThinkConfig) -> dict:
           f"{pct(results[o]['by_kind']['unseen_template'])} | {results[o]['train_loss']:.3f} | "
           f"{results[o]['val_loss']:.3f} |" for o in ORDERS)])
     line = {"acc_answer_first": round(a, 4), "acc_reasoning_first": round(r, 4), "n_eval": cfg.n_eval,
-            "steps": cfg.steps, "ratio": round(r / a, 2) if a else None}
+            "steps": cfg.steps, "math_steps": cfg.math_steps, "ratio": round(r / a, 2) if a else None}
     for kind in HELDOUT_KINDS:
         for o in ORDERS:
             v = results[o]["by_kind"][kind]
             line[f"acc_{o}_{kind}"] = None if v is None else round(v, 4)
     line["wall_s"] = round(time.time() - t0, 1)
-    (out / "report.md").write_text(f"# Models need tokens to think\n\nbase {cfg.base}, {cfg.n_train} two-step "
+    (out / "report.md").write_text(f"# Models need tokens to think\n\nbase {cfg.base}, {cfg.n_train} {cfg.math_steps}-step "
                                    f"problems, {cfg.steps} SFT steps each, {cfg.n_eval} held-out problems "
                                    f"(greedy, no tools)\n\n{table}\n\n```json\n{json.dumps(line)}\n```\n")
     common.say(table)

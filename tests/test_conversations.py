@@ -308,11 +308,22 @@ def test_answer_first_and_reasoning_first_differ_only_in_order():
         assert C.judge(e, e.reply_text)
     with pytest.raises(ValueError, match="order"):
         C.math_reply("1+1 = 2", "2", order="sideways")
-    # answers computed right
-    for q in C.short_math_problems(3, "heldout", 50) + C.short_math_problems(3, "train", 50):
-        for expr, val in re.findall(r"<<([^=]+)=(\d+)>>", q["solution"]):
-            assert tools.calculator(expr) == val
-        assert q["solution"].endswith(f"#### {q['answer']}")
+    # answers computed right, held-out stories and number tuples never in training problems
+    for steps, held in ((2, C.SHORT_MATH_HELDOUT_TEMPLATES), (3, C.THREE_STEP_HELDOUT_TEMPLATES)):
+        train = C.short_math_problems(3, "train", 200, steps=steps)
+        heldout = C.short_math_problems(3, "heldout", 200, steps=steps)
+        for q in heldout + train:
+            lines = re.findall(r"<<([^=]+)=(\d+)>>", q["solution"])
+            assert len(lines) == steps and len(q["numbers"]) == steps + 1
+            for expr, val in lines:
+                assert tools.calculator(expr) == val
+            assert q["solution"].endswith(f"#### {q['answer']}") and int(q["answer"]) >= 0
+        assert not {q["template"] for q in train} & set(held)
+        assert not any(C.heldout_numbers(*q["numbers"]) for q in train)
+        seen = {q["template"] for q in heldout}
+        assert set(held) <= seen and len(seen) > len(held)  # both kinds of held-out problem
+    with pytest.raises(ValueError, match="steps"):
+        C.short_math_problems(0, "train", 1, steps=4)
 
 
 # ---------------------------------------------------------------------------------- judges
