@@ -76,8 +76,9 @@ def define_flags(cls, *, flag_values=flags.FLAGS) -> None:
         kw = dict(flag_values=flag_values)
         if f.metadata.get("parse") or (base not in (bool, int, float, str)):
             flags.DEFINE_string(f.name, None if default is None else _to_text(default), help_, **kw)
-        elif f.metadata.get("choices"):
-            flags.DEFINE_enum(f.name, default, list(f.metadata["choices"]), help_, **kw)
+        elif f.metadata.get("choices"):  # absl enums are strings; _convert restores an int's type
+            flags.DEFINE_enum(f.name, None if default is None else str(default),
+                              [str(c) for c in f.metadata["choices"]], help_, **kw)
         elif optional:
             flags.DEFINE_string(f.name, None if default is None else str(default), help_ + " ('none' = unset)", **kw)
         elif base is bool:

@@ -52,6 +52,10 @@ class ThinkConfig:
             raise ValueError("--base is required (a pretraining run directory)")
         if not self.out_dir:
             raise ValueError("--out_dir is required")
+        from data import conversations as conv
+
+        if self.math_steps not in conv.MATH_STEPS:
+            raise ValueError(f"--math_steps must be one of {conv.MATH_STEPS}, got {self.math_steps}")
         for name in ("n_train", "n_eval", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")

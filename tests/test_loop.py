@@ -126,6 +126,7 @@ def test_options_flags_from_one_dataclass(tmp_path):
         fast: bool = options.field(False, "go fast")
         tokens: int = options.field(0, "budget", parse=readers.parse_bytes)
         mode: str = options.field("a", "mode", choices=("a", "b"))
+        depth: int = options.field(2, "an int with choices", choices=(2, 3))
 
         def __post_init__(self):
             if self.steps < 1:
@@ -134,9 +135,13 @@ def test_options_flags_from_one_dataclass(tmp_path):
     fv = flags.FlagValues()
     options.define_flags(Cfg, flag_values=fv)
     assert {"out_dir", "lr", "steps", "fast", "tokens", "mode", "config"} <= set(fv)
-    fv(["prog", "--lr=0.5", "--tokens=2M", "--fast", "--mode=b"])
+    fv(["prog", "--lr=0.5", "--tokens=2M", "--fast", "--mode=b", "--depth=3"])
     cfg = options.from_flags(Cfg, fv)
-    assert cfg == Cfg(out_dir=None, lr=0.5, steps=10, fast=True, tokens=2_000_000, mode="b")
+    assert cfg == Cfg(out_dir=None, lr=0.5, steps=10, fast=True, tokens=2_000_000, mode="b", depth=3)
+    assert isinstance(cfg.depth, int)
+    with pytest.raises(flags.IllegalFlagValueError):
+        options.define_flags(Cfg, flag_values=(bad := flags.FlagValues()))
+        bad(["prog", "--depth=4"])
     options.save_config(cfg, tmp_path, total=3)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["tokens"] == 2_000_000 and saved["total"] == 3
@@ -145,7 +150,7 @@ def test_options_flags_from_one_dataclass(tmp_path):
     fv2 = flags.FlagValues()
     options.define_flags(Cfg, flag_values=fv2)
     fv2(["prog", f"--config={tmp_path}/config.json", "--steps=4"])
-    assert options.from_flags(Cfg, fv2) == Cfg(lr=0.5, steps=4, fast=True, tokens=2_000_000, mode="b")
+    assert options.from_flags(Cfg, fv2) == Cfg(lr=0.5, steps=4, fast=True, tokens=2_000_000, mode="b", depth=3)
 
     fv3 = flags.FlagValues()
     options.define_flags(Cfg, flag_values=fv3)
