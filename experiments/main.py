@@ -109,22 +109,31 @@ class _State:
         common.save_json(self.path, self.done)
 
 
-def check(cfg: MainConfig) -> None:
-    """Every check before anything is written or trained (a bad flag costs nothing)."""
-    from core import model as model_lib
-    from core import sharding as sharding_lib
-    from experiments import stage
+def pretrain_config(cfg: MainConfig, *, resume: bool):
+    """The pretraining stage's options (its checks are pretrain.check_config's)."""
+    from experiments import pretrain
 
     out = pathlib.Path(cfg.out_dir)
-    if cfg.preset not in model_lib.PRESETS:
-        raise ValueError(f"--preset={cfg.preset!r} is not one of {sorted(model_lib.PRESETS)}")
-    m = sharding_lib.make_mesh(cfg.mesh)
-    if cfg.batch_size % sharding_lib.batch_divisor(m):
-        raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of data x fsdp = "
-                         f"{sharding_lib.batch_divisor(m)} for --mesh={cfg.mesh}")
+    steps = cfg.steps
+    return pretrain.PretrainConfig(
+        out_dir=str(out), preset=cfg.preset, data=_data_spec(cfg), tokenizer=str(out / common.TOKENIZER_FILE),
+        seq_len=cfg.seq_len, batch_size=cfg.batch_size, steps=steps, lr=cfg.lr,
+        warmup_steps=_DEFAULTS["warmup_steps"], mesh=cfg.mesh, seed=cfg.seed, resume=resume,
+        eval_every=max(steps // 4, 1), ckpt_every=max(steps // 4, 1), log_every=25, eval_batches=4, eval_samples=2)
+
+
+def _data_spec(cfg: MainConfig) -> str:
+    return f"synthetic:seed={cfg.seed},entities={cfg.entities},bytes={cfg.corpus_bytes}"
+
+
+def check(cfg: MainConfig) -> None:
+    """Every check before anything is written or trained (a bad flag costs nothing)."""
+    from experiments import pretrain, stage
+
+    out = pathlib.Path(cfg.out_dir)
+    pretrain.check_config(pretrain_config(cfg, resume=cfg.resume))  # preset, mesh, batch, checkpoints
     if not cfg.resume and (out / common.TOKENIZER_FILE).exists():
         raise ValueError(f"--out_dir={out} already holds a run; pass --resume to continue it or use a fresh --out_dir")
-    stage.check_fresh_or_resume(out, cfg.resume)
     for sub in ("sft", "rl", "rlhf", "honesty"):
         stage.check_fresh_or_resume(out / sub, cfg.resume)
         if not cfg.resume and (out / sub).exists():
@@ -141,7 +150,7 @@ def run(cfg: MainConfig) -> dict:
     check(cfg)
     seed, mesh, steps, sft_steps = cfg.seed, cfg.mesh, cfg.steps, cfg.sft_steps
     batch_size, seq_len, n_per_row = cfg.batch_size, cfg.seq_len, cfg.n_per_row
-    data = f"synthetic:seed={seed},entities={cfg.entities},bytes={cfg.corpus_bytes}"
+    data = _data_spec(cfg)
     state = _State(out, cfg.resume)
     timings = dict(state.done.get("timings", {}))
     n_stages = 4 + (2 + bool(cfg.rl_steps) + cfg.rlhf + cfg.honesty if sft_steps else 0)
@@ -174,13 +183,7 @@ def run(cfg: MainConfig) -> dict:
     # 2. pretraining
     t = time.time()
     if begin(2, "pretrain", f"pretraining the {cfg.preset} model for {steps} steps of {batch_size} x {seq_len} tokens"):
-        pcfg = pretrain.PretrainConfig(out_dir=str(out), preset=cfg.preset, data=data, tokenizer=str(tok_file),
-                                       seq_len=seq_len, batch_size=batch_size, steps=steps, lr=cfg.lr,
-                                       warmup_steps=_DEFAULTS["warmup_steps"], mesh=mesh, seed=seed,
-                                       resume=cfg.resume or (out / common.CHECKPOINT_DIR).exists(),
-                                       eval_every=max(steps // 4, 1), ckpt_every=max(steps // 4, 1), log_every=25,
-                                       eval_batches=4, eval_samples=2)
-        summary = pretrain.run(pcfg)
+        summary = pretrain.run(pretrain_config(cfg, resume=cfg.resume or (out / common.CHECKPOINT_DIR).exists()))
         if summary["interrupted"]:
             return {"interrupted": True}
         finish("pretrain", t, {k: summary[k] for k in ("loss", "val_bpb", "tokens_per_s", "n_params", "step")})
