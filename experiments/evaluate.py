@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 
 from absl import app
 
-from experiments import common, options
+from experiments import assistant_eval, common, options
 
 
 _f = options.field
@@ -45,7 +45,8 @@ class PhenomenaConfig:
     step: Optional[int] = _f(None, "checkpoint step (default: the latest)")
     n_per_row: int = _f(50, "assistant mode: prompts per row")
     compare_base: bool = _f(False, "assistant mode: also evaluate the run's base model (base_ keys)")
-    reply_tokens: int = _f(192, "assistant mode: token budget per reply, tool outputs included")
+    reply_tokens: int = _f(assistant_eval.REPLY_BUDGET, "assistant mode: token budget per reply, tool outputs "
+                           "included")
     docs_per_group: int = _f(32, "phenomena: documents per copies-group (regurgitation)")
     prompt_tokens: int = _f(8, "phenomena: document tokens given")
     cont_tokens: int = _f(24, "phenomena: continuation tokens compared")
@@ -297,8 +298,6 @@ def main(argv):
     common.quiet_logging()
     cfg = options.from_flags(PhenomenaConfig)
     if cfg.mode == "assistant":
-        from experiments import assistant_eval
-
         assistant_eval.run(cfg.out_dir, n=cfg.n_per_row, seed=cfg.seed, mesh=cfg.mesh, compare_base=cfg.compare_base,
                            max_new_tokens=cfg.reply_tokens)
         return

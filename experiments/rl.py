@@ -267,15 +267,11 @@ def run(cfg: RLRunConfig, *, train_tasks: Optional[Sequence] = None, eval_tasks:
                            "minibatch_size": mb, "seed": cfg.seed, "optim": dataclasses.asdict(cfg.optim_config())}}
     is_main = jax.process_index() == 0
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(out_dir / common.TOKENIZER_FILE)
         from experiments import sft
 
-        sft.copy_tokenizer_files(init_dir, out_dir)
-        common.save_json(out_dir / common.MODEL_CONFIG_FILE, common.model_config_to_json(model_cfg))
-        options.save_config(cfg, out_dir, stage="rl", template=template.name, base=str(init_dir.resolve()),
-                            base_stage=loaded.stage, rl=dataclasses.asdict(rl_cfg), seq_len=seq_len,
-                            world_data=common.world_spec(init_dir))
+        sft.write_run_files(out_dir, init_dir, tokenizer, model_cfg, cfg, stage="rl", template=template.name,
+                            base=str(init_dir.resolve()), base_stage=loaded.stage, rl=dataclasses.asdict(rl_cfg),
+                            seq_len=seq_len, world_data=common.world_spec(init_dir))
         if not resuming:  # a killed run that never checkpointed left logs behind: start them over
             for name in (common.METRICS_FILE, common.EVALS_FILE, "samples.txt"):
                 (out_dir / name).unlink(missing_ok=True)

@@ -350,25 +350,19 @@ def evaluate_policy(ctx: Ctx, params, key) -> dict:
 # ----------------------------------------------------------------------------- RL and DPO
 
 
-def _phase_dir(ctx: Ctx, out_dir: pathlib.Path, stage_name: str) -> bool:
+def _phase_dir(ctx: Ctx, out_dir: pathlib.Path, stage_name: str) -> None:
     """Makes `out_dir` a chat-ready run directory for one optimisation phase (tokenizer, model
-    config, config.json); returns True when it holds checkpoints to resume (--resume), and
-    starts its logs over when it does not."""
+    config, config.json), and starts its logs over unless it holds checkpoints to resume."""
     from experiments import sft, stage
 
     c = ctx.cfg
     resuming = stage.check_fresh_or_resume(out_dir, c.resume)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ctx.loaded.tokenizer.save(out_dir / common.TOKENIZER_FILE)
-    sft.copy_tokenizer_files(pathlib.Path(c.init), out_dir)
-    common.save_json(out_dir / common.MODEL_CONFIG_FILE, common.model_config_to_json(ctx.model_cfg))
-    options.save_config(c, out_dir, stage=stage_name, template=ctx.template.name,
-                        base=str(pathlib.Path(c.init).resolve()),
+    sft.write_run_files(out_dir, pathlib.Path(c.init), ctx.loaded.tokenizer, ctx.model_cfg, c, stage=stage_name,
+                        template=ctx.template.name, base=str(pathlib.Path(c.init).resolve()),
                         world_data=common.load_run_config(c.init).get("world_data"))
     if not resuming:  # a killed phase that never checkpointed left logs behind
         for name in (common.METRICS_FILE, common.EVALS_FILE):
             (out_dir / name).unlink(missing_ok=True)
-    return resuming
 
 
 def _train_phase(ctx: Ctx, out_dir: pathlib.Path, *, stage_name: str, label: str, step_fn, optimizer, batches,

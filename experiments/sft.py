@@ -181,6 +181,16 @@ def copy_tokenizer_files(init: pathlib.Path, out_dir: pathlib.Path) -> None:
             shutil.copyfile(init / name, out_dir / name)
 
 
+def write_run_files(out_dir: pathlib.Path, init_dir: pathlib.Path, tokenizer, model_cfg, cfg, **config) -> None:
+    """A fine-tuned run directory's files, so chat/sample/evaluate load it: the tokenizer (and an
+    HF init's tokenizer files), the model config, config.json (cfg's options plus `config`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out_dir / common.TOKENIZER_FILE)
+    copy_tokenizer_files(init_dir, out_dir)
+    common.save_json(out_dir / common.MODEL_CONFIG_FILE, common.model_config_to_json(model_cfg))
+    options.save_config(cfg, out_dir, **config)
+
+
 def run(cfg: SFTConfig, *, examples: Optional[list] = None, val_examples: Optional[list] = None) -> dict:
     """Fine-tunes per `cfg`; returns {step, loss, val_loss, wall_s, tokens_per_s, out_dir, n_train,
     dropped, interrupted}. `examples` / `val_examples` replace --data (tokens_to_think)."""
@@ -225,14 +235,10 @@ def run(cfg: SFTConfig, *, examples: Optional[list] = None, val_examples: Option
                            "optim": dataclasses.asdict(cfg.optim_config())}}
     is_main = jax.process_index() == 0
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(out_dir / common.TOKENIZER_FILE)
-        copy_tokenizer_files(init_dir, out_dir)
-        common.save_json(out_dir / common.MODEL_CONFIG_FILE, common.model_config_to_json(model_cfg))
-        options.save_config(cfg, out_dir, stage="sft", template=template.name, base=str(init_dir.resolve()),
-                            base_stage=loaded.stage, world_data=world_data, n_train=len(examples),
-                            tokenizer_sha256=common.tokenizer_sha256(tokenizer),
-                            dropped_too_long=dropped)
+        write_run_files(out_dir, init_dir, tokenizer, model_cfg, cfg, stage="sft", template=template.name,
+                        base=str(init_dir.resolve()), base_stage=loaded.stage, world_data=world_data,
+                        n_train=len(examples), tokenizer_sha256=common.tokenizer_sha256(tokenizer),
+                        dropped_too_long=dropped)
 
     render = Renderer(template, seq_len + 1)
     per_process = cfg.batch_size // jax.process_count()
