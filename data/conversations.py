@@ -474,10 +474,22 @@ def _gen_search(ctx, rng, split, tier=None):
     found = f": {r['value']}." in snippet
     if split == "train" and not found:
         return None  # a training reply must take its answer from the snippet: redraw (rare)
-    reply = [_call("search", query), _output(snippet), _text(fact_sentence(e, r["attribute"], r["value"]))]
+    reply = search_reply(e, r["attribute"], r["value"], query, snippet)
     return Example("search", (_user(q), _assistant(reply)), r["value"],
                    dict(entity=e.name, tier=e.tier, attribute=r["attribute"], template=template, split=split,
                         tool="search", snippet_has_answer=found, judge="contains"))
+
+
+def search_reply(e: synthetic.Entity, attribute: str, value: str, query: str, snippet: str) -> list[dict]:
+    """An assistant reply that searches and answers from the snippet: the call, its output, then
+    the snippet's own line quoted ('Year of birth: 1871.') before the answer sentence. The quote
+    makes reading the snippet a copy of what follows a label the reply just wrote (the pattern
+    induction heads complete), and the answer sentence then copies from the quote next to it; a
+    small model asked to map "born in" onto "Year of birth:" across the snippet in one step
+    often names the wrong field's value."""
+    quote = f"{NOUNS[attribute].capitalize()}: {value}."
+    return [_call("search", query), _output(snippet),
+            _text(f'The search result says "{quote}" {fact_sentence(e, attribute, value)}')]
 
 
 def _gen_search_followup(ctx, rng, split, tier=None):
@@ -654,6 +666,36 @@ _THREE_STEP_MATH = {
                         "{c}*{d} = <<{c}*{d}={cd}>>{cd} coins.",
                         "{ab}+{cd} = <<{ab}+{cd}={r}>>{r} coins in all."),
                        lambda a, b, c, d: a * b + c * d),
+    "plates_jars": ("{n} puts {b} cookies on each of {a} plates and {d} cookies in each of {c} jars. How many "
+                    "cookies does {n} use?",
+                    ("{a}*{b} = <<{a}*{b}={ab}>>{ab} cookies on the plates.",
+                     "{c}*{d} = <<{c}*{d}={cd}>>{cd} cookies in the jars.",
+                     "{ab}+{cd} = <<{ab}+{cd}={r}>>{r} cookies in all."),
+                    lambda a, b, c, d: a * b + c * d),
+    "seats": ("A hall has {a} tables with {b} chairs at each table and {c} benches with {d} seats on each bench. "
+              "How many seats are in the hall?",
+              ("{a}*{b} = <<{a}*{b}={ab}>>{ab} chairs.",
+               "{c}*{d} = <<{c}*{d}={cd}>>{cd} bench seats.",
+               "{ab}+{cd} = <<{ab}+{cd}={r}>>{r} seats in all."),
+              lambda a, b, c, d: a * b + c * d),
+    "sells_two_days": ("{n} sells {a} boxes of {b} {things} on Monday and {c} boxes of {d} {things} on Tuesday. "
+                       "How many {things} does {n} sell?",
+                       ("{a}*{b} = <<{a}*{b}={ab}>>{ab} {things} on Monday.",
+                        "{c}*{d} = <<{c}*{d}={cd}>>{cd} {things} on Tuesday.",
+                        "{ab}+{cd} = <<{ab}+{cd}={r}>>{r} {things} in all."),
+                       lambda a, b, c, d: a * b + c * d),
+    "buys_uses": ("{n} buys {a} packs with {b} {things} in each pack and uses {c} {things} a day for {d} days. "
+                  "How many {things} are left?",
+                  ("{n} buys {a}*{b} = <<{a}*{b}={ab}>>{ab} {things}.",
+                   "{P} uses {c}*{d} = <<{c}*{d}={cd}>>{cd} {things}.",
+                   "{ab}-{cd} = <<{ab}-{cd}={r}>>{r} {things} are left."),
+                  lambda a, b, c, d: a * b - c * d),
+    "garden": ("{n} plants {a} rows with {b} roses in each row and {c} rows with {d} tulips in each row. How many "
+               "flowers does {n} plant?",
+               ("{a}*{b} = <<{a}*{b}={ab}>>{ab} roses.",
+                "{c}*{d} = <<{c}*{d}={cd}>>{cd} tulips.",
+                "{ab}+{cd} = <<{ab}+{cd}={r}>>{r} flowers in all."),
+               lambda a, b, c, d: a * b + c * d),
     # held out: a new story over the same operations
     "trays_two": ("{n} bakes {a} trays with {b} muffins on each tray and {c} trays with {d} muffins on each "
                   "tray. How many muffins does {n} bake?",

@@ -283,8 +283,7 @@ def search_example(world: synthetic.World, example: conv.Example, index) -> conv
     snippet = tools.search_tool(index, query, k=conv.SEARCH_K)
     if f": {example.answer}." not in snippet:
         return None
-    reply = [conv._call("search", query), conv._output(snippet),
-             conv._text(conv.fact_sentence(e, meta["attribute"], example.answer))]
+    reply = conv.search_reply(e, meta["attribute"], example.answer, query, snippet)
     return conv.Example("honesty_search", (*example.prompt, conv._assistant(reply)), example.answer,
                         dict(meta, honesty="search", tool="search"))
 

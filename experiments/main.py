@@ -238,7 +238,7 @@ def run(cfg: MainConfig) -> dict:
             t = time.time()
             if begin(i, "rl", f"RL (GRPO, {cfg.rl_steps} steps) on synthetic math from the SFT model -> {out / 'rl'}"):
                 r = rl.run(rl.RLRunConfig(init=str(out / "sft"), out_dir=str(out / "rl"), steps=cfg.rl_steps,
-                                          seed=seed, mesh=mesh, eval_every=max(cfg.rl_steps // 4, 1),
+                                          seed=seed, mesh=mesh, eval_every=max(cfg.rl_steps // 2, 1),
                                           resume=cfg.resume or (out / "rl" / common.CHECKPOINT_DIR).exists()))
                 if r.get("interrupted"):
                     return {"interrupted": True}

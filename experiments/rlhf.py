@@ -129,7 +129,7 @@ class RLHFConfig:
 def small_config(init: str, out_dir: str, **overrides) -> RLHFConfig:
     """The main job's small version: every phase, fewer prompts and steps (see the README for
     its time on a 2-core CPU)."""
-    kw = dict(init=init, out_dir=out_dir, n_prompts=256, val_prompts=32, rm_sizes="32,256", rm_steps=100,
+    kw = dict(init=init, out_dir=out_dir, n_prompts=256, val_prompts=32, rm_sizes="32,256", rm_steps=50,
               bon_prompts=8, bon_max_n=256, rl_steps=60, rl_prompts=8, rl_group=8, dpo_steps=40, eval_every=5,
               eval_prompts=16, eval_samples=4, max_new_tokens=40)
     kw.update(overrides)

@@ -238,9 +238,14 @@ def test_every_tool_output_is_what_the_tool_returns(world, mixture, heldout_sets
                 assert out["text"] == _exec_print(call["text"]), call
     assert all(v > 50 for v in seen.values()), seen
     # train search replies take their answer from the snippet; retrieval works for held-out entities
+    # and quote the snippet's line that holds it, verbatim, before the answer sentence
     for e in mixture:
         if e.kind == "search":
-            assert e.answer in _tool_pairs(e.messages)[0][1]["text"]
+            snippet = _tool_pairs(e.messages)[0][1]["text"]
+            assert e.answer in snippet
+            answer = e.messages[-1]["content"][-1]["text"]
+            quote = answer.split('"')[1]
+            assert quote in snippet and quote.endswith(f": {e.answer}.") and e.answer in answer.split('"')[2]
     probe = C.eval_set(world, "search", 60, seed=0, tier="held_out")
     assert sum(e.meta["snippet_has_answer"] for e in probe) >= 0.9 * len(probe)
 
