@@ -419,13 +419,18 @@ def minibatches(batch: Mapping[str, np.ndarray], group_size: int, size: int, see
 
 
 def evaluate(params, tasks: Sequence[Any], *, model_cfg, template, max_new_tokens: int, key: jax.Array,
-             k: int = 0, temperature: float = 1.0, tools=None, mesh=None) -> dict:
+             k: int = 0, temperature: float = 1.0, tools=None, mesh=None,
+             groups: Optional[Sequence[str]] = None) -> dict:
     """Held-out accuracy: greedy pass@1 and (k > 0) sampled pass@k, strict and lenient.
 
+    groups: optional label per task (e.g. 'unseen_template' / 'unseen_numbers'); greedy lenient
+      accuracy is then also reported per label, as 'greedy_lenient/LABEL'.
     Returns {'greedy_lenient', 'greedy_strict', 'mean_len' (greedy reply tokens), 'truncation_rate',
     'pass@k_lenient', 'pass@k_strict' (a prompt passes when any of its k samples is right),
     'n', 'texts' (the greedy replies)}.
     """
+    if groups is not None and len(groups) != len(tasks):
+        raise ValueError(f"groups has {len(groups)} labels for {len(tasks)} tasks")
     check_template(template)
     prompts = render_prompts(template, tasks)
     greedy = sampling.SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, stop_ids=tuple(template.stop_ids))
@@ -436,6 +441,9 @@ def evaluate(params, tasks: Sequence[Any], *, model_cfg, template, max_new_token
            "mean_len": float(res.lengths.mean()),
            "truncation_rate": float(np.mean([f == "length" for f in res.finish_reason])), "n": len(tasks),
            "texts": texts}
+    for label in sorted(set(groups or ())):
+        rows = np.array([g == label for g in groups])
+        out[f"greedy_lenient/{label}"] = float(lenient[rows].mean())
     if k > 0:
         scfg = dataclasses.replace(greedy, temperature=temperature)
         res = sampling.generate(params, model_cfg, prompts, scfg, jax.random.fold_in(key, 1), n_samples=k,

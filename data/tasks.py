@@ -118,7 +118,8 @@ def short_math_tasks(seed: int = 0, split: str = "train", n: int = 100, *, fmt: 
 
     fn = _math_reward(fmt, reward, format_weight)
     return [TaskItem(f"short_math/{split}/{seed}/{i}", ({"role": "user", "content": p["question"]},), p["answer"], fn,
-                     {"source": "short_math", "split": split, "template": p["template"], "format": fmt})
+                     {"source": "short_math", "split": split, "template": p["template"], "format": fmt,
+                      "heldout_template": p["template"] in conv.SHORT_MATH_HELDOUT_TEMPLATES})
             for i, p in enumerate(conv.short_math_problems(seed, split, n))]
 
 

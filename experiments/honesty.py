@@ -45,7 +45,7 @@ _f = options.field
 # Sizes per preset; a flag left at 0 takes its preset's value.
 PRESETS = {
     "full": dict(n_snippets=600, unseen_entities=40, k_samples=8, n_eval=60, steps=60),
-    "small": dict(n_snippets=200, unseen_entities=16, k_samples=4, n_eval=30, steps=40),
+    "small": dict(n_snippets=200, unseen_entities=16, k_samples=4, n_eval=30, steps=60),
 }
 TIERS = ("famous", "popular", "few", "once", "held_out")
 TOOLS = ("calculator", "python", "search")

@@ -70,7 +70,7 @@ class MainConfig:
     sft_steps: int = _f(_DEFAULTS["sft_steps"], "SFT steps (0 = stop after the base model)")
     sft_conversations: int = _f(_DEFAULTS["sft_conversations"], "synthetic SFT conversations")
     n_per_row: int = _f(_DEFAULTS["n_per_row"], "prompts per row of the assistant evaluation")
-    rl_steps: int = _f(40, "GRPO steps after SFT (0 = no RL stage)")
+    rl_steps: int = _f(30, "GRPO steps after SFT (0 = no RL stage)")
     rlhf: bool = _f(True, "run the small RLHF stage (reward model, best-of-n, RL vs the RM, DPO)")
     honesty: bool = _f(True, "run the small honesty stage (probe, refusals, fine-tune, before/after)")
     resume: bool = _f(False, "continue an interrupted main job in --out_dir")

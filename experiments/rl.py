@@ -294,10 +294,15 @@ def run(cfg: RLRunConfig, *, train_tasks: Optional[Sequence] = None, eval_tasks:
                f"G={cfg.group_size}, {cfg.max_new_tokens} new tokens, rows of {seq_len} | mu={cfg.mu}, mini-batch "
                f"{mb} | {cfg.steps} steps on {peak_desc}\n  knobs: {dataclasses.asdict(rl_cfg)}")
 
+    # synthetic math's held-out split mixes unseen templates and unseen numbers: report each
+    eval_groups = ([("unseen_template" if t.info["heldout_template"] else "unseen_numbers") for t in eval_tasks]
+                   if all("heldout_template" in t.info for t in eval_tasks) else None)
+
     def evaluate(step, params_) -> dict:
         res = rollout.evaluate(params_, eval_tasks, model_cfg=model_cfg, template=template,
                                max_new_tokens=cfg.max_new_tokens, key=jax.random.fold_in(base_key, 10**9 + step),
-                               k=cfg.pass_k if step in (0, cfg.steps) else 0, temperature=cfg.temperature, tools=tools, mesh=mesh)
+                               k=cfg.pass_k if step in (0, cfg.steps) else 0, temperature=cfg.temperature, tools=tools,
+                               mesh=mesh, groups=eval_groups)
         texts = res.pop("texts")
         if is_main:
             with open(out_dir / "samples.txt", "a", encoding="utf-8") as f:
@@ -309,7 +314,9 @@ def run(cfg: RLRunConfig, *, train_tasks: Optional[Sequence] = None, eval_tasks:
                    f"{100 * res['greedy_strict']:.1f}% strict" +
                    (f", pass@{cfg.pass_k} {100 * res[f'pass@{cfg.pass_k}_lenient']:.1f}%"
                     if f"pass@{cfg.pass_k}_lenient" in res else "") +
-                   f", mean length {res['mean_len']:.1f} tokens")
+                   f", mean length {res['mean_len']:.1f} tokens" +
+                   "".join(f", {k.split('/', 1)[1].replace('_', ' ')} {100 * v:.1f}%"
+                           for k, v in res.items() if k.startswith("greedy_lenient/")))
         progress.pause()
         return res
 
@@ -395,6 +402,9 @@ def run(cfg: RLRunConfig, *, train_tasks: Optional[Sequence] = None, eval_tasks:
         "n_eval": len(eval_tasks), "out_dir": str(out_dir), "interrupted": result.interrupted,
         "evals": [{k: e[k] for k in ("step", *EVAL_FILE_KEYS) if k in e} for e in evals],
     }
+    for key in sorted(k for k in start_eval if k.startswith("greedy_lenient/")):
+        label = key.split("/", 1)[1]  # e.g. heldout_acc_unseen_template_start / _end
+        summary[f"heldout_acc_{label}_start"], summary[f"heldout_acc_{label}_end"] = start_eval[key], end.get(key)
     common.say(f"rl done: step {result.step}, held-out greedy {100 * summary['heldout_acc_start']:.1f}% -> "
                f"{100 * summary['heldout_acc_end']:.1f}% (strict {100 * summary['heldout_strict_start']:.1f}% -> "
                f"{100 * summary['heldout_strict_end']:.1f}%), mean length {summary['mean_len_start']:.1f} -> "
@@ -445,6 +455,10 @@ def report_section(summary: dict, rel_dir: str = "rl") -> str:
              f"| accuracy, lenient | {pct(summary['heldout_acc_start'])} | {pct(summary['heldout_acc_end'])} |",
              f"| accuracy, strict ('Answer: N' line) | {pct(summary['heldout_strict_start'])} | "
              f"{pct(summary['heldout_strict_end'])} |"]
+    for key in sorted(x for x in summary if x.startswith("heldout_acc_unseen_") and x.endswith("_start")):
+        label = key[len("heldout_acc_"):-len("_start")]
+        lines.append(f"| accuracy, lenient, {label.replace('_', ' ')} | {pct(summary[key])} | "
+                     f"{pct(summary.get(f'heldout_acc_{label}_end'))} |")
     if k:
         lines.append(f"| sampled pass@{k}, lenient | {pct(summary.get(f'pass@{k}_start'))} | "
                      f"{pct(summary.get(f'pass@{k}_end'))} |")
