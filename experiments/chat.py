@@ -337,15 +337,32 @@ class ChatSession:
         self.memory = MemoryBank(cfg.memory_file)
         self.preset = load_preset(cfg.preset_file) if cfg.preset_file else Preset()
         self.system = clean_text(cfg.system)
-        registry = tools_lib.make_tools()
         # A template without tool tokens (a Hugging Face one) cannot call tools: they are off.
         names = cfg.tools if self.template.tools is not None else ()
+        registry = tools_lib.make_tools(**self._search_index(names))
         self.tools = {name: (lambda text, n=name: tools_lib.run_tool(n, text, registry)) for name in names}
+        # a tool that is off is banned, so the model never opens a call nothing would answer
+        banned = tuple(i for n, i in (self.template.tools.start.items() if self.template.tools else ())
+                       if n not in self.tools)
         self.sampling_cfg = sampling.SamplingConfig(
             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
-            max_new_tokens=cfg.max_new_tokens, stop_ids=self.template.stop_ids)
+            max_new_tokens=cfg.max_new_tokens, stop_ids=self.template.stop_ids, banned_ids=banned)
         self.turn = 0
         self.new()
+
+    def _search_index(self, names) -> dict:
+        """make_tools' search options: the index over the synthetic world's documents (the one
+        SFT's search replies and the assistant evaluation use) when search is on."""
+        if "search" not in names:
+            return {}
+        spec = common.world_spec(self.loaded.path) if self.loaded is not None else None
+        if spec is None:
+            raise ValueError("--tools=search needs a run trained on the synthetic world (its documents are the "
+                             "search index); leave search out of --tools for this model")
+        from data import conversations as conv
+        from data import readers
+
+        return {"search_index": conv.search_index(readers.open_source(spec).world), "search_k": conv.SEARCH_K}
 
     def banner(self) -> str:
         """The first line of a chat: what the model is (base or chat-tuned, and why), its

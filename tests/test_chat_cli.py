@@ -1,5 +1,6 @@
 """experiments/chat.py: a tiny run directory (tokenizer trained here + random model saved through
 core/checkpoint.py), the non-interactive CLI, and the interactive commands driven in-process."""
+import dataclasses
 import io
 import json
 import os
@@ -44,10 +45,12 @@ def loaded(run_dir):
 
 
 def _expected_reply(loaded, messages, seed=0, turn=0, max_new=24):
-    """What the engine itself produces for this conversation (greedy): the CLI must match it."""
+    """What the engine itself produces for this conversation (greedy, tools off: their call tokens
+    banned, as the CLI bans a tool it does not serve): the CLI must match it."""
     tok, cfg, params, _ = loaded
     ids = chat_lib.render_for_completion(tok, messages)
-    sc = sampling.SamplingConfig(temperature=0.0, max_new_tokens=max_new, stop_ids=chat_lib.assistant_stop_ids(tok))
+    sc = sampling.SamplingConfig(temperature=0.0, max_new_tokens=max_new, stop_ids=chat_lib.assistant_stop_ids(tok),
+                                 banned_ids=tuple(chat_lib.chat_tokens(tok).tool_start.values()))
     res = sampling.generate(params, cfg, [ids], sc, jax.random.fold_in(jax.random.PRNGKey(seed), turn))
     return res.row_tokens(0)
 
@@ -160,6 +163,21 @@ def test_session_runs_a_calculator_call(loaded, tmp_path):
     assert stats["finish_reason"] == "stop"
     assert session.messages[-1] == {"role": "assistant", "content": [
         {"type": "tool_call", "tool": "calculator", "text": "2+3"}, {"type": "tool_output", "text": "5"}]}
+
+
+def test_tools_off_are_banned_and_search_needs_the_world(loaded, tmp_path):
+    """A tool the session does not serve cannot be called (its start token is banned); search
+    (the synthetic world's documents) is refused for a model that has no world."""
+    session, _, _ = _session(loaded, tmp_path)
+    t = chat_lib.chat_tokens(loaded[0])
+    assert set(session.sampling_cfg.banned_ids) == set(t.tool_start.values())
+    cfg = chat_cli.ChatConfig(out_dir="unused", temperature=0.0, max_new_tokens=4, tools=("calculator",),
+                              memory_file=str(tmp_path / "memory.json"))
+    banned = chat_cli.ChatSession(loaded, cfg, out=io.StringIO(), status=io.StringIO()).sampling_cfg.banned_ids
+    assert t.tool_start["calculator"] not in banned and t.tool_start["search"] in banned
+    cfg = dataclasses.replace(cfg, tools=("search",))
+    with pytest.raises(ValueError, match="synthetic world"):
+        chat_cli.ChatSession(loaded, cfg, out=io.StringIO(), status=io.StringIO())
 
 
 # ----------------------------------------------------------------------------- Hugging Face checkpoints, banner

@@ -174,7 +174,8 @@ def test_sft_run_directory_is_chat_ready(sft_run):
     assert (out / "samples.txt").read_text().count("=== step") == 2
     # the chat CLI answers from it
     proc = subprocess.run([sys.executable, "-m", "experiments.chat", f"--out_dir={out}", "--prompt=Who are you?",
-                           "--temperature=0", "--max_new_tokens=8", "--tools=", f"--memory_file={root / 'm.json'}"],
+                           "--temperature=0", "--max_new_tokens=8", "--tools=calculator,search",
+                           f"--memory_file={root / 'm.json'}"],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip()
