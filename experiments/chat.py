@@ -339,7 +339,7 @@ class ChatSession:
         self.system = clean_text(cfg.system)
         # A template without tool tokens (a Hugging Face one) cannot call tools: they are off.
         names = cfg.tools if self.template.tools is not None else ()
-        registry = tools_lib.make_tools(**self._search_index(names))
+        registry = self._tool_registry(names)
         self.tools = {name: (lambda text, n=name: tools_lib.run_tool(n, text, registry)) for name in names}
         # a tool that is off is banned, so the model never opens a call nothing would answer
         banned = tuple(i for n, i in (self.template.tools.start.items() if self.template.tools else ())
@@ -350,19 +350,21 @@ class ChatSession:
         self.turn = 0
         self.new()
 
-    def _search_index(self, names) -> dict:
-        """make_tools' search options: the index over the synthetic world's documents (the one
-        SFT's search replies and the assistant evaluation use) when search is on."""
+    def _tool_registry(self, names) -> dict:
+        """core/tools' callables; with search on, searching the synthetic world's documents
+        through the assistant evaluation's tools (the index SFT's search replies were made from)."""
+        from core import tools as tools_lib
+
         if "search" not in names:
-            return {}
+            return tools_lib.make_tools()
         spec = common.world_spec(self.loaded.path) if self.loaded is not None else None
         if spec is None:
             raise ValueError("--tools=search needs a run trained on the synthetic world (its documents are the "
                              "search index); leave search out of --tools for this model")
-        from data import conversations as conv
         from data import readers
+        from experiments import assistant_eval
 
-        return {"search_index": conv.search_index(readers.open_source(spec).world), "search_k": conv.SEARCH_K}
+        return assistant_eval.default_tools(readers.open_source(spec).world)
 
     def banner(self) -> str:
         """The first line of a chat: what the model is (base or chat-tuned, and why), its

@@ -107,11 +107,11 @@ def test_run_directory(rl_run):
     from data import tasks as tasks_lib
     held = tasks_lib.short_math_tasks(0, "heldout", 4)
     share = sum(t.info["heldout_template"] for t in held) / len(held)
+    assert 0 < share < 1, "the held-out prompts must hold both kinds for this check"
     parts = {g: evals[0].get(f"greedy_lenient/unseen_{g}") for g in ("template", "numbers")}
-    if 0 < share < 1:
-        assert None not in parts.values(), evals[0]
-        assert abs(share * parts["template"] + (1 - share) * parts["numbers"] - evals[0]["greedy_lenient"]) < 1e-9
-        assert summary["heldout_acc_unseen_template_end"] == evals[-1]["greedy_lenient/unseen_template"]
+    assert None not in parts.values(), evals[0]
+    assert abs(share * parts["template"] + (1 - share) * parts["numbers"] - evals[0]["greedy_lenient"]) < 1e-9
+    assert summary["heldout_acc_unseen_template_end"] == evals[-1]["greedy_lenient/unseen_template"]
     assert summary["mean_len_end"] == evals[-1]["mean_len"]
     for name in ("heldout_accuracy.png", "response_length.png"):
         assert (out / "plots" / name).stat().st_size > 1000
