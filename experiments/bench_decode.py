@@ -106,15 +106,16 @@ def _prompts(rng, batch: int, length: int, vocab: int) -> list[list[int]]:
     return rng.integers(1, vocab, (batch, length)).tolist()
 
 
-def bench_kv_cache(params, cfg, prompts, new_tokens: int, n_samples: int = 1) -> tuple[float, list[list[int]]]:
+def bench_kv_cache(params, cfg, prompts, new_tokens: int, n_samples: int = 1, mesh=None) -> tuple[float, list[list[int]]]:
     """(decode tokens/s, generated tokens) of core.sampling.generate, no stop tokens: greedy, or
-    with n_samples > 1 sampled at temperature 1 (the samples share their prompt's cache)."""
+    with n_samples > 1 sampled at temperature 1 (the samples share their prompt's cache). With a
+    mesh, rows are split over its devices (params must live on it)."""
     import jax
 
     from core import sampling
 
     sc = sampling.SamplingConfig(temperature=0.0 if n_samples == 1 else 1.0, max_new_tokens=new_tokens)
-    res = sampling.generate(params, cfg, prompts, sc, jax.random.PRNGKey(0), n_samples=n_samples)
+    res = sampling.generate(params, cfg, prompts, sc, jax.random.PRNGKey(0), n_samples=n_samples, mesh=mesh)
     rows = len(prompts) * n_samples
     return rows * new_tokens / res.decode_s, [res.row_tokens(r) for r in range(rows)]
 
@@ -314,10 +315,15 @@ def run(bc: BenchConfig) -> dict:
 
     from core import model as model_lib
     from core import sampling
+    from core import sharding as sharding_lib
 
     load_start = os.getloadavg()[0]
     cfg = bc.model_config()
     params = jax.jit(model_lib.init_params, static_argnums=1)(jax.random.PRNGKey(bc.seed), cfg)
+    # Our engine splits rows over every device (on CPU: one per core, --cpu_devices).
+    mesh = sharding_lib.make_mesh("data:-1") if jax.device_count() > 1 else None
+    on_mesh = (lambda p, c: jax.device_put(p, sharding_lib.model_shardings(c, mesh))) if mesh else (lambda p, c: p)
+    params_m = on_mesh(params, cfg)
     n_params = model_lib.count_params(params)
     common.say(f"model: {bc.arch}-shaped, {n_params / 1e6:.2f}M params (d_model {cfg.d_model}, layers "
                f"{cfg.n_layers}, heads {cfg.n_heads}/{cfg.k} kv, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}), "
@@ -361,14 +367,14 @@ def run(bc: BenchConfig) -> dict:
             prompts = _prompts(rng, b, ctx - bc.new_tokens, cfg.vocab_size)
             toks = {}
 
-            def ours(p=params, c=cfg, tag="f32"):
-                tps, toks[tag] = bench_kv_cache(p, c, prompts, bc.new_tokens)
+            def ours(p=params_m, c=cfg, tag="f32"):
+                tps, toks[tag] = bench_kv_cache(p, c, prompts, bc.new_tokens, mesh=mesh)
                 return tps
 
             contenders = {"kv_cache": ours}
             ours()  # compile
             if params_bf is not None:
-                contenders["bf16"] = functools.partial(ours, params_bf, cfg_bf, "bf16")
+                contenders["bf16"] = functools.partial(ours, on_mesh(params_bf, cfg_bf), cfg_bf, "bf16")
                 contenders["bf16"]()  # compile
             if hf_model is not None:
                 def theirs():
@@ -405,7 +411,7 @@ def run(bc: BenchConfig) -> dict:
         # HF's num_return_sequences expands it G times.
         for ctx in bc.contexts:
             prompts = _prompts(rng, 64 // bc.group, ctx - bc.new_tokens, cfg.vocab_size)
-            contenders = {"kv_cache": lambda: bench_kv_cache(params, cfg, prompts, bc.new_tokens, bc.group)[0]}
+            contenders = {"kv_cache": lambda: bench_kv_cache(params_m, cfg, prompts, bc.new_tokens, bc.group, mesh)[0]}
             contenders["kv_cache"]()  # compile
             if hf_model is not None:
                 contenders["hf"] = lambda: bench_hf(hf_model, prompts, bc.new_tokens, bc.group)[0]
@@ -445,7 +451,7 @@ def run(bc: BenchConfig) -> dict:
         "peak_gflops": peak / 1e9,
         "headline_context": bc.headline_context,
         "new_tokens": bc.new_tokens,
-        "repeats": bc.repeats,
+        "repeats": bc.repeats, "devices": jax.device_count(),
         "hf_threads": bc.hf_threads or None,
         "n_params": n_params,
         "load_avg_start": load_start,

@@ -47,6 +47,40 @@ def define_common_flags(default_preset: str = "tiny", default_out_dir: Optional[
     flags.DEFINE_integer("seed", 0, "seed for params, data order and sampling")
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        return os.cpu_count() or 1
+
+
+def use_cpu_cores_as_devices(n: int = 0) -> int:
+    """Makes XLA:CPU expose n host devices; 0 = auto: one per core, rounded down to a power of
+    two and capped at 8 (the presets' batch sizes are powers of two, and every data-parallel
+    batch must divide by the device count). Returns the CPU device count in effect.
+
+    Why: XLA:CPU runs a batched matmul whose items are small (decode attention: a [2 x 64] x
+    [64 x S] product per row and kv head) on one thread, so batch-64 decode left a core idle for
+    most of its step. With one device per core and the rows split over them (the scripts' default
+    mesh, data:-1), each core decodes its own rows (core.sampling runs one loop per device) and
+    trains on its share of the batch. Measured on the 2-core machine (README): decode at batch 64
+    1.5x faster, an RL step 1.17x, pretraining the same or slightly faster, identical losses.
+    Must run before jax's backends start; a count already forced through XLA_FLAGS (the tests'
+    8 fake devices) wins."""
+    import jax
+
+    if n < 0:
+        raise ValueError(f"--cpu_devices must be >= 0 (0 = one per core, up to 8), got {n}")
+    want = n if n > 0 else 1 << (min(cpu_cores(), 8).bit_length() - 1)
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        try:
+            jax.config.update("jax_num_cpu_devices", want)
+        except RuntimeError:  # a backend already started (a script used jax at import): keep it
+            pass
+    return len(jax.devices("cpu"))
+
+
 class _DropReadOnlyNotice:
     """orbax warns 'Given directory is read only' on every read-only checkpoint manager, i.e. on
     every model load for sampling, chat or evaluation: expected, and noise for a user."""
@@ -648,12 +682,18 @@ def sample_tokens(params, cfg, tokenizer, prompts: Sequence[Any], *, n_samples: 
 def cli(main):
     """Wraps a script's absl `main` so that a user error (a ValueError or FileNotFoundError: bad
     flag, missing file, mismatched run directory) prints one line, `error: ...`, and exits with
-    status 2 instead of a traceback; `--traceback` shows the traceback."""
+    status 2 instead of a traceback; `--traceback` shows the traceback. Also gives every script
+    --cpu_devices (`use_cpu_cores_as_devices`), applied before `main` starts jax."""
     if "traceback" not in flags.FLAGS:
         flags.DEFINE_bool("traceback", False, "on a user error, show the Python traceback too")
+    if "cpu_devices" not in flags.FLAGS:
+        flags.DEFINE_integer("cpu_devices", 0, "XLA:CPU host devices the default mesh (data:-1) splits rows over: "
+                             "0 = one per core (a power of two, at most 8), 1 = a single device; ignored on "
+                             "GPU/TPU and where XLA_FLAGS already forces a count")
 
     def wrapped(argv):
         try:
+            use_cpu_cores_as_devices(flags.FLAGS.cpu_devices)
             return main(argv)
         except (ValueError, FileNotFoundError) as e:
             if flags.FLAGS.traceback:

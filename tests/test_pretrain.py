@@ -34,7 +34,7 @@ def _env(n_devices: int, cache_dir) -> dict:
     # executables (same programs), which saves most of their time.
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}" if n_devices > 1 else ""
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
     return env
 
 
@@ -231,6 +231,24 @@ def test_user_errors_print_one_line_without_traceback(tmp_path):
         assert "Traceback" not in proc.stderr and msg in proc.stderr, (extra, proc.stderr[-2000:])
         assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert not (tmp_path / "r").exists()  # nothing was written
+
+
+def test_cpu_devices_flag_sets_the_host_device_count(tmp_path):
+    """--cpu_devices (every script, via common.cli): 0 = one XLA:CPU device per core as a power of
+    two up to 8, n = n; a count forced through XLA_FLAGS wins; a negative count is a user error."""
+    code = "import sys; from experiments import common; print(common.use_cpu_cores_as_devices(int(sys.argv[1])))"
+    auto = 1 << (min(common.cpu_cores(), 8).bit_length() - 1)
+    for n, xla_flags, want in [(0, "", auto), (3, "", 3), (1, "", 1),
+                               (3, "--xla_force_host_platform_device_count=5", 5)]:
+        env = dict(_env(1, tmp_path / "cache"), XLA_FLAGS=xla_flags)
+        proc = subprocess.run([sys.executable, "-c", code, str(n)], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.split()[-1] == str(want), (n, xla_flags, proc.stderr[-1000:])
+    proc = subprocess.run([sys.executable, "-m", "experiments.pretrain", "--cpu_devices=-1", "--steps=1",
+                           f"--out_dir={tmp_path / 'r'}"], cwd=REPO, env=dict(_env(1, tmp_path / "cache"), XLA_FLAGS=""),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --cpu_devices"), proc.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_ctrl_c_saves_and_prints_the_resume_command(tmp_path, tokenizer_path):

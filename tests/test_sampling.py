@@ -421,6 +421,30 @@ def test_sharded_params_match_unsharded(tiny):
     np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-4)
 
 
+@pytest.mark.parametrize("spec", ["data:8", "data:2,fsdp:4"])
+def test_rows_split_over_devices_decode_independently(tiny, spec):
+    """A mesh that only splits rows runs one decode loop per device (no per-step all-reduce),
+    so devices stop at different steps: skewed lengths, refilling and padding groups must still
+    give every row the tokens and log-probs of the one-device run."""
+    cfg, params = tiny
+    mesh = sharding_lib.make_mesh(spec)
+    assert sampling._rows_split_only(mesh)
+    shard = jax.device_put(params, sharding_lib.model_shardings(cfg, mesh))
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [9, 9], [3, 1, 4, 1, 5], [2]]
+    caps = [3, 12, 5, 2, 9, 4]
+    sc = sampling.SamplingConfig(temperature=1.0, max_new_tokens=12, stop_ids=(7,))
+    ref = sampling.generate(params, cfg, prompts, sc, jax.random.PRNGKey(11), n_samples=2, max_new_tokens=caps)
+    for max_rows in (None, 4):
+        got = sampling.generate(shard, cfg, prompts, sc, jax.random.PRNGKey(11), n_samples=2, max_new_tokens=caps,
+                                max_rows=max_rows, mesh=mesh)
+        for r in range(12):
+            assert got.row_tokens(r) == ref.row_tokens(r), (max_rows, r)
+        np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-4)
+        assert got.finish_reason == ref.finish_reason
+    assert not sampling._rows_split_only(sharding_lib.make_mesh("data:4,tensor:2"))
+    assert not sampling._rows_split_only(None)
+
+
 # ----------------------------------------------------------------------------- streaming and errors
 
 
