@@ -286,3 +286,23 @@ def test_two_steps_match_pytorch_adamw(reference):
     for ours, theirs in pairs:
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=2e-6)
     assert not np.allclose(p["lm_head"], init["params"]["lm_head"])
+
+
+def test_cpu_train_step_remats_without_changing_values():
+    """On a CPU mesh a model without remat trains with remat='dots' (core.train.training_remat):
+    loss and gradients equal the saved-residuals forward's; other settings are kept."""
+    mesh1 = sh.make_mesh("data:1", devices=jax.devices()[:1])
+    plain = model.ModelConfig(**{**CFG.__dict__, "remat": False})
+    assert train.training_remat(plain, mesh1).remat == "dots"
+    for kept in ("full", "dots", True):
+        assert train.training_remat(model.ModelConfig(**{**CFG.__dict__, "remat": kept}), mesh1).remat == kept
+    params = model.init_params(jax.random.key(3), plain)
+    batch = {k: jnp.asarray(v) for k, v in _batch(5).items()}
+    lm_loss = train.make_lm_loss()
+
+    def grads(cfg):
+        return jax.jit(jax.value_and_grad(lambda p: lm_loss(p, batch, cfg)[0]))(params)
+
+    (l0, g0), (l1, g1) = grads(plain), grads(train.training_remat(plain, mesh1))
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    _assert_trees_close(g1, g0, atol=1e-6, rtol=1e-4)
