@@ -301,10 +301,13 @@ class ChatConfig:
     step: Optional[int] = None
     mesh: str = "data:-1"
     chunk_size: int = 8
+    dtype: str = "float32"
 
     def __post_init__(self):
         from core import tools as tools_lib
 
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
         unknown = sorted(set(self.tools) - set(tools_lib.TOOL_NAMES))
         if unknown:
             raise ValueError(f"--tools: unknown tool(s) {unknown}; choose from {tools_lib.TOOL_NAMES}")
@@ -520,6 +523,8 @@ def define_flags() -> None:
     flags.DEFINE_list("tools", ["calculator", "python"], "tools the model may call (python, calculator, search)")
     flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
     flags.DEFINE_integer("chunk_size", 8, "decode steps between screen updates")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weights and KV cache for sampling (bfloat16 is "
+                      "for accelerators; python -m experiments.bench_decode --bf16 reports its logit difference)")
 
 
 def main(argv):
@@ -531,10 +536,10 @@ def main(argv):
     cfg = ChatConfig(out_dir=str(out_dir), system=F.system, preset_file=F.preset_file, memory_file=F.memory_file,
                      temperature=F.temperature, top_k=F.top_k, top_p=F.top_p, min_p=F.min_p,
                      max_new_tokens=F.max_new_tokens, tools=tuple(t for t in F.tools if t), seed=F.seed,
-                     step=F.step, mesh=F.mesh, chunk_size=F.chunk_size)
+                     step=F.step, mesh=F.mesh, chunk_size=F.chunk_size, dtype=F.dtype)
     from core import sharding as sharding_lib
 
-    loaded = common.load_for_inference(out_dir, mesh=sharding_lib.make_mesh(cfg.mesh), step=cfg.step)
+    loaded = common.load_for_inference(out_dir, mesh=sharding_lib.make_mesh(cfg.mesh), step=cfg.step, dtype=cfg.dtype)
     session = ChatSession(loaded, cfg)
     if F.prompt:
         session.status.write(visible(session.banner()) + "\n")  # stdout carries only the replies

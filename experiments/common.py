@@ -610,12 +610,20 @@ def checkpoint_kind(path, template) -> tuple[str, str, str]:
     return stage, "base", f'config.json stage "{stage}"'
 
 
-def load_for_inference(path, *, mesh=None, step: Optional[int] = None) -> LoadedModel:
+def load_for_inference(path, *, mesh=None, step: Optional[int] = None, dtype: str = "float32") -> LoadedModel:
     """A zipchat run directory or a Hugging Face checkpoint directory (config.json, safetensors,
     tokenizer.json, tokenizer_config.json) -> LoadedModel: what sample, chat, evaluate and the
-    post-training stages need, with the chat template and whether the model is chat-tuned."""
+    post-training stages need, with the chat template and whether the model is chat-tuned.
+    dtype 'bfloat16' gives bfloat16 weights and KV cache (core.sampling.for_inference: for
+    accelerators; slower than float32 on XLA:CPU)."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     path = pathlib.Path(path)
     tokenizer, cfg, params, step = load_model(path, mesh=mesh, step=step)
+    if dtype != "float32":
+        from core import sampling
+
+        params, cfg = sampling.for_inference(params, cfg, dtype)
     template = load_template(path, tokenizer)
     stage, kind, why = checkpoint_kind(path, template)
     return LoadedModel(tokenizer=tokenizer, template=template, cfg=cfg, params=params, step=int(step),

@@ -33,8 +33,11 @@ class SampleConfig:
     seed: int = 0
     step: Optional[int] = None
     mesh: str = "data:-1"
+    dtype: str = "float32"
 
     def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
         if not self.prompts:
             raise ValueError("give at least one --prompt (or --prompts_file)")
         if self.n_samples < 1:
@@ -52,7 +55,7 @@ def run(cfg: SampleConfig, loaded=None, verbose: bool = True) -> list[list[str]]
     from core import sharding as sharding_lib
 
     mesh = sharding_lib.make_mesh(cfg.mesh)
-    loaded = loaded or common.load_for_inference(cfg.out_dir, mesh=mesh, step=cfg.step)
+    loaded = loaded or common.load_for_inference(cfg.out_dir, mesh=mesh, step=cfg.step, dtype=cfg.dtype)
     if isinstance(loaded, common.LoadedModel):
         tokenizer, model_cfg, params, step, template = (loaded.tokenizer, loaded.cfg, loaded.params, loaded.step,
                                                          loaded.template)
@@ -82,6 +85,8 @@ def define_flags() -> None:
     flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1 = off)")
     flags.DEFINE_integer("max_new_tokens", 64, "tokens per sample")
     flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weights and KV cache for sampling (bfloat16 is "
+                      "for accelerators; python -m experiments.bench_decode --bf16 reports its logit difference)")
 
 
 def _read_prompts(prompts: Sequence[str], prompts_file: Optional[str]) -> tuple[str, ...]:
@@ -103,7 +108,7 @@ def main(argv):
     common.require_out_dir(F.out_dir)
     run(SampleConfig(out_dir=F.out_dir, prompts=_read_prompts(F.prompt, F.prompts_file), n_samples=F.n_samples,
                      temperature=F.temperature, top_k=F.top_k, top_p=F.top_p, max_new_tokens=F.max_new_tokens,
-                     seed=F.seed, step=F.step, mesh=F.mesh))
+                     seed=F.seed, step=F.step, mesh=F.mesh, dtype=F.dtype))
 
 
 if __name__ == "__main__":

@@ -316,3 +316,23 @@ def test_run_without_chat_tokens_samples_but_cannot_chat(tmp_path):
     assert len(texts) == 1 and len(texts[0]) == 1
     with pytest.raises(ValueError, match="no chat format"):
         _session(ld, tmp_path)
+
+
+def test_dtype_flag_loads_bfloat16_weights_and_cache(run_dir, loaded):
+    """--dtype=bfloat16 (sample, chat; common.load_for_inference): bfloat16 weights and cache
+    (their logit tolerance is tests/test_sampling.py's); an unknown dtype is a user error."""
+    import jax.numpy as jnp
+
+    from experiments import sample as sample_cli
+
+    bf = common.load_for_inference(run_dir, dtype="bfloat16")
+    assert bf.cfg.compute_dtype == "bfloat16" and loaded[1].compute_dtype == "float32"
+    assert {x.dtype for x in jax.tree.leaves(bf.params)} == {jnp.dtype("bfloat16")}
+    texts = sample_cli.run(sample_cli.SampleConfig(out_dir=str(run_dir), prompts=("hello",), temperature=0.0,
+                                                   max_new_tokens=4, dtype="bfloat16"), verbose=False)
+    assert len(texts) == 1 and isinstance(texts[0][0], str)
+    for bad in (lambda: sample_cli.SampleConfig(out_dir=str(run_dir), prompts=("x",), dtype="float16"),
+                lambda: chat_cli.ChatConfig(out_dir=str(run_dir), dtype="int8"),
+                lambda: common.load_for_inference(run_dir, dtype="float64")):
+        with pytest.raises(ValueError, match="--dtype must be float32 or bfloat16"):
+            bad()
