@@ -233,3 +233,23 @@ def test_remat_policies_give_the_same_gradients():
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="remat"):
         small_config("tiny", remat="sometimes")
+
+
+def test_unrolled_layers_match_the_layer_scan(monkeypatch):
+    """On CPU, models up to model._CPU_UNROLL_MAX_LAYERS deep run their layers unrolled, deeper
+    ones through lax.scan: both paths give the same logits and gradients."""
+    cfg = small_config("tiny", remat="dots")
+    params = random_params(cfg, 8)
+    tokens = jax.random.randint(jax.random.key(9), (2, 9), 0, cfg.vocab_size)
+
+    def run():
+        f = lambda p: loss_lib.cross_entropy(model.forward(p, tokens[:, :-1], cfg)[0], tokens[:, 1:])[0]  # noqa: E731
+        return jax.jit(jax.value_and_grad(f))(params)
+
+    assert model._unroll_layers(cfg, params["layers"])
+    unrolled = run()
+    monkeypatch.setattr(model, "_CPU_UNROLL_MAX_LAYERS", 0)
+    assert not model._unroll_layers(cfg, params["layers"])
+    scanned = run()
+    for a, b in zip(jax.tree.leaves(unrolled), jax.tree.leaves(scanned)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
