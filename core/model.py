@@ -551,8 +551,14 @@ _CPU_UNROLL_MAX_LAYERS = 8
 
 
 def _unroll_layers(cfg: ModelConfig, layers) -> bool:
-    return (not isinstance(layers, (list, tuple)) and cfg.n_layers <= _CPU_UNROLL_MAX_LAYERS
-            and jax.default_backend() == "cpu")
+    """Whether the uncached forward runs its layers one by one (always for `split_layers` params)."""
+    return isinstance(layers, (list, tuple)) or (cfg.n_layers <= _CPU_UNROLL_MAX_LAYERS
+                                                 and jax.default_backend() == "cpu")
+
+
+def _layer_params(layers, i: int):
+    """Layer i's params from [L, ...] stacks or from a `split_layers` tuple."""
+    return layers[i] if isinstance(layers, (list, tuple)) else jax.tree_util.tree_map(lambda w: w[i], layers)
 
 
 def forward_hidden(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *, positions=None,
@@ -606,7 +612,7 @@ def forward_hidden(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *, po
             layer = jax.checkpoint(layer, prevent_cse=False, policy=policy)
         if _unroll_layers(cfg, params["layers"]):
             for i in range(cfg.n_layers):
-                x, _ = layer(x, jax.tree_util.tree_map(lambda w, i=i: w[i], params["layers"]))
+                x, _ = layer(x, _layer_params(params["layers"], i))
         else:
             x, _ = jax.lax.scan(layer, x, params["layers"])
         return _norm(x, params["final_norm"], cfg), None
@@ -619,7 +625,7 @@ def forward_hidden(params: Params, tokens_bt: jax.Array, cfg: ModelConfig, *, po
     ks, vs = list(cache["k"]), list(cache["v"])
     layers = params["layers"]
     for i in range(cfg.n_layers):
-        lp = layers[i] if isinstance(layers, (list, tuple)) else jax.tree_util.tree_map(lambda w, i=i: w[i], layers)
+        lp = _layer_params(layers, i)
         pre = cache.get("prefix")
         pre = None if pre is None else (pre["k"][i], pre["v"][i], pre["lengths"])
         x, (ks[i], vs[i]) = _block(x, lp, cfg, cos, sin, None, (ks[i], vs[i]), slots_bt, None, pre)

@@ -306,8 +306,7 @@ class ChatConfig:
     def __post_init__(self):
         from core import tools as tools_lib
 
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        common.check_inference_dtype(self.dtype)
         unknown = sorted(set(self.tools) - set(tools_lib.TOOL_NAMES))
         if unknown:
             raise ValueError(f"--tools: unknown tool(s) {unknown}; choose from {tools_lib.TOOL_NAMES}")
@@ -523,7 +522,7 @@ def define_flags() -> None:
     flags.DEFINE_list("tools", ["calculator", "python"], "tools the model may call (python, calculator, search)")
     flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
     flags.DEFINE_integer("chunk_size", 8, "decode steps between screen updates")
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weights and KV cache for sampling (bfloat16 is "
+    flags.DEFINE_enum("dtype", "float32", list(common.INFERENCE_DTYPES), "weights and KV cache for sampling (bfloat16 is "
                       "for accelerators; python -m experiments.bench_decode --bf16 reports its logit difference)")
 
 

@@ -196,7 +196,7 @@ def peak_flops_total(devices: Sequence[Any]) -> tuple[float, str]:
         raise ValueError("no devices")
     d = devices[0]
     if d.platform == "cpu":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        cores = cpu_cores()
         return cores * _CPU_CORE_FLOPS, f"cpu x{cores} cores (estimated peak)"
     kind = str(getattr(d, "device_kind", "")).lower()
     for key, flops in _PEAK_FLOPS:
@@ -610,14 +610,22 @@ def checkpoint_kind(path, template) -> tuple[str, str, str]:
     return stage, "base", f'config.json stage "{stage}"'
 
 
+INFERENCE_DTYPES = ("float32", "bfloat16")  # --dtype of sample and chat (core.sampling.for_inference)
+
+
+def check_inference_dtype(dtype: str) -> None:
+    """One-line error for a --dtype that inference does not support (before any loading)."""
+    if dtype not in INFERENCE_DTYPES:
+        raise ValueError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+
+
 def load_for_inference(path, *, mesh=None, step: Optional[int] = None, dtype: str = "float32") -> LoadedModel:
     """A zipchat run directory or a Hugging Face checkpoint directory (config.json, safetensors,
     tokenizer.json, tokenizer_config.json) -> LoadedModel: what sample, chat, evaluate and the
     post-training stages need, with the chat template and whether the model is chat-tuned.
     dtype 'bfloat16' gives bfloat16 weights and KV cache (core.sampling.for_inference: for
     accelerators; slower than float32 on XLA:CPU)."""
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    check_inference_dtype(dtype)
     path = pathlib.Path(path)
     tokenizer, cfg, params, step = load_model(path, mesh=mesh, step=step)
     if dtype != "float32":

@@ -36,8 +36,7 @@ class SampleConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        common.check_inference_dtype(self.dtype)
         if not self.prompts:
             raise ValueError("give at least one --prompt (or --prompts_file)")
         if self.n_samples < 1:
@@ -85,7 +84,7 @@ def define_flags() -> None:
     flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1 = off)")
     flags.DEFINE_integer("max_new_tokens", 64, "tokens per sample")
     flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weights and KV cache for sampling (bfloat16 is "
+    flags.DEFINE_enum("dtype", "float32", list(common.INFERENCE_DTYPES), "weights and KV cache for sampling (bfloat16 is "
                       "for accelerators; python -m experiments.bench_decode --bf16 reports its logit difference)")
 
 
