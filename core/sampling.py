@@ -512,6 +512,18 @@ def _per_row(values, n_prompts: int, n_samples: int, what: str) -> list:
                      f"or one per row ({n_prompts * n_samples})")
 
 
+def _raw_key(key) -> jax.Array:
+    """A typed key (jax.random.key) as its uint32[2] data, as jax.random.PRNGKey gives: the
+    per-row key buffers are raw threefry keys, and both styles give the same tokens."""
+    key = key if isinstance(key, jax.Array) else jnp.asarray(key)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    if key.shape != (2,) or key.dtype != jnp.uint32:
+        raise ValueError(f"generate: key must be a threefry key (jax.random.key or PRNGKey), got "
+                         f"{key.dtype}{list(key.shape)}")
+    return key
+
+
 def generate(
     params: Params,
     cfg: model_lib.ModelConfig,
@@ -591,6 +603,7 @@ def generate(
             sampling_cfg, banned_ids=tuple(sorted(set(sampling_cfg.banned_ids) | set(range(n_tok, cfg.vocab_size)))))
     if chunk_size < 1:
         raise ValueError(f"generate: chunk_size must be >= 1, got {chunk_size}")
+    key = _raw_key(key)
     n_prompts = len(prompts)
     n_real = n_prompts * n_samples
 

@@ -132,6 +132,9 @@ def test_seeded_sampling_reproducible(tiny):
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.logprobs, b.logprobs)
     assert not np.array_equal(a.tokens, c.tokens)
+    # A typed key (jax.random.key) is the same key as PRNGKey's raw uint32[2]: same tokens.
+    typed = sampling.generate(params, cfg, PROMPTS, sc, jax.random.key(5))
+    np.testing.assert_array_equal(a.tokens, typed.tokens)
 
 
 # ----------------------------------------------------------------------------- distributions
@@ -477,6 +480,8 @@ def test_bad_inputs_raise_clear_errors(tiny):
         sampling.generate(params, cfg, [[1], [2]], sc, key, max_new_tokens=[3, 4, 5])
     with pytest.raises(ValueError, match="tokenizer"):
         sampling.generate(params, cfg, [[1]], sc, key, tools={"calculator": str})
+    with pytest.raises(ValueError, match="threefry key"):
+        sampling.generate(params, cfg, [[1]], sc, jnp.zeros((3,), jnp.uint32))
     with pytest.raises(ValueError, match="top_p"):
         sampling.SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
