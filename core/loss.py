@@ -188,8 +188,32 @@ def _cap(logits, cfg: model_lib.ModelConfig):
     return logits
 
 
+def _head_chunks(head_dv: jax.Array, vocab_chunk: int) -> tuple[jax.Array, int]:
+    """[D, V] -> ([n_chunks, D, vocab_chunk] zero-padded, n_chunks)."""
+    v = head_dv.shape[1]
+    n_chunks = -(-v // vocab_chunk)
+    pad = n_chunks * vocab_chunk - v
+    head = jnp.pad(head_dv, ((0, 0), (0, pad)))
+    return head.reshape(head_dv.shape[0], n_chunks, vocab_chunk).swapaxes(0, 1), n_chunks
+
+
+def _chunk_logits(x, w_dc, c, v: int, vocab_chunk: int, cfg, temperature: float):
+    """Logits of vocabulary chunk c, soft-capped and divided by the temperature; padded columns
+    get -inf so that they take no probability mass."""
+    logits = _cap(model_lib._matmul(x, w_dc.astype(cfg.dtype)), cfg)
+    if temperature != 1.0:
+        logits = logits / temperature
+    cols = c * vocab_chunk + jnp.arange(vocab_chunk)
+    return jnp.where(cols < v, logits, -jnp.inf)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
 def hidden_logprobs(params, x_btd: jax.Array, targets_bt: jax.Array, cfg: model_lib.ModelConfig, *,
-                    vocab_chunk: int = DEFAULT_VOCAB_CHUNK) -> tuple[jax.Array, jax.Array]:
+                    vocab_chunk: int = DEFAULT_VOCAB_CHUNK, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """log p(target) and logsumexp of the logits from final hidden states.
 
     Args:
@@ -199,30 +223,29 @@ def hidden_logprobs(params, x_btd: jax.Array, targets_bt: jax.Array, cfg: model_
       cfg: the model config (tied head, soft-cap, matmul dtype).
       vocab_chunk: vocabularies larger than this are processed this many columns at a time in a
         rematerialised scan (only [B, T, chunk] logits live at once, in the forward and backward).
+      temperature: the (soft-capped) logits are divided by it first: the log-probs of a policy
+        sampled at that temperature (RL).
 
     Returns:
       (logp_bt, lse_bt) in cfg.acc_dtype (float32, or float64 in numerics tests); logp = target
-      logit - lse, exactly `-token_nll(forward(...))` up to float rounding.
+      logit - lse, exactly `-token_nll(forward(...) / temperature)` up to float rounding.
     """
+    _check_temperature(temperature)
     head = _head_dv(params, cfg)
     dt = cfg.dtype
     v = head.shape[1]
     if v <= vocab_chunk:
         logits = _cap(model_lib._matmul(x_btd.astype(dt), head.astype(dt)), cfg)
-        nll, lse = token_nll(logits, targets_bt)
+        nll, lse = token_nll(logits / temperature if temperature != 1.0 else logits, targets_bt)
         return -nll, lse
-    n_chunks = -(-v // vocab_chunk)
-    pad = n_chunks * vocab_chunk - v
-    head_cdv = jnp.pad(head, ((0, 0), (0, pad))).reshape(head.shape[0], n_chunks, vocab_chunk).swapaxes(0, 1)
+    head_cdv, n_chunks = _head_chunks(head, vocab_chunk)
     x = x_btd.astype(dt)
 
     @jax.checkpoint
     def body(carry, xs):
         m_bt, s_bt, tgt_bt = carry
         w_dc, c = xs
-        logits = _cap(model_lib._matmul(x, w_dc.astype(dt)), cfg)
-        cols = c * vocab_chunk + jnp.arange(vocab_chunk)
-        logits = jnp.where(cols < v, logits, -jnp.inf)  # padded columns take no mass
+        logits = _chunk_logits(x, w_dc, c, v, vocab_chunk, cfg, temperature)
         m_new = jnp.maximum(m_bt, logits.max(-1))
         s_bt = s_bt * jnp.exp(m_bt - m_new) + jnp.exp(logits - m_new[..., None]).sum(-1)
         local = targets_bt - c * vocab_chunk
@@ -238,8 +261,42 @@ def hidden_logprobs(params, x_btd: jax.Array, targets_bt: jax.Array, cfg: model_
     return tgt - lse, lse
 
 
+def hidden_entropy(params, x_btd: jax.Array, cfg: model_lib.ModelConfig, *,
+                   vocab_chunk: int = DEFAULT_VOCAB_CHUNK, temperature: float = 1.0) -> jax.Array:
+    """Entropy (nats) of each next-token distribution softmax(logits / temperature), from final
+    hidden states, one vocabulary chunk at a time like `hidden_logprobs` (online max: with m the
+    running max, s = sum exp(z - m) and u = sum exp(z - m) z, H = m + log s - u / s). For
+    metrics: no gradient is meant to flow through it.
+
+    Args: as `hidden_logprobs`. Returns: [B, T] in cfg.acc_dtype.
+    """
+    _check_temperature(temperature)
+    head = _head_dv(params, cfg)
+    v = head.shape[1]
+    chunk = min(vocab_chunk, v)
+    head_cdv, n_chunks = _head_chunks(head, chunk)
+    x = x_btd.astype(cfg.dtype)
+    acc = cfg.acc_dtype
+    shape = x_btd.shape[:-1]
+
+    def body(carry, xs):
+        m_bt, s_bt, u_bt = carry
+        w_dc, c = xs
+        z = _chunk_logits(x, w_dc, c, v, chunk, cfg, temperature)
+        m_new = jnp.maximum(m_bt, z.max(-1))
+        e = jnp.exp(z - m_new[..., None])
+        scale = jnp.exp(m_bt - m_new)
+        # e * z is taken as 0 where e = 0: a padded (-inf) column must not give 0 * -inf.
+        ez = jnp.where(e > 0, e * z, 0.0)
+        return (m_new, s_bt * scale + e.sum(-1), u_bt * scale + ez.sum(-1)), None
+
+    init = (jnp.full(shape, -jnp.inf, acc), jnp.zeros(shape, acc), jnp.zeros(shape, acc))
+    (m, s, u), _ = jax.lax.scan(body, init, (head_cdv, jnp.arange(n_chunks)))
+    return m + jnp.log(s) - u / s
+
+
 def token_logprobs(params, batch, cfg: model_lib.ModelConfig, *,
-                   vocab_chunk: int = DEFAULT_VOCAB_CHUNK) -> tuple[jax.Array, jax.Array]:
+                   vocab_chunk: int = DEFAULT_VOCAB_CHUNK, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """The scorer: per-token log-probs of a batch's targets under `params`.
 
     Args:
@@ -247,7 +304,7 @@ def token_logprobs(params, batch, cfg: model_lib.ModelConfig, *,
       batch: {'tokens' [B, T+1], optional 'segment_ids', 'positions' [B, T+1], 'mask' [B, T]}
         (the convention of the module docstring).
       cfg: the model config.
-      vocab_chunk: see `hidden_logprobs`.
+      vocab_chunk, temperature: see `hidden_logprobs`.
 
     Returns:
       (logp_bt, mask_bt): logp_bt [B, T] float32 = log p(tokens[:, t+1] | tokens[:, :t+1]), set
@@ -256,7 +313,7 @@ def token_logprobs(params, batch, cfg: model_lib.ModelConfig, *,
     x = split_batch(batch)
     h, _ = model_lib.forward_hidden(params, x["inputs"], cfg, positions=x["positions"],
                                     segment_ids=x["segment_ids"])
-    logp, _ = hidden_logprobs(params, h, x["targets"], cfg, vocab_chunk=vocab_chunk)
+    logp, _ = hidden_logprobs(params, h, x["targets"], cfg, vocab_chunk=vocab_chunk, temperature=temperature)
     return jnp.where(x["mask"], logp, 0.0), x["mask"]
 
 

@@ -409,6 +409,9 @@ def sums_to_metrics(aux: Mapping[str, jax.Array], kl_coef: float = 0.0) -> dict[
         "dual_clip_frac": aux["dual_clipped_tok_sum"] / n,
         "loss_tok_mean": (aux["pg_tok_sum"] + kl_coef * aux["kl_tok_sum"]) / n,
         "tokens": aux["tokens"], "rows": aux["rows"],
+        # on-policy updates measure these in the step (make_policy_loss_fn)
+        **({"entropy": aux["entropy_tok_sum"] / n} if "entropy_tok_sum" in aux else {}),
+        **({"logp_diff_mean": aux["logp_diff_tok_sum"] / n} if "logp_diff_tok_sum" in aux else {}),
     }
 
 
@@ -515,12 +518,21 @@ def make_policy_loss_fn(rl_cfg: RLConfig, *, temperature: float = 1.0):
     """A core.train LossFn for a rollout batch: (params, batch, model_cfg) -> (loss_sum, aux).
 
     batch = core.train's {'tokens' [B, T+1], 'segment_ids', 'positions', 'mask' [B, T]} plus
-      'old_logp'   [B, T] float   log-probs of the targets under the sampling policy (recomputed)
       'advantages' [B]    float
+      'old_logp'   [B, T] float   log-probs of the targets under the sampling policy, recomputed
+                                  with the training forward. Absent: the update is on-policy (one
+                                  pass, one mini-batch: the policy being updated is the one that
+                                  sampled), and old = this forward's own log-probs, detached, so
+                                  the ratio is exactly 1 (as TRL does with one iteration).
+      'sampler_logp' [B, T] float optional, the engine's log-probs; on-policy, the step reports
+                                  their mean absolute difference to the training forward's.
       'ref_logp'   [B, T] float   only when the KL term is in the loss
     The loss mask is core.loss.split_batch's (segments and 'mask': 1 only on sampled tokens).
-    logp = log softmax(logits / temperature)[target], the distribution the sampler drew from.
-    aux: `policy_loss_sums`' aux (weight = the aggregation's normaliser).
+    logp = log softmax(logits / temperature)[target], the distribution the sampler drew from,
+    chunked over the vocabulary (core.loss.hidden_logprobs).
+    aux: `policy_loss_sums`' aux (weight = the aggregation's normaliser); on-policy also
+      entropy_tok_sum and (with sampler_logp) logp_diff_tok_sum, which `step_metrics` turns into
+      'entropy' and 'logp_diff_mean'.
     """
     from core import loss as loss_lib  # local: keep core.rl importable without the model stack
     from core import model as model_lib
@@ -529,19 +541,27 @@ def make_policy_loss_fn(rl_cfg: RLConfig, *, temperature: float = 1.0):
     _check(temperature > 0, f"temperature must be > 0, got {temperature}")
 
     def loss_fn(params, batch, model_cfg):
-        if temperature == 1.0:
-            logp_bt, mask_bt = loss_lib.token_logprobs(params, batch, model_cfg)  # the shared scorer
-        else:
-            x = loss_lib.split_batch(batch)
-            logits_btv, _ = model_lib.forward(params, x["inputs"], model_cfg, positions=x["positions"],
-                                              segment_ids=x["segment_ids"])
-            nll_bt, _ = loss_lib.token_nll(logits_btv / temperature, x["targets"])
-            logp_bt, mask_bt = -nll_bt, x["mask"]
+        x = loss_lib.split_batch(batch)
+        h, _ = model_lib.forward_hidden(params, x["inputs"], model_cfg, positions=x["positions"],
+                                        segment_ids=x["segment_ids"])
+        logp_bt, _ = loss_lib.hidden_logprobs(params, h, x["targets"], model_cfg, temperature=temperature)
+        mask_bt = x["mask"]
+        logp_bt = jnp.where(mask_bt, logp_bt, 0.0)
         ref = batch.get("ref_logp") if kw["kl_coef"] > 0 else None
         _check(kw["kl_coef"] == 0 or ref is not None,
                "the KL term is in the loss but batch has no 'ref_logp'")
-        return policy_loss_sums(logp_bt, batch["old_logp"], batch["advantages"], mask_bt,
-                                ref_logp_bt=ref, **kw)
+        on_policy = "old_logp" not in batch
+        old = jax.lax.stop_gradient(logp_bt) if on_policy else batch["old_logp"]
+        loss_sum, aux = policy_loss_sums(logp_bt, old, batch["advantages"], mask_bt, ref_logp_bt=ref, **kw)
+        if on_policy:  # the metrics the rollout's separate scoring pass would have given
+            m = _f32(mask_bt)
+            h_sg = jax.lax.stop_gradient(h)
+            ent = loss_lib.hidden_entropy(jax.lax.stop_gradient(params), h_sg, model_cfg, temperature=temperature)
+            aux["entropy_tok_sum"] = jnp.sum(jnp.where(m > 0, ent, 0.0) * m)
+            if "sampler_logp" in batch:
+                diff = jnp.abs(jax.lax.stop_gradient(logp_bt) - _f32(batch["sampler_logp"]))
+                aux["logp_diff_tok_sum"] = jnp.sum(jnp.where(m > 0, diff, 0.0) * m)
+        return loss_sum, aux
 
     return loss_fn
 

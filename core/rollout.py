@@ -20,6 +20,9 @@ One step's rollout (`collect`):
   5. Old log-probs are recomputed with the training forward (the same scorer the loss uses, so
      the first update's ratio is exactly 1) and compared with the sampler's per token
      (`logp_diff_*`: the rollout/train mismatch that silently breaks other libraries' runs).
+     With `recompute_old_logp=False` (one pass over one mini-batch: the update is on-policy)
+     this pass is skipped: the update's own forward is the training forward, its detached
+     log-probs are the old ones, and it reports the mismatch and entropy itself.
      Reference log-probs come from a frozen params tree, only when a KL term is on
      (`kl_coef > 0`, placed in the loss or in the reward).
   6. Advantages `core.rl.group_advantages(rewards_ng, rl_cfg.estimator)`, per row.
@@ -186,18 +189,13 @@ def make_scorer(model_cfg: model_lib.ModelConfig, *, temperature: float = 1.0, w
 
     def score(params, batch):
         x = loss_lib.split_batch(batch)
-        if temperature == 1.0:
-            logp, _ = loss_lib.token_logprobs(params, batch, model_cfg)
-        else:
-            logits, _ = model_lib.forward(params, x["inputs"], model_cfg, positions=x["positions"],
-                                          segment_ids=x["segment_ids"])
-            nll, _ = loss_lib.token_nll(logits / temperature, x["targets"])
-            logp = jnp.where(x["mask"], -nll, 0.0)
-        if not with_entropy:
-            return logp, jnp.zeros_like(logp)
         h, _ = model_lib.forward_hidden(params, x["inputs"], model_cfg, positions=x["positions"],
                                         segment_ids=x["segment_ids"])
-        ent = rl_lib.token_entropy(model_lib.logits_from_hidden(params, h, model_cfg) / temperature)
+        logp, _ = loss_lib.hidden_logprobs(params, h, x["targets"], model_cfg, temperature=temperature)
+        logp = jnp.where(x["mask"], logp, 0.0)
+        if not with_entropy:
+            return logp, jnp.zeros_like(logp)
+        ent = loss_lib.hidden_entropy(params, h, model_cfg, temperature=temperature)
         return logp, jnp.where(x["mask"], ent, 0.0)
 
     return jax.jit(score)
@@ -231,7 +229,9 @@ class RolloutConfig:
     max_new_tokens at least); max_rounds: dynamic-sampling draws per step, at most;
     score_chunk: rows per scoring call; max_rows: rows the engine decodes at once (None = all
     N * G; fewer: continuous batching, a finished prompt's slot takes the next prompt);
-    tool_workers: tool calls running concurrently.
+    tool_workers: tool calls running concurrently; recompute_old_logp: score the batch with the
+    training forward before the update (needed for mu > 1, several mini-batches or the KL in
+    the reward); False leaves 'old_logp' out of the batch (an on-policy update, see step 5).
     """
 
     n_prompts: int
@@ -243,6 +243,7 @@ class RolloutConfig:
     score_chunk: int = 64
     max_rows: Optional[int] = None
     tool_workers: int = 8
+    recompute_old_logp: bool = True
 
     def __post_init__(self):
         _check(self.n_prompts >= 1, f"prompts per step must be >= 1, got {self.n_prompts}")
@@ -301,7 +302,9 @@ def collect(params, draw: Callable[[int], Sequence[Any]], key: jax.Array, *, mod
         (tokens; lenient correctness), truncation_rate (hit max_new_tokens), zero_var_frac
         (groups with all-equal rewards), tool_calls (per reply), rounds, prompts_drawn,
         groups_kept (of N), entropy (token mean over the batch's mask), logp_diff_mean /
-        logp_diff_max (|trainer - sampler| per sampled token), kl_ref (k3 to the reference,
+        logp_diff_max (|trainer - sampler| per sampled token; these three only when the batch
+        is scored here, rcfg.recompute_old_logp: else the update reports entropy and
+        logp_diff_mean), kl_ref (k3 to the reference, when scored here,
         token mean; when a reference exists), adv_abs_mean, rollout_tokens, rollout_s, score_s.
     """
     check_template(template)
@@ -359,7 +362,11 @@ def collect(params, draw: Callable[[int], Sequence[Any]], key: jax.Array, *, mod
     rewards_ng = np.stack(kept_rewards).astype(np.float32)
     t1 = time.perf_counter()
 
-    old_logp, entropy = score_rows(scorer, params, rows, rcfg.score_chunk, shard)
+    # KL in the reward needs the policy's log-probs before the update: score even on-policy.
+    recompute = rcfg.recompute_old_logp or (kl_on and rl_cfg.kl_placement == "reward")
+    old_logp = entropy = None
+    if recompute:
+        old_logp, entropy = score_rows(scorer, params, rows, rcfg.score_chunk, shard)
     mask = rows["mask"].astype(np.float32)
     ref_logp = None
     if kl_on:
@@ -372,7 +379,10 @@ def collect(params, draw: Callable[[int], Sequence[Any]], key: jax.Array, *, mod
     if n_kept < n:
         adv_ng[n_kept:] = 0.0
     batch = {k: rows[k] for k in MODEL_KEYS}
-    batch["old_logp"] = old_logp
+    if recompute:
+        batch["old_logp"] = old_logp
+    else:  # the update measures the mismatch against these itself
+        batch["sampler_logp"] = rows["sampler_logp"].astype(np.float32)
     batch["advantages"] = adv_ng.reshape(-1)
     if kl_on and rl_cfg.kl_placement == "loss":
         batch["ref_logp"] = ref_logp
@@ -381,7 +391,6 @@ def collect(params, draw: Callable[[int], Sequence[Any]], key: jax.Array, *, mod
     reward, lenient = np.concatenate(all_reward), np.concatenate(all_lenient)
     lengths = np.concatenate(all_len)
     tok = max(float(mask.sum()), 1.0)
-    diff = np.abs(old_logp - rows["sampler_logp"]) * mask
     metrics = {
         "reward_mean": float(reward.mean()), "reward_std": float(reward.std()),
         "acc_strict": float(np.concatenate(all_strict).mean()), "acc_lenient": float(lenient.mean()),
@@ -391,13 +400,15 @@ def collect(params, draw: Callable[[int], Sequence[Any]], key: jax.Array, *, mod
         "truncation_rate": float(np.concatenate(all_trunc).mean()),
         "zero_var_frac": zero_var / max(groups_seen, 1), "tool_calls": float(np.concatenate(all_tools).mean()),
         "rounds": float(rounds), "prompts_drawn": float(prompts_drawn), "groups_kept": float(n_kept),
-        "entropy": float((entropy * mask).sum() / tok),
-        "logp_diff_mean": float(diff.sum() / tok), "logp_diff_max": float(diff.max()) if diff.size else 0.0,
         "adv_abs_mean": float(np.abs(adv_ng).mean()),
         "rollout_tokens": float(lengths.sum()), "completion_tokens_trained": float(mask.sum()),
         "rollout_s": t1 - t0, "score_s": t2 - t1,
     }
-    if ref_logp is not None:
+    if recompute:
+        diff = np.abs(old_logp - rows["sampler_logp"]) * mask
+        metrics.update(entropy=float((entropy * mask).sum() / tok), logp_diff_mean=float(diff.sum() / tok),
+                       logp_diff_max=float(diff.max()) if diff.size else 0.0)
+    if ref_logp is not None and old_logp is not None:
         metrics["kl_ref"] = float((np.asarray(rl_lib.kl_per_token(old_logp, ref_logp, "k3")) * mask).sum() / tok)
     return Rollout(batch=batch, rewards_ng=rewards_ng, metrics=metrics, texts=texts, task_ids=task_ids)
 

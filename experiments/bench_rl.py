@@ -7,9 +7,9 @@ Qwen2-shaped model with random weights, a small byte-level BPE and a ChatML temp
 it with transformers, zipchat with `common.load_for_inference` (same weights, tokenizer and chat
 template). Same N prompts, G samples each, completion budget, temperature 1, beta 0 (no
 reference model), one optimizer update per step (GRPO loss, std-normalised advantages), the same
-cheap reward (odd reply length). zipchat's step also recomputes the old log-probs with the
-training forward and the entropy (it logs the sampler/trainer mismatch); TRL skips that pass when
-on-policy.
+cheap reward (odd reply length). Both are on-policy (one pass over one batch): neither runs a
+separate forward for old log-probs (zipchat's update takes its own, detached, and reports the
+sampler/trainer mismatch and the entropy from that forward, as experiments/rl.py does with mu=1).
 
 Timing: TRL runs `trainer.train()`; a callback times each of its steps and, every --steps TRL
 steps, runs a block of --steps zipchat steps, so the contenders alternate in blocks in one process
@@ -131,7 +131,8 @@ class Ours:
         self.tasks = [Task(i, q) for i, q in enumerate(questions(64))]
         longest = max(len(p) for p in rollout.render_prompts(self.template, self.tasks))
         self.rcfg = rollout.RolloutConfig(n_prompts=n, group_size=g, max_new_tokens=completion,
-                                          seq_len=-(-(longest + completion) // 8) * 8)
+                                          seq_len=-(-(longest + completion) // 8) * 8,
+                                          recompute_old_logp=False)
         opt = optax.adamw(lr, weight_decay=0.0)
         self.step_fn = train_lib.make_train_step(self.cfg, opt, self.mesh, rl_lib.make_policy_loss_fn(self.rl_cfg))
         self.state = train_lib.train_state_from_params(ld.params, self.cfg, opt, self.mesh)

@@ -258,7 +258,9 @@ def run(cfg: RLRunConfig, *, train_tasks: Optional[Sequence] = None, eval_tasks:
     rcfg = rollout.RolloutConfig(n_prompts=cfg.prompts_per_step, group_size=cfg.group_size,
                                  max_new_tokens=cfg.max_new_tokens, seq_len=seq_len, temperature=cfg.temperature,
                                  max_rounds=cfg.max_rounds, max_rows=cfg.rollout_rows or None,
-                                 tool_workers=cfg.tool_workers)
+                                 tool_workers=cfg.tool_workers,
+                                 # one pass over one mini-batch is on-policy: no separate scoring
+                                 recompute_old_logp=not (cfg.mu == 1 and mb == cfg.rows))
     optimizer = optim_lib.make_optimizer(cfg.optim_config())
     fingerprint = {"model_config": common.model_config_to_json(model_cfg),
                    "run": {"init": str(init_dir.resolve()), "algo": cfg.algo, "rl": dataclasses.asdict(rl_cfg),
@@ -355,6 +357,9 @@ def run(cfg: RLRunConfig, *, train_tasks: Optional[Sequence] = None, eval_tasks:
         for k in ("loss", "pg_loss", "kl", "ratio_mean", "clip_frac_low", "clip_frac_high", "clip_frac",
                   "dual_clip_frac", "grad_norm", "lr"):
             out[k] = float(np.mean([float(m[k]) for m in ms])) if ms else 0.0
+        for k in ("entropy", "logp_diff_mean"):  # measured by an on-policy update (none: not measured)
+            if k not in out and ms and k in ms[0]:
+                out[k] = float(np.mean([float(m[k]) for m in ms]))
         real_tokens = float(np.sum(roll.batch["segment_ids"] != 0)) * cfg.mu  # forward + backward, per pass
         gen_s = out["rollout_s"] + out["score_s"]
         out.update(train_s=train_s, rollout_tokens_per_s=out["rollout_tokens"] / max(out["rollout_s"], 1e-9),
@@ -364,7 +369,8 @@ def run(cfg: RLRunConfig, *, train_tasks: Optional[Sequence] = None, eval_tasks:
             common.say(f"  rollouts: reward {out['reward_mean']:.3f}, acc {100 * out['acc_lenient']:.1f}% lenient / "
                        f"{100 * out['acc_strict']:.1f}% strict, length {out['len_mean']:.1f}, zero-var groups "
                        f"{100 * out['zero_var_frac']:.0f}%, clip {100 * out['clip_frac']:.1f}%, kl {out['kl']:.4f}, "
-                       f"|logp diff| {out['logp_diff_mean']:.1e}, {100 * out['rollout_frac']:.0f}% of the step sampling")
+                       f"|logp diff| {out.get('logp_diff_mean', float('nan')):.1e}, {100 * out['rollout_frac']:.0f}% of the "
+                       "step sampling")
         return state, out
 
     shardings = train_lib.state_shardings(model_cfg, optimizer, mesh)

@@ -237,6 +237,21 @@ def test_chunked_scorer_equals_full_logits(tie, cap):
     np.testing.assert_allclose(np.asarray(full), ref, atol=2e-5)
     np.testing.assert_allclose(np.asarray(chunked), ref, atol=2e-5)
     assert not bool(mask[1, 8]) and not bool(mask[2, 12:].any())  # boundary and padding targets excluded
+    # at a sampling temperature (RL), and the entropy of the same distribution, chunked or not
+    from core import rl as rl_lib
+    logits_t = logits / 0.7
+    ref_t = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits_t, -1)), tokens[:, 1:, None], -1)[..., 0]
+    for chunk in (loss_lib.DEFAULT_VOCAB_CHUNK, 96):
+        got_t, _ = loss_lib.token_logprobs(params, batch, cfg, vocab_chunk=chunk, temperature=0.7)
+        np.testing.assert_allclose(np.asarray(got_t), np.where(np.asarray(mask), ref_t, 0.0), atol=2e-5)
+        h, _ = model_lib.forward_hidden(params, x["inputs"], cfg, positions=x["positions"],
+                                        segment_ids=x["segment_ids"])
+        for t, lg in ((1.0, logits), (0.7, logits_t)):
+            np.testing.assert_allclose(np.asarray(loss_lib.hidden_entropy(params, h, cfg, vocab_chunk=chunk,
+                                                                          temperature=t)),
+                                       np.asarray(rl_lib.token_entropy(lg)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        loss_lib.token_logprobs(params, batch, cfg, temperature=0.0)
     g_full = jax.grad(lambda p: loss_lib.token_logprobs(p, batch, cfg)[0].sum())(params)
     g_chunk = jax.grad(lambda p: loss_lib.token_logprobs(p, batch, cfg, vocab_chunk=96)[0].sum())(params)
     for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_chunk)):

@@ -143,6 +143,50 @@ def test_recomputed_old_logp_matches_the_sampler(template, model):
     assert np.all(roll.batch["old_logp"][roll.batch["mask"] == 0] == 0)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_on_policy_update_measures_what_the_scoring_pass_would(template, model, temperature):
+    """recompute_old_logp=False skips the scoring pass: same rows and advantages, no 'old_logp';
+    the update's loss and gradient equal those with the recomputed old log-probs (ratio 1), and
+    it reports the same entropy and sampler mismatch the scoring pass gives."""
+    from core import train as train_lib
+
+    cfg, params = model
+    rc = dataclasses.replace(RC, temperature=temperature)
+    rl_cfg = rl_lib.get_preset("dr_grpo")
+    rolls = []
+    for recompute in (True, False):
+        draw, _ = _draw_from([_task(i, _odd_length) for i in range(2)])
+        rolls.append(rollout.collect(params, draw, jax.random.PRNGKey(3), model_cfg=cfg, template=template,
+                                     rl_cfg=rl_cfg, rcfg=dataclasses.replace(rc, recompute_old_logp=recompute),
+                                     scorer=rollout.make_scorer(cfg, temperature=temperature)))
+    full, fast = rolls
+    assert "old_logp" not in fast.batch and "entropy" not in fast.metrics
+    for k in ("tokens", "mask", "advantages"):
+        np.testing.assert_array_equal(full.batch[k], fast.batch[k])
+    np.testing.assert_array_equal(fast.batch["sampler_logp"][fast.batch["mask"] == 0], 0)
+    loss_fn = rl_lib.make_policy_loss_fn(rl_cfg, temperature=temperature)
+    (l_full, _), g_full = jax.value_and_grad(loss_fn, has_aux=True)(params, full.batch, cfg)
+    (l_fast, aux), g_fast = jax.value_and_grad(loss_fn, has_aux=True)(params, fast.batch, cfg)
+    np.testing.assert_allclose(l_fast, l_full, rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_fast)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    tok = aux["tokens"]
+    assert abs(float(aux["ratio_tok_sum"] / tok) - 1.0) < 1e-6
+    np.testing.assert_allclose(float(aux["entropy_tok_sum"] / tok), full.metrics["entropy"], rtol=1e-4)
+    np.testing.assert_allclose(float(aux["logp_diff_tok_sum"] / tok), full.metrics["logp_diff_mean"], atol=1e-6)
+    # through core.train: step_metrics turns the sums into the rollout's metric names
+    import optax
+
+    from core import sharding as sh
+    mesh = sh.make_mesh("data:1", devices=jax.devices()[:1])
+    opt = optax.sgd(0.0)
+    step = train_lib.make_train_step(cfg, opt, mesh, loss_fn=loss_fn, donate=False)
+    _, m = step(train_lib.train_state_from_params(params, cfg, opt, mesh), sh.shard_batch(fast.batch, mesh))
+    tm = rl_lib.step_metrics(jax.device_get(m))
+    np.testing.assert_allclose(tm["entropy"], full.metrics["entropy"], rtol=1e-4)
+    assert tm["logp_diff_mean"] < 1e-4
+
+
 def test_reference_logp_only_with_kl_and_zero_kl_at_start(template, model):
     cfg, params = model
     draw, _ = _draw_from([_task(0, _has_e)])
