@@ -460,13 +460,16 @@ def run_rl(ctx: Ctx, out_dir: pathlib.Path, *, steps: int, label: str, rm_size: 
         rows_p = [prompt_ids[i // c.rl_group] for i in range(len(ids))]
         r_b = rmx.score_responses(ctx.reward_fn, ctx.rm_params, rows_p, ids, ctx.seq_len, mesh=ctx.mesh)
         rows = response_rows(rows_p, ids, ctx.seq_len)
-        old = token_logps(ctx.scorer, state["params"], rows, ctx.mesh)
         ref = token_logps(ctx.scorer, ctx.ref_params, rows, ctx.mesh) if c.kl_coef > 0 else None
         shaped = r_b
-        if ref is not None and not in_loss:
+        batch = {**rows}
+        if ref is not None and not in_loss:  # the KL in the reward needs the policy's log-probs first
+            old = token_logps(ctx.scorer, state["params"], rows, ctx.mesh)
             shaped = np.asarray(rl_lib.kl_penalised_rewards(r_b, old, ref, rows["mask"], c.kl_coef, "k1"))
+            batch["old_logp"] = old
+        # else one on-policy update: the loss takes its own detached log-probs as the old ones
         adv = np.asarray(rl_lib.group_advantages(shaped.reshape(c.rl_prompts, c.rl_group), "grpo"), np.float32)
-        batch = {**rows, "old_logp": old, "advantages": adv.reshape(-1)}
+        batch["advantages"] = adv.reshape(-1)
         if in_loss and ref is not None:
             batch["ref_logp"] = ref
         state, m = update(state, sharding_lib.shard_batch(batch, ctx.mesh))
