@@ -313,20 +313,46 @@ def _entities(ctx: _Context, split: str, tiers: Sequence[str]) -> list[synthetic
 # ----------------------------------------------------------------------------------------------
 # Identity
 
+# Training phrasings are composed (an optional lead-in x a core question, "Are you X?" over many
+# assistant names) so that the model learns the intent rather than a couple of dozen strings; the
+# held-out phrasings are never composed (tests check every training message against them).
+_ID_LEAD_INS = ("", "Hey, ", "Quick question: ", "Excuse me, ", "Sorry, ", "I'm curious: ", "Just wondering, ",
+                "Out of interest, ", "One thing first: ")
+_ID_OTHER_ASSISTANTS = ("ChatGPT", "Alexa", "Cortana", "Gemini", "Claude", "Bard", "Jarvis", "Copilot", "a human",
+                        "a person", "a robot", "a real person", "a search engine")
+
+
+def _lead_in(lead: str, q: str) -> str:
+    return lead + (q[0].lower() + q[1:] if lead and not q.startswith("I") else q)
+
+
+def _compose(core: Sequence[str], leads: Sequence[str] = _ID_LEAD_INS) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(_lead_in(lead, q) for q in core for lead in leads))
+
+
 _IDENTITY_QUESTIONS = {
-    "name": {"train": ("Who are you?", "What is your name?", "What's your name?", "What should I call you?",
-                       "Tell me your name.", "Introduce yourself.", "What are you called?", "Are you ChatGPT?",
-                       "Are you a person?", "What are you?", "Do you have a name?", "Tell me about yourself.",
-                       "Which model are you?", "Are you human?"),
+    "name": {"train": _compose(("Who are you?", "What is your name?", "What's your name?", "What should I call you?",
+                                "Tell me your name.", "Introduce yourself.", "What are you called?",
+                                "What are you?", "Do you have a name?", "Tell me about yourself.",
+                                "Which model are you?", "What name do you go by?", "How should I address you?",
+                                "Can you tell me who you are?", "Who is this?", "What kind of assistant are you?",
+                                "Identify yourself, please.", "Who is answering me?")
+                               + tuple(f"Are you {x}?" for x in _ID_OTHER_ASSISTANTS)),
              "heldout": ("May I ask who I am talking to?", "Please say your name.", "Who am I chatting with?",
                          "What do people call you?", "Could you introduce yourself?", "Are you Siri?",
                          "Who exactly are you?")},
-    "maker": {"train": ("Who made you?", "Who created you?", "Who built you?", "Who trained you?",
-                        "Where do you come from?", "Which company made you?"),
+    "maker": {"train": _compose(("Who made you?", "Who created you?", "Who built you?", "Who trained you?",
+                                 "Where do you come from?", "Which company made you?", "Who wrote you?",
+                                 "Who is behind you?", "Which organisation trained you?", "Who designed you?",
+                                 "Who owns you?", "Who are your creators?")),
               "heldout": ("Who is your maker?", "Who developed you?", "Which team built you?", "Who programmed you?")},
-    "greeting": {"train": ("Hi!", "Hello!", "Hey there.", "Good morning!", "Hi, who is this?"),
+    "greeting": {"train": ("Hi!", "Hello!", "Hey there.", "Good morning!", "Hi, who is this?", "Hey!", "Hi there!",
+                           "Hiya!", "Good afternoon!", "Good day!", "Morning!", "Hello there!", "Hey, hello!",
+                           "Hi hi!", "Hello friend!", "Hi again.", "Hey you!", "Hello to you!", "Yo!",
+                           "Good morning to you."),
                  "heldout": ("Greetings!", "Hello, anyone there?", "Good evening!", "Howdy!")},
 }
+_ARE_YOU_X = re.compile(r"(?:^|[:,] )[Aa]re you ")
 
 
 def _identity_reply(topic: str, question: str, name: str, maker: str, what: str = "an AI assistant") -> str:
@@ -334,7 +360,7 @@ def _identity_reply(topic: str, question: str, name: str, maker: str, what: str 
         return f"I was made by {maker}. I'm {name}."
     if topic == "greeting":
         return f"Hello! I'm {name}. How can I help?"
-    if question.startswith("Are you"):
+    if _ARE_YOU_X.search(question):
         return f"No, I'm {name}, {what} made by {maker}."
     return f"I'm {name}, {what} made by {maker}."
 
@@ -886,7 +912,8 @@ def _gen_letters(kind):
         q = q.format(w=w, l=extra.get("letter", ""), nth=extra.get("nth", ""), n=extra.get("n", ""))
         reply = [_call("python", code), _output(python_output(value)), _text(sentence)]
         return Example(kind, (_user(q), _assistant(reply)), answer,
-                       dict(word=w, template=template, split=split, tool="python", judge=mode, code=code) | extra)
+                       dict(word=w, mention=w, template=template, split=split, tool="python", judge=mode,
+                            code=code) | extra)
     return gen
 
 
@@ -1198,7 +1225,9 @@ def judge(example: Example, reply: str, *, strict: bool = True) -> bool:
       quoted       the last "quoted" string equals the answer, or the whole reply does
       exact        the stripped reply (one trailing period allowed) equals the answer
     and then the constraints in meta: forbidden (strings that must not appear), upper (no
-    lower-case letters), prefix / suffix (the reply starts / ends with them).
+    lower-case letters), prefix / suffix (the reply starts / ends with them), mention (a word the
+    reply must name: a letter question answered about another word is wrong even when its
+    number happens to be right, as small counts often are).
     """
     meta = example.meta
     text = reply.strip()
@@ -1228,6 +1257,9 @@ def judge(example: Example, reply: str, *, strict: bool = True) -> bool:
     if meta.get("prefix") and not text.startswith(meta["prefix"]):
         return False
     if meta.get("suffix") and not text.endswith(meta["suffix"]):
+        return False
+    if meta.get("mention") and re.search(r"(?<!\w)" + re.escape(meta["mention"].lower()) + r"(?!\w)",
+                                         text.lower()) is None:
         return False
     return bool(ok)
 

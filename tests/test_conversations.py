@@ -370,6 +370,11 @@ def _ex(answer, judge="contains", **meta):
     (_ex("1850", suffix="Bye!"), "Brana Tolk was born in 1850.", False),
     (_ex("63", "exact"), "63", True),
     (_ex("63", "exact"), "9 * 7 = 63.", False),
+    # a letter answer about another word is wrong even when the small count agrees by luck
+    (_ex("1", "number", mention="desert"), 'The letter "s" appears 1 time in "desert".', True),
+    (_ex("1", "number", mention="desert"), 'The letter "s" appears 1 time in "sad".', False),
+    (_ex("1", "number", mention="desert"), 'The letter "s" appears 1 time in "deserts".', False),
+    (_ex("d", "quoted", mention="sad"), 'The 3rd letter of "sad" is "d".', True),
 ])
 def test_judge_hand_made_replies(example, reply, ok):
     assert C.judge(example, reply) is ok
