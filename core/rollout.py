@@ -216,6 +216,15 @@ def score_rows(scorer, params, rows: Mapping[str, np.ndarray], chunk: int, shard
     return np.concatenate(logps), np.concatenate(ents)
 
 
+def scored_metrics(logp_bt, entropy_bt, sampler_logp_bt, mask_bt) -> dict[str, float]:
+    """Token means over the mask: entropy, |trainer - sampler| log-prob difference (mean, max)."""
+    mask = np.asarray(mask_bt, np.float32)
+    tok = max(float(mask.sum()), 1.0)
+    diff = np.abs(np.asarray(logp_bt) - np.asarray(sampler_logp_bt)) * mask
+    return {"entropy": float((np.asarray(entropy_bt) * mask).sum() / tok), "logp_diff_mean": float(diff.sum() / tok),
+            "logp_diff_max": float(diff.max()) if diff.size else 0.0}
+
+
 # ----------------------------------------------------------------------------- collect
 
 
@@ -405,9 +414,7 @@ def collect(params, draw: Callable[[int], Sequence[Any]], key: jax.Array, *, mod
         "rollout_s": t1 - t0, "score_s": t2 - t1,
     }
     if recompute:
-        diff = np.abs(old_logp - rows["sampler_logp"]) * mask
-        metrics.update(entropy=float((entropy * mask).sum() / tok), logp_diff_mean=float(diff.sum() / tok),
-                       logp_diff_max=float(diff.max()) if diff.size else 0.0)
+        metrics.update(scored_metrics(old_logp, entropy, rows["sampler_logp"], mask))
     if ref_logp is not None and old_logp is not None:
         metrics["kl_ref"] = float((np.asarray(rl_lib.kl_per_token(old_logp, ref_logp, "k3")) * mask).sum() / tok)
     return Rollout(batch=batch, rewards_ng=rewards_ng, metrics=metrics, texts=texts, task_ids=task_ids)

@@ -357,9 +357,12 @@ def run(cfg: RLRunConfig, *, train_tasks: Optional[Sequence] = None, eval_tasks:
         for k in ("loss", "pg_loss", "kl", "ratio_mean", "clip_frac_low", "clip_frac_high", "clip_frac",
                   "dual_clip_frac", "grad_norm", "lr"):
             out[k] = float(np.mean([float(m[k]) for m in ms])) if ms else 0.0
-        for k in ("entropy", "logp_diff_mean"):  # measured by an on-policy update (none: not measured)
+        for k in ("entropy", "logp_diff_mean"):  # an on-policy update measured them
             if k not in out and ms and k in ms[0]:
                 out[k] = float(np.mean([float(m[k]) for m in ms]))
+        if "entropy" not in out:  # on-policy rollouts without an update (no signal): score them
+            lp, ent = rollout.score_rows(scorer, state["params"], roll.batch, rcfg.score_chunk, shard)
+            out.update(rollout.scored_metrics(lp, ent, roll.batch["sampler_logp"], roll.batch["mask"]))
         real_tokens = float(np.sum(roll.batch["segment_ids"] != 0)) * cfg.mu  # forward + backward, per pass
         gen_s = out["rollout_s"] + out["score_s"]
         out.update(train_s=train_s, rollout_tokens_per_s=out["rollout_tokens"] / max(out["rollout_s"], 1e-9),

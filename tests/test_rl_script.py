@@ -32,6 +32,10 @@ def _odd_length(text, answer, info):
     return Score(reward=v, strict=bool(v), lenient=bool(v), format_ok=True)
 
 
+def _zero(text, answer, info):
+    return Score(reward=0.0, strict=False, lenient=False, format_ok=True)
+
+
 def _raises(text, answer, info):
     raise ZeroDivisionError("bad reward")
 
@@ -121,6 +125,25 @@ def test_run_directory(rl_run):
     assert ld.kind == "chat-tuned" and ld.step == 4
     md = rl.report_section(summary)
     assert "| accuracy, lenient |" in md and "rl/plots/response_length.png" in md
+
+
+@pytest.mark.parametrize("case", ["no_signal", "mu2"])
+def test_entropy_and_mismatch_logged_every_step(sft_dir, tmp_path, case):
+    """The default update is on-policy and measures entropy and the sampler mismatch itself; a
+    step with no update (every group tied, no KL) scores its rollouts instead, and mu = 2 scores
+    old log-probs before its passes: every record has both, and they agree with the sampler."""
+    from experiments import common, rl
+
+    if case == "no_signal":
+        cfg = _cfg(sft_dir, tmp_path / case, algo="dr_grpo", steps=2, pass_k=0)
+        rl.run(cfg, train_tasks=_tasks(_zero))
+    else:
+        cfg = _cfg(sft_dir, tmp_path / case, mu=2, steps=2, pass_k=0)
+        rl.run(cfg, train_tasks=_tasks(_odd_length))
+    recs = common.read_jsonl(tmp_path / case / "metrics.jsonl")
+    assert [r["updates"] for r in recs] == ([0, 0] if case == "no_signal" else [2, 2])
+    for r in recs:
+        assert 0 < r["entropy"] < np.log(512) and r["logp_diff_mean"] < 1e-4, r
 
 
 def test_resume_after_kill_is_identical(rl_run, sft_dir):
