@@ -136,10 +136,11 @@ def test_entropy_and_mismatch_logged_every_step(sft_dir, tmp_path, case):
 
     if case == "no_signal":
         cfg = _cfg(sft_dir, tmp_path / case, algo="dr_grpo", steps=2, pass_k=0)
-        rl.run(cfg, train_tasks=_tasks(_zero))
+        summary = rl.run(cfg, train_tasks=_tasks(_zero))
     else:
         cfg = _cfg(sft_dir, tmp_path / case, mu=2, steps=2, pass_k=0)
-        rl.run(cfg, train_tasks=_tasks(_odd_length))
+        summary = rl.run(cfg, train_tasks=_tasks(_odd_length))
+    assert not [k for k in summary if k.startswith("pass@")]  # --pass_k=0: greedy only, no 'pass@0' keys
     recs = common.read_jsonl(tmp_path / case / "metrics.jsonl")
     assert [r["updates"] for r in recs] == ([0, 0] if case == "no_signal" else [2, 2])
     for r in recs:
