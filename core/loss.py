@@ -310,11 +310,21 @@ def token_logprobs(params, batch, cfg: model_lib.ModelConfig, *,
       (logp_bt, mask_bt): logp_bt [B, T] float32 = log p(tokens[:, t+1] | tokens[:, :t+1]), set
       to 0 where the target does not count; mask_bt [B, T] bool, where it counts.
     """
+    logp, mask, _ = token_logprobs_and_hidden(params, batch, cfg, vocab_chunk=vocab_chunk, temperature=temperature)
+    return logp, mask
+
+
+def token_logprobs_and_hidden(params, batch, cfg: model_lib.ModelConfig, *, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+                              temperature: float = 1.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`token_logprobs` plus the final hidden states [B, T, D] it scored, for a second read of the
+    same forward (RL's entropy, `hidden_entropy`) without running the model again.
+
+    Returns: (logp_bt, mask_bt, x_btd)."""
     x = split_batch(batch)
     h, _ = model_lib.forward_hidden(params, x["inputs"], cfg, positions=x["positions"],
                                     segment_ids=x["segment_ids"])
     logp, _ = hidden_logprobs(params, h, x["targets"], cfg, vocab_chunk=vocab_chunk, temperature=temperature)
-    return jnp.where(x["mask"], logp, 0.0), x["mask"]
+    return jnp.where(x["mask"], logp, 0.0), x["mask"], h
 
 
 def sequence_logprobs(params, batch, cfg: model_lib.ModelConfig, **kw) -> tuple[jax.Array, jax.Array]:

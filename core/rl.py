@@ -535,18 +535,12 @@ def make_policy_loss_fn(rl_cfg: RLConfig, *, temperature: float = 1.0):
       'entropy' and 'logp_diff_mean'.
     """
     from core import loss as loss_lib  # local: keep core.rl importable without the model stack
-    from core import model as model_lib
 
     kw = rl_cfg.loss_kwargs()
     _check(temperature > 0, f"temperature must be > 0, got {temperature}")
 
     def loss_fn(params, batch, model_cfg):
-        x = loss_lib.split_batch(batch)
-        h, _ = model_lib.forward_hidden(params, x["inputs"], model_cfg, positions=x["positions"],
-                                        segment_ids=x["segment_ids"])
-        logp_bt, _ = loss_lib.hidden_logprobs(params, h, x["targets"], model_cfg, temperature=temperature)
-        mask_bt = x["mask"]
-        logp_bt = jnp.where(mask_bt, logp_bt, 0.0)
+        logp_bt, mask_bt, h = loss_lib.token_logprobs_and_hidden(params, batch, model_cfg, temperature=temperature)
         ref = batch.get("ref_logp") if kw["kl_coef"] > 0 else None
         _check(kw["kl_coef"] == 0 or ref is not None,
                "the KL term is in the loss but batch has no 'ref_logp'")
@@ -555,11 +549,11 @@ def make_policy_loss_fn(rl_cfg: RLConfig, *, temperature: float = 1.0):
         loss_sum, aux = policy_loss_sums(logp_bt, old, batch["advantages"], mask_bt, ref_logp_bt=ref, **kw)
         if on_policy:  # the metrics the rollout's separate scoring pass would have given
             m = _f32(mask_bt)
-            h_sg = jax.lax.stop_gradient(h)
-            ent = loss_lib.hidden_entropy(jax.lax.stop_gradient(params), h_sg, model_cfg, temperature=temperature)
+            ent = loss_lib.hidden_entropy(jax.lax.stop_gradient(params), jax.lax.stop_gradient(h), model_cfg,
+                                          temperature=temperature)
             aux["entropy_tok_sum"] = jnp.sum(jnp.where(m > 0, ent, 0.0) * m)
             if "sampler_logp" in batch:
-                diff = jnp.abs(jax.lax.stop_gradient(logp_bt) - _f32(batch["sampler_logp"]))
+                diff = jnp.abs(old - _f32(batch["sampler_logp"]))
                 aux["logp_diff_tok_sum"] = jnp.sum(jnp.where(m > 0, diff, 0.0) * m)
         return loss_sum, aux
 

@@ -188,15 +188,11 @@ def make_scorer(model_cfg: model_lib.ModelConfig, *, temperature: float = 1.0, w
     _check(temperature > 0, f"temperature must be > 0, got {temperature}")
 
     def score(params, batch):
-        x = loss_lib.split_batch(batch)
-        h, _ = model_lib.forward_hidden(params, x["inputs"], model_cfg, positions=x["positions"],
-                                        segment_ids=x["segment_ids"])
-        logp, _ = loss_lib.hidden_logprobs(params, h, x["targets"], model_cfg, temperature=temperature)
-        logp = jnp.where(x["mask"], logp, 0.0)
+        logp, mask, h = loss_lib.token_logprobs_and_hidden(params, batch, model_cfg, temperature=temperature)
         if not with_entropy:
             return logp, jnp.zeros_like(logp)
         ent = loss_lib.hidden_entropy(params, h, model_cfg, temperature=temperature)
-        return logp, jnp.where(x["mask"], ent, 0.0)
+        return logp, jnp.where(mask, ent, 0.0)
 
     return jax.jit(score)
 
