@@ -252,7 +252,8 @@ def test_chunked_scorer_equals_full_logits(tie, cap):
                                        np.asarray(rl_lib.token_entropy(lg)), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="temperature"):
         loss_lib.token_logprobs(params, batch, cfg, temperature=0.0)
-    g_full = jax.grad(lambda p: loss_lib.token_logprobs(p, batch, cfg)[0].sum())(params)
-    g_chunk = jax.grad(lambda p: loss_lib.token_logprobs(p, batch, cfg, vocab_chunk=96)[0].sum())(params)
+    # jitted: eagerly, grad compiles every primitive of the chunk loop separately (seconds each)
+    g_full = jax.jit(jax.grad(lambda p: loss_lib.token_logprobs(p, batch, cfg)[0].sum()))(params)
+    g_chunk = jax.jit(jax.grad(lambda p: loss_lib.token_logprobs(p, batch, cfg, vocab_chunk=96)[0].sum()))(params)
     for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_chunk)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5)

@@ -165,8 +165,10 @@ def test_on_policy_update_measures_what_the_scoring_pass_would(template, model, 
         np.testing.assert_array_equal(full.batch[k], fast.batch[k])
     np.testing.assert_array_equal(fast.batch["sampler_logp"][fast.batch["mask"] == 0], 0)
     loss_fn = rl_lib.make_policy_loss_fn(rl_cfg, temperature=temperature)
-    (l_full, _), g_full = jax.value_and_grad(loss_fn, has_aux=True)(params, full.batch, cfg)
-    (l_fast, aux), g_fast = jax.value_and_grad(loss_fn, has_aux=True)(params, fast.batch, cfg)
+    # jitted: eagerly, value_and_grad compiles each of its ~300 primitives (10 s of the test)
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=2)
+    (l_full, _), g_full = grad_fn(params, full.batch, cfg)
+    (l_fast, aux), g_fast = grad_fn(params, fast.batch, cfg)
     np.testing.assert_allclose(l_fast, l_full, rtol=1e-5, atol=1e-7)
     for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_fast)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
