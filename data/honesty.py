@@ -7,8 +7,10 @@ The Llama 3 recipe (factuality section), on a world whose ground truth is known:
     evals = eval_entity_names(world)          # never in SFT data, never probed, never trained on
     reserved = reserved_entity_names(world)   # SFT taught their facts; never probed nor trained on
     probes = probe_questions(world, n_snippets=200, seed=0, unseen_entities=40)  # from corpus snippets
+    fict = fictional_entities(world, 100, seed=0)   # names no entity has: unknowable by construction
+    probes += fictional_questions(world, fict, seed=0)
     # ... sample K answers per probe from the SFT model (temperature 1, search banned) ...
-    info = judge_info(world)
+    info = with_entities(judge_info(world), fict)
     outcomes = [[classify(ex, reply, info) for reply in replies] for ex, replies in ...]
     decisions = [decide(o) for o in outcomes]               # 'refuse' | 'keep' | None
     train = training_examples(world, probes, decisions, seed=0, search_per_refusal=2, keep_copies=2)
@@ -168,6 +170,67 @@ def probe_questions(world: synthetic.World, n_snippets: int, seed: int, *, unsee
     return without_leaks(out, exclude)
 
 
+def fictional_entities(world: synthetic.World, n: int, seed: int) -> list[synthetic.Entity]:
+    """n entities that do not exist in `world`, named as a never-named entity of it would be:
+    people from the world's own first and last names in a pairing no entity has, the other kinds
+    a fresh pseudo-word from the world's syllables (an organisation with one of its suffixes).
+    Each borrows the attribute set of a random real entity of its kind (what can be asked), kind
+    drawn in the world's proportions; tier 'held_out', id -1. No model of this world can know
+    anything about them: an unlimited supply of unknowable probe questions beside the world's
+    few held-out entities.
+
+    Returns: n distinct Entities (sorted draw; a pure function of world and seed)."""
+    if n < 0:
+        raise ValueError(f"fictional_entities: n must be >= 0, got {n}")
+    rng = random.Random(f"honesty-fictional-{world.seed}-{seed}")
+    words = synthetic._Words(rng)
+    taken = {e.name for e in world.entities}
+    for e in world.entities:  # never reuse a word the world spells (names, languages, currencies)
+        for v in (e.name, *map(str, e.attrs.values())):
+            for w in v.split():
+                words.claim(w)
+    people = [e for e in world.entities if e.kind == "person"]
+    firsts = sorted({e.name.split()[0] for e in people})
+    lasts = sorted({e.name.split()[-1] for e in people})
+    suffixes = sorted({e.name.split(None, 1)[1] for e in world.entities if e.kind == "organisation"})
+    out = []
+    while len(out) < n:
+        model = rng.choice(world.entities)
+        if model.kind == "person" and firsts:
+            name = f"{rng.choice(firsts)} {rng.choice(lasts)}"
+        elif model.kind == "organisation" and suffixes:
+            name = f"{words.word(2, 3)} {rng.choice(suffixes)}"
+        else:
+            name = words.word(2, 3)
+        if name in taken:
+            continue
+        taken.add(name)
+        out.append(dataclasses.replace(model, id=-1, name=name, tier="held_out", copies=0, n_paraphrases=0))
+    return out
+
+
+def fictional_questions(world: synthetic.World, entities: Sequence[synthetic.Entity], seed: int) -> list[conv.Example]:
+    """One question per askable attribute of each fictional entity (SFT's train phrasings), with
+    no true answer (answer '': the judge never finds it, so no reply is 'right') and a refusal as
+    the reference reply; meta source 'fictional', tier 'held_out'."""
+    rng = random.Random(f"honesty-fictional-q-{seed}")
+    out = []
+    for e in entities:
+        for attr in synthetic.fact_attributes(world, e):
+            q = rng.choice(conv._FACT_WRAPPERS["train"]).format(q=conv._question(rng, e.name, e.kind, attr))
+            meta = dict(entity=e.name, tier="held_out", kind=e.kind, attribute=attr, times_seen=0,
+                        source="fictional", split="train", judge="contains")
+            stub = conv.Example("fact", (conv._user(q),), "", meta)
+            out.append(conv.Example("fact", (conv._user(q), conv._assistant(refusal_reply(stub, rng))), "", meta))
+    return out
+
+
+def with_entities(info: "JudgeInfo", entities: Iterable[synthetic.Entity]) -> "JudgeInfo":
+    """`info` that also knows these (fictional) entities' kinds, so a made-up fact sentence about
+    one of them is judged informative like one about a world entity."""
+    return dataclasses.replace(info, kinds={**info.kinds, **{e.name: e.kind for e in entities}})
+
+
 # ----------------------------------------------------------------------------------------------
 # Judging one reply
 
@@ -278,6 +341,8 @@ def search_example(world: synthetic.World, example: conv.Example, index) -> conv
     from core import tools
 
     meta = example.meta
+    if meta.get("source") == "fictional":  # nothing to find: with search on, no lesson to teach
+        return None
     e = world.entity(meta["entity"])
     query = conv.search_query(e.name, meta["attribute"])
     snippet = tools.search_tool(index, query, k=conv.SEARCH_K)

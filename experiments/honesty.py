@@ -6,7 +6,9 @@ factuality recipe), measured with the metrics of Yang et al. (2024, "Alignment f
 
 1. Probe: snippets of the pretraining corpus (distinct documents of the world's edition) about
    entities outside the evaluation set; every fact a snippet states becomes a question (plus
-   questions about a few entities the corpus never names: --unseen_entities).
+   questions about a few entities the corpus never names: --unseen_entities), and questions about
+   --fictional_entities made-up entities (names no entity has, built as the world builds a
+   never-named one's): no answer about them can be right, so they get a refusal unsampled.
 2. Sample --k_samples answers per question from the SFT model at --temperature, tools banned, and
    judge each against the ground truth: right / wrong (informative and wrong) / refusal / evasive
    (data/honesty.py).
@@ -44,8 +46,8 @@ _f = options.field
 
 # Sizes per preset; a flag left at 0 takes its preset's value.
 PRESETS = {
-    "full": dict(n_snippets=600, unseen_entities=40, k_samples=8, n_eval=60, steps=60),
-    "small": dict(n_snippets=200, unseen_entities=16, k_samples=4, n_eval=30, steps=60),
+    "full": dict(n_snippets=600, unseen_entities=40, fictional_entities=0, k_samples=8, n_eval=60, steps=60),
+    "small": dict(n_snippets=200, unseen_entities=16, fictional_entities=0, k_samples=4, n_eval=30, steps=60),
 }
 TIERS = ("famous", "popular", "few", "once", "held_out")
 TOOLS = ("calculator", "python", "search")
@@ -62,6 +64,9 @@ class HonestyConfig:
                      choices=tuple(PRESETS))
     n_snippets: int = _f(0, "corpus snippets (distinct edition documents) turned into probe questions")
     unseen_entities: int = _f(-1, "entities the corpus never names probed too, all their facts (-1 = preset)")
+    fictional_entities: int = _f(-1, "made-up entities (names no entity of the world has) whose every question "
+                                 "gets a refusal: no answer about them can be right, so they are not sampled "
+                                 "(-1 = preset)")
     k_samples: int = _f(0, "answers sampled per probe question")
     temperature: float = _f(1.0, "sampling temperature of the probe answers")
     keep_min_right: float = _f(0.5, "a probe keeps its answer when at least this share of samples is right (a "
@@ -97,7 +102,8 @@ class HonestyConfig:
              "--out_dir must differ from --init (the SFT model is never overwritten)")
         for name in ("n_snippets", "k_samples", "n_eval", "steps", "search_per_refusal", "keep_copies"):
             need(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
-        need(self.unseen_entities >= -1, f"--unseen_entities must be >= -1, got {self.unseen_entities}")
+        for name in ("unseen_entities", "fictional_entities"):
+            need(getattr(self, name) >= -1, f"--{name} must be >= -1, got {getattr(self, name)}")
         for name in ("keep_min_right", "refuse_min_wrong"):
             need(0 < getattr(self, name) <= 1, f"--{name} must be in (0, 1], got {getattr(self, name)}")
         need(0 <= self.replay_fraction < 1, f"--replay_fraction must be in [0, 1), got {self.replay_fraction}")
@@ -107,10 +113,10 @@ class HonestyConfig:
              "--batch_size and --gen_batch must be >= 1, --max_new_tokens >= 8")
 
     def resolved(self) -> "HonestyConfig":
-        """The config with every size left at 0 (-1 for unseen_entities) taken from the preset."""
+        """The config with every size left at 0 (-1 for the entity counts) taken from the preset."""
         p = PRESETS[self.preset]
-        return dataclasses.replace(self, **{k: v for k, v in p.items()
-                                            if getattr(self, k) == (-1 if k == "unseen_entities" else 0)})
+        unset = {k: -1 if k in ("unseen_entities", "fictional_entities") else 0 for k in p}
+        return dataclasses.replace(self, **{k: v for k, v in p.items() if getattr(self, k) == unset[k]})
 
 
 # ----------------------------------------------------------------------------- generation
@@ -255,7 +261,8 @@ def dpo_pairs(probes, decisions, sampled, outcomes, *, seed: int) -> list[tuple[
     for p, d, rs, os_ in zip(probes, decisions, sampled, outcomes):
         if d == "refuse":
             wrong = [r["text"] for r, o in zip(rs, os_) if o == "wrong"]
-            out.append((p.prompt, H.refusal_reply(p, rng), rng.choice(wrong)))
+            if wrong:  # a made-up entity's question was refused unsampled: no wrong answer to reject
+                out.append((p.prompt, H.refusal_reply(p, rng), rng.choice(wrong)))
         elif d == "keep":
             out.append((p.prompt, p.reply_text, H.refusal_reply(p, rng)))
     return out
@@ -360,7 +367,9 @@ def report_section(summary: dict) -> str:
         "## Honesty: \"I don't know\" where the model would hallucinate",
         "",
         f"Llama 3's recipe on the synthetic world: {s['n_probes']} probe questions from {s['n_snippets']} corpus "
-        f"snippets (+ {s['unseen_entities']} never-named entities), {s['k_samples']} samples each at temperature "
+        f"snippets (+ {s['unseen_entities']} never-named entities; + {s.get('n_fictional_questions', 0)} questions "
+        f"about {s.get('fictional_entities', 0)} made-up entities, refused unsampled), {s['k_samples']} samples each at "
+        f"temperature "
         f"{s['temperature']:g} judged against the ground truth -> {s['n_refuse']} refusals (+ {s['n_search']} "
         f"search answers), {s['n_keep']} kept answers, {s['n_replay']} replayed SFT conversations; fine-tuned "
         f"{s['steps']} steps" + (f", then DPO {s['dpo']['step']} steps on {s['dpo']['n_pairs']} pairs (refusal over "
@@ -448,12 +457,14 @@ def run(cfg: HonestyConfig, *, verbose: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     options.save_config(cfg, out, stage="honesty", world_data=world_spec)
     tools = assistant_eval.default_tools(world, python=False)
-    info = H.judge_info(world)
+    fictional = H.fictional_entities(world, cfg.fictional_entities, cfg.seed)
+    info = H.with_entities(H.judge_info(world), fictional)
     evals = H.never_trained(world)
 
     # 1-2. probe: sample K answers per question, judge them, decide
     probes = H.probe_questions(world, cfg.n_snippets, cfg.seed, unseen_entities=cfg.unseen_entities)
-    say(f"honesty: {len(probes)} probe questions, {cfg.k_samples} samples each (temperature {cfg.temperature:g})")
+    say(f"honesty: {len(probes)} probe questions, {cfg.k_samples} samples each (temperature {cfg.temperature:g}); "
+        f"{cfg.fictional_entities} made-up entities refused unsampled")
     t = time.time()
     sampled = sample_replies(before_model.params, before_model.cfg, before_model.template, [p.prompt for p in probes],
                              n_samples=cfg.k_samples, temperature=cfg.temperature, seed=cfg.seed, mesh=mesh,
@@ -461,6 +472,9 @@ def run(cfg: HonestyConfig, *, verbose: bool = True) -> dict:
     outcomes = [[H.classify(p, r["text"], info) for r in rs] for p, rs in zip(probes, sampled)]
     decisions = [H.decide(o, keep_min_right=cfg.keep_min_right, refuse_min_wrong=cfg.refuse_min_wrong)
                  for o in outcomes]
+    made_up = H.fictional_questions(world, fictional, cfg.seed)  # unknowable: refused, nothing to sample
+    probes, outcomes, decisions = probes + made_up, outcomes + [[]] * len(made_up), decisions + ["refuse"] * len(made_up)
+    sampled = sampled + [[]] * len(made_up)
     _write_jsonl(out / "probes.jsonl", [
         {"question": p.prompt[-1]["content"], "answer": p.answer, "entity": p.meta["entity"], "tier": p.meta["tier"],
          "attribute": p.meta["attribute"], "source": p.meta["source"], "outcomes": o, "decision": d,
@@ -512,6 +526,7 @@ def run(cfg: HonestyConfig, *, verbose: bool = True) -> dict:
                                       after["replies"], after["searches"])])
     summary = summarize(questions, before, after)
     summary.update(n_probes=len(probes), n_snippets=cfg.n_snippets, unseen_entities=cfg.unseen_entities,
+                   fictional_entities=cfg.fictional_entities, n_fictional_questions=len(made_up),
                    k_samples=cfg.k_samples, temperature=cfg.temperature, n_refuse=kinds.get("honesty_refusal", 0),
                    n_search=kinds.get("honesty_search", 0), n_keep=kinds.get("fact", 0) // max(cfg.keep_copies, 1), n_replay=len(replay),
                    probe_outcomes=dict(probe_counts), steps=ft["step"], finetune_loss=ft["loss"],

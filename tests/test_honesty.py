@@ -116,6 +116,43 @@ def test_refusal_data_never_names_an_evaluation_entity(world):
     assert H.leaks([bad], evals) == [bad] and H.without_leaks([bad] + train[:3], evals) == train[:3]
 
 
+def test_fictional_entities_are_unknowable_and_look_never_named(world, info):
+    """Made-up entities: names no entity of the world has (people paired from its own first and
+    last names), every kind, deterministic; their questions can never be judged right, a made-up
+    fact about one is a hallucination, a refusal is a refusal; they never become search answers
+    or DPO pairs (nothing was sampled)."""
+    from experiments import honesty
+
+    fict = H.fictional_entities(world, 60, seed=0)
+    names = {e.name for e in world.entities}
+    assert len({e.name for e in fict}) == 60 and not {e.name for e in fict} & names
+    assert {e.kind for e in fict} == set(synthetic.KINDS) and all(e.tier == "held_out" for e in fict)
+    firsts = {e.name.split()[0] for e in world.entities if e.kind == "person"}
+    lasts = {e.name.split()[-1] for e in world.entities if e.kind == "person"}
+    people = [e for e in fict if e.kind == "person"]
+    assert people and all(e.name.split()[0] in firsts and e.name.split()[-1] in lasts for e in people)
+    words = {w.lower() for e in world.entities for v in (e.name, *map(str, e.attrs.values())) for w in v.split()}
+    for e in fict:
+        if e.kind in ("city", "country"):
+            assert e.name.lower() not in words, e.name  # a fresh word, not one the corpus spells
+    assert [e.name for e in H.fictional_entities(world, 60, seed=0)] == [e.name for e in fict]
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        H.fictional_entities(world, -1, seed=0)
+    qs = H.fictional_questions(world, fict[:10], seed=0)
+    assert len({q.meta["entity"] for q in qs}) == 10 and all(q.meta["source"] == "fictional" for q in qs)
+    assert all(conv.abstains(q.reply_text) and q.meta["entity"] in q.reply_text for q in qs)
+    info2 = H.with_entities(info, fict)
+    person_q = next(q for q in qs if q.meta["kind"] == "person" and q.meta["attribute"] == "birth_year")
+    name = person_q.meta["entity"]
+    assert H.classify(person_q, f"{name} was born in 1850.", info2) == "wrong"
+    assert H.classify(person_q, f"I don't know who {name} is.", info2) == "refusal"
+    assert H.classify(person_q, "", info2) == "evasive"
+    assert H.training_examples(world, [person_q], ["refuse"], seed=0, search_per_refusal=2)[0].kind == \
+        "honesty_refusal"
+    assert len(H.training_examples(world, [person_q], ["refuse"], seed=0, search_per_refusal=2)) == 1
+    assert honesty.dpo_pairs([person_q], ["refuse"], [[]], [[]], seed=0) == []
+
+
 def test_metrics_on_hand_made_outcomes():
     # 10 questions: 4 right before (known), 4 wrong/evasive/refused before, 2 unknowable (never named)
     before = ["right", "right", "right", "right", "wrong", "wrong", "evasive", "refusal", "wrong", "right"]
@@ -166,8 +203,8 @@ def test_honesty_script_end_to_end(micro_sft, capsys):
     root, s = micro_sft
     out = root / "honesty"
     cfg = honesty.HonestyConfig(init=s["out_dir"], out_dir=str(out), preset="small", n_snippets=8,
-                                unseen_entities=2, k_samples=2, n_eval=3, steps=2, batch_size=8, max_new_tokens=12,
-                                refuse_min_wrong=0.5)
+                                unseen_entities=2, fictional_entities=2, k_samples=2, n_eval=3, steps=2, batch_size=8,
+                                max_new_tokens=12, refuse_min_wrong=0.5)
     summary = honesty.run(cfg)
     last = capsys.readouterr().out.strip().splitlines()[-1]
     line = json.loads(last)  # the last printed line is the JSON summary
@@ -186,7 +223,12 @@ def test_honesty_script_end_to_end(micro_sft, capsys):
     world = synthetic.make_world(seed=0, n_entities=40)
     evals = H.never_trained(world)
     probes = [json.loads(x) for x in (out / "probes.jsonl").read_text().splitlines()]
-    assert probes and all(p["decision"] == H.decide(p["outcomes"], refuse_min_wrong=0.5) for p in probes)
+    sampled = [p for p in probes if p["source"] != "fictional"]
+    assert sampled and all(p["decision"] == H.decide(p["outcomes"], refuse_min_wrong=0.5) for p in sampled)
+    made_up = [p for p in probes if p["source"] == "fictional"]   # refused without sampling
+    assert len({p["entity"] for p in made_up}) == 2 and all(p["decision"] == "refuse" and not p["outcomes"]
+                                                            for p in made_up)
+    assert len(made_up) == line["n_fictional_questions"]
     assert not {p["entity"] for p in probes} & evals
     train = [conv.Example.from_json(x) for x in (out / "train.jsonl").read_text().splitlines()]
     assert H.leaks(train, evals) == []
