@@ -46,8 +46,8 @@ _f = options.field
 
 # Sizes per preset; a flag left at 0 takes its preset's value.
 PRESETS = {
-    "full": dict(n_snippets=600, unseen_entities=40, fictional_entities=0, k_samples=8, n_eval=60, steps=60),
-    "small": dict(n_snippets=200, unseen_entities=16, fictional_entities=0, k_samples=4, n_eval=30, steps=60),
+    "full": dict(n_snippets=600, unseen_entities=45, fictional_entities=50, k_samples=8, n_eval=60, steps=120),
+    "small": dict(n_snippets=600, unseen_entities=45, fictional_entities=50, k_samples=4, n_eval=30, steps=120),
 }
 TIERS = ("famous", "popular", "few", "once", "held_out")
 TOOLS = ("calculator", "python", "search")
@@ -71,18 +71,19 @@ class HonestyConfig:
     temperature: float = _f(1.0, "sampling temperature of the probe answers")
     keep_min_right: float = _f(0.5, "a probe keeps its answer when at least this share of samples is right (a "
                                "tiny model's temperature-1 samples are noisy: chance of a right value is ~0)")
-    keep_copies: int = _f(2, "copies of each kept question (they balance the many refusals)")
-    refuse_min_wrong: float = _f(0.75, "a probe gets a refusal when no sample is right and at least this share is "
+    keep_copies: int = _f(4, "copies of each kept question (they balance the many refusals)")
+    refuse_min_wrong: float = _f(0.5, "a probe gets a refusal when no sample is right and at least this share is "
                                  "informative and wrong")
     search_per_refusal: int = _f(2, "copies of each refused question answered through search (more than the one "
                                  "refusal, so that with search available the model searches first)")
-    replay_fraction: float = _f(0.5, "share of the fine-tune's conversations drawn from the original SFT mixture")
+    replay_fraction: float = _f(0.6, "share of the fine-tune's conversations drawn from the original SFT mixture")
     n_eval: int = _f(0, "evaluation questions per tier (famous, popular, few, once, held_out)")
     eval_templates: str = _f("train", "phrasings of the evaluation questions: 'train' (SFT's phrasings around "
                              "held-out entities: measures the entities alone) or 'heldout' (new phrasings too)",
                              choices=("train", "heldout"))
     steps: int = _f(0, "fine-tuning steps")
-    lr: float = _f(3e-4, "fine-tuning peak learning rate")
+    lr: float = _f(2e-4, "fine-tuning peak learning rate (higher: more refusals, and more of them on what the "
+                                 "model knows)")
     batch_size: int = _f(16, "fine-tuning global batch (rows)")
     dpo_steps: int = _f(0, "after the fine-tune, DPO steps with the refusal preferred over a sampled wrong answer "
                         "(and a kept right answer over a refusal); 0 = SFT only")
