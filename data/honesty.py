@@ -337,12 +337,19 @@ def refusal_example(example: conv.Example, rng: random.Random) -> conv.Example:
 def search_example(world: synthetic.World, example: conv.Example, index) -> conv.Example | None:
     """The probe question answered through a search call (as SFT's search replies), so that with
     the tool available the model looks up what it would otherwise refuse; None when the snippet
-    does not hold the answer."""
+    does not hold the answer. A made-up entity's question (meta source 'fictional') searches,
+    finds nothing about it and ends in the probe's refusal."""
+
     from core import tools
 
     meta = example.meta
-    if meta.get("source") == "fictional":  # nothing to find: with search on, no lesson to teach
-        return None
+    if meta.get("source") == "fictional":  # nothing to find: search, see it is not there, refuse
+        query = conv.search_query(meta["entity"], meta["attribute"])
+        snippet = tools.search_tool(index, query, k=conv.SEARCH_K)
+        reply = [conv._call("search", query), conv._output(snippet),
+                 conv._text(f"The search results do not mention {meta['entity']}. {example.reply_text}")]
+        return conv.Example("honesty_search", (*example.prompt, conv._assistant(reply)), "",
+                            dict(meta, honesty="search_refuse", tool="search"))
     e = world.entity(meta["entity"])
     query = conv.search_query(e.name, meta["attribute"])
     snippet = tools.search_tool(index, query, k=conv.SEARCH_K)

@@ -147,9 +147,17 @@ def test_fictional_entities_are_unknowable_and_look_never_named(world, info):
     assert H.classify(person_q, f"{name} was born in 1850.", info2) == "wrong"
     assert H.classify(person_q, f"I don't know who {name} is.", info2) == "refusal"
     assert H.classify(person_q, "", info2) == "evasive"
-    assert H.training_examples(world, [person_q], ["refuse"], seed=0, search_per_refusal=2)[0].kind == \
-        "honesty_refusal"
-    assert len(H.training_examples(world, [person_q], ["refuse"], seed=0, search_per_refusal=2)) == 1
+    refusal = H.training_examples(world, [person_q], ["refuse"], seed=0, search_per_refusal=0)[0]
+    assert refusal.kind == "honesty_refusal" and conv.abstains(refusal.reply_text) and name in refusal.reply_text
+    # with search on: the search finds nothing about it, and the reply ends in the same refusal
+    # (training_examples drops it when the snippet it found names an evaluation entity)
+    searched = H.search_example(world, person_q, conv.search_index(world))
+    assert searched.kind == "honesty_search" and searched.meta["honesty"] == "search_refuse"
+    from core import chat
+    parts = chat.message_parts(searched.messages[-1])
+    assert [p["type"] for p in parts] == ["tool_call", "tool_output", "text"], parts
+    assert name in parts[0]["text"] and name not in parts[1]["text"]
+    assert parts[2]["text"].endswith(person_q.reply_text) and conv.abstains(parts[2]["text"])
     assert honesty.dpo_pairs([person_q], ["refuse"], [[]], [[]], seed=0) == []
 
 
