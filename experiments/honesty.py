@@ -372,7 +372,8 @@ def report_section(summary: dict) -> str:
         f"about {s.get('fictional_entities', 0)} made-up entities, refused unsampled), {s['k_samples']} samples each at "
         f"temperature "
         f"{s['temperature']:g} judged against the ground truth -> {s['n_refuse']} refusals (+ {s['n_search']} "
-        f"search answers), {s['n_keep']} kept answers, {s['n_replay']} replayed SFT conversations; fine-tuned "
+        f"search replies: an answer from the snippet, or for a made-up entity nothing found and the refusal), "
+        f"{s['n_keep']} kept answers, {s['n_replay']} replayed SFT conversations; fine-tuned "
         f"{s['steps']} steps" + (f", then DPO {s['dpo']['step']} steps on {s['dpo']['n_pairs']} pairs (refusal over "
                                  f"a sampled wrong answer, kept answer over a refusal)" if s.get("dpo") else "")
         + f". Evaluation: {s['n_eval']} greedy questions about entities never probed: entities never in SFT data "
@@ -497,7 +498,7 @@ def run(cfg: HonestyConfig, *, verbose: bool = True) -> dict:
     _write_jsonl(out / "train.jsonl", [json.loads(ex.to_json()) for ex in honest])
     kinds = collections.Counter(ex.kind for ex in honest)
     say(f"training data: {kinds.get('honesty_refusal', 0)} refusals, {kinds.get('honesty_search', 0)} search "
-        f"answers, {kinds.get('fact', 0) // max(cfg.keep_copies, 1)} kept answers ({cfg.keep_copies} copies each), {len(replay)} replayed SFT "
+        f"replies, {kinds.get('fact', 0) // max(cfg.keep_copies, 1)} kept answers ({cfg.keep_copies} copies each), {len(replay)} replayed SFT "
         f"conversations")
 
     # 4. fine-tune
