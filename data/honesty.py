@@ -124,12 +124,17 @@ def without_leaks(examples: Sequence[conv.Example], names: Iterable[str]) -> lis
 # Probe questions from snippets of the pretraining corpus
 
 
+def _fact_question(rng: random.Random, e: synthetic.Entity, attr: str) -> str:
+    """A question about e's attr in SFT's train phrasings (a wrapper around the core question)."""
+    wrapper = rng.choice(conv._FACT_WRAPPERS["train"])
+    return wrapper.format(q=conv._question(rng, e.name, e.kind, attr))
+
+
 def _question_example(world: synthetic.World, e: synthetic.Entity, record: Mapping, rng: random.Random,
                       source: str, **meta) -> conv.Example:
     """A one-turn fact question about record (train phrasings, as SFT's fact questions) with the
     true fact sentence as its reference reply, judged like conversations' 'fact' kind."""
-    wrapper = rng.choice(conv._FACT_WRAPPERS["train"])
-    q = wrapper.format(q=conv._question(rng, e.name, e.kind, record["attribute"]))
+    q = _fact_question(rng, e, record["attribute"])
     reply = conv.fact_sentence(e, record["attribute"], record["value"])
     return conv.Example("fact", (conv._user(q), conv._assistant(reply)), record["value"],
                         dict(entity=e.name, tier=e.tier, kind=e.kind, attribute=record["attribute"],
@@ -179,7 +184,7 @@ def fictional_entities(world: synthetic.World, n: int, seed: int) -> list[synthe
     anything about them: an unlimited supply of unknowable probe questions beside the world's
     few held-out entities.
 
-    Returns: n distinct Entities (sorted draw; a pure function of world and seed)."""
+    Returns: n Entities with distinct names (a pure function of world, n and seed)."""
     if n < 0:
         raise ValueError(f"fictional_entities: n must be >= 0, got {n}")
     rng = random.Random(f"honesty-fictional-{world.seed}-{seed}")
@@ -217,7 +222,7 @@ def fictional_questions(world: synthetic.World, entities: Sequence[synthetic.Ent
     out = []
     for e in entities:
         for attr in synthetic.fact_attributes(world, e):
-            q = rng.choice(conv._FACT_WRAPPERS["train"]).format(q=conv._question(rng, e.name, e.kind, attr))
+            q = _fact_question(rng, e, attr)
             meta = dict(entity=e.name, tier="held_out", kind=e.kind, attribute=attr, times_seen=0,
                         source="fictional", split="train", judge="contains")
             stub = conv.Example("fact", (conv._user(q),), "", meta)
@@ -339,23 +344,19 @@ def search_example(world: synthetic.World, example: conv.Example, index) -> conv
     the tool available the model looks up what it would otherwise refuse; None when the snippet
     does not hold the answer. A made-up entity's question (meta source 'fictional') searches,
     finds nothing about it and ends in the probe's refusal."""
-
     from core import tools
 
     meta = example.meta
+    query = conv.search_query(meta["entity"], meta["attribute"])
+    snippet = tools.search_tool(index, query, k=conv.SEARCH_K)
     if meta.get("source") == "fictional":  # nothing to find: search, see it is not there, refuse
-        query = conv.search_query(meta["entity"], meta["attribute"])
-        snippet = tools.search_tool(index, query, k=conv.SEARCH_K)
         reply = [conv._call("search", query), conv._output(snippet),
                  conv._text(f"The search results do not mention {meta['entity']}. {example.reply_text}")]
         return conv.Example("honesty_search", (*example.prompt, conv._assistant(reply)), "",
                             dict(meta, honesty="search_refuse", tool="search"))
-    e = world.entity(meta["entity"])
-    query = conv.search_query(e.name, meta["attribute"])
-    snippet = tools.search_tool(index, query, k=conv.SEARCH_K)
     if f": {example.answer}." not in snippet:
         return None
-    reply = conv.search_reply(e, meta["attribute"], example.answer, query, snippet)
+    reply = conv.search_reply(world.entity(meta["entity"]), meta["attribute"], example.answer, query, snippet)
     return conv.Example("honesty_search", (*example.prompt, conv._assistant(reply)), example.answer,
                         dict(meta, honesty="search", tool="search"))
 

@@ -83,7 +83,7 @@ class HonestyConfig:
                              choices=("train", "heldout"))
     steps: int = _f(0, "fine-tuning steps")
     lr: float = _f(2e-4, "fine-tuning peak learning rate (higher: more refusals, and more of them on what the "
-                                 "model knows)")
+                   "model knows)")
     batch_size: int = _f(16, "fine-tuning global batch (rows)")
     dpo_steps: int = _f(0, "after the fine-tune, DPO steps with the refusal preferred over a sampled wrong answer "
                         "(and a kept right answer over a refusal); 0 = SFT only")
@@ -368,10 +368,9 @@ def report_section(summary: dict) -> str:
         "## Honesty: \"I don't know\" where the model would hallucinate",
         "",
         f"Llama 3's recipe on the synthetic world: {s['n_probes']} probe questions from {s['n_snippets']} corpus "
-        f"snippets (+ {s['unseen_entities']} never-named entities; + {s.get('n_fictional_questions', 0)} questions "
-        f"about {s.get('fictional_entities', 0)} made-up entities, refused unsampled), {s['k_samples']} samples each at "
-        f"temperature "
-        f"{s['temperature']:g} judged against the ground truth -> {s['n_refuse']} refusals (+ {s['n_search']} "
+        f"snippets (+ {s['unseen_entities']} never-named entities; + {s['n_fictional_questions']} questions about "
+        f"{s['fictional_entities']} made-up entities, refused unsampled), {s['k_samples']} samples each at "
+        f"temperature {s['temperature']:g} judged against the ground truth -> {s['n_refuse']} refusals (+ {s['n_search']} "
         f"search replies: an answer from the snippet, or for a made-up entity nothing found and the refusal), "
         f"{s['n_keep']} kept answers, {s['n_replay']} replayed SFT conversations; fine-tuned "
         f"{s['steps']} steps" + (f", then DPO {s['dpo']['step']} steps on {s['dpo']['n_pairs']} pairs (refusal over "
