@@ -910,6 +910,17 @@ _NO_ISOLATION_HINT = ("refusing to run model code without operating-system isola
                       "SandboxConfig(allow_unisolated=True) to accept that risk explicitly")
 
 
+def python_unavailable(config: SandboxConfig = SandboxConfig()) -> str | None:
+    """Why the python tool would refuse every call under `config` (one line), or None when it can
+    run code. Lets a job say so up front instead of reporting a row of refusals as a score."""
+    if config.isolate and shutil.which(config.bwrap) is None and not config.allow_unisolated:
+        return (f"the python tool's sandbox needs bubblewrap ({config.bwrap!r} not found; Debian/Ubuntu: "
+                f"apt-get install bubblewrap): every python call will be refused")
+    if not config.isolate and not config.allow_unisolated:
+        return "isolate=False without allow_unisolated: every python call will be refused"
+    return None
+
+
 def execute_python(code: str, config: SandboxConfig = SandboxConfig()) -> PythonResult:
     """Runs python source in the sandbox and reports what happened. Never raises.
 

@@ -5,6 +5,7 @@ import dataclasses
 import math
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -593,6 +594,12 @@ def test_refuses_to_run_without_isolation(tmp_path):
         assert "refusing to run model code without operating-system isolation" in result.error
     assert "bubblewrap" in tools.run_python(code, SandboxConfig(bwrap=str(tmp_path / "no-bwrap")))
     assert not marker.exists()
+    # the same refusal is known up front, so a job can say so before it spends its time
+    for config in (SandboxConfig(isolate=False), SandboxConfig(bwrap=str(tmp_path / "no-bwrap"))):
+        assert "refused" in tools.python_unavailable(config)
+    assert tools.python_unavailable(SandboxConfig(bwrap=str(tmp_path / "no-bwrap"), allow_unisolated=True)) is None
+    if shutil.which("bwrap"):
+        assert tools.python_unavailable() is None
     # asked for explicitly, it runs (still never as root; see test_sandbox_reports_its_layers...)
     result = tools.execute_python("print('ran')", SandboxConfig(bwrap=str(tmp_path / "no-bwrap"),
                                                                 allow_unisolated=True))
