@@ -50,7 +50,6 @@ flags.DEFINE_bool("bf16", False, "bfloat16 matmuls (JAX compute_dtype; peak meas
 flags.DEFINE_bool("torch", True, "also time the PyTorch reference (CPU backend only)")
 flags.DEFINE_bool("torch_compile", True, "also time torch.compile (needs a C++ compiler)")
 flags.DEFINE_string("compile_depths", "4,24", "depths whose JAX step compile time is measured ('' = skip)")
-flags.DEFINE_bool("tune_malloc", True, "re-exec with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (see below)")
 FLAGS = flags.FLAGS
 
 
@@ -309,32 +308,10 @@ class torch_runner:
 # ----------------------------------------------------------------------------- main
 
 
-def _maybe_reexec_with_tuned_malloc() -> None:
-    """Re-runs this process with glibc's malloc backing large blocks by transparent huge pages.
-
-    XLA:CPU (and PyTorch's CPU allocator) get every large step buffer from mmap, so each step
-    page-faults in hundreds of MB afresh: ~100k faults and a quarter of the CPU time of the
-    width-256 step. glibc.malloc.hugetlb=1 cuts that to ~1k faults. glibc reads the tunable only
-    at process start, hence the exec; both frameworks run in this same process, so the
-    comparison stays fair.
-    """
-    tun = os.environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in tun or os.environ.get("ZIPCHAT_BENCH_REEXEC"):
-        return
-    env = dict(os.environ, ZIPCHAT_BENCH_REEXEC="1",
-               GLIBC_TUNABLES=":".join(x for x in (tun, "glibc.malloc.hugetlb=1") if x))
-    args = [sys.executable, "-m", "experiments.bench_train", *sys.argv[1:]]
-    print("re-running with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (--notune_malloc to skip)", flush=True)
-    sys.stdout.flush()
-    os.execve(sys.executable, args, env)
-
-
 def main(argv):
     del argv
     if FLAGS.steps < 1 or FLAGS.block < 1:
         raise app.UsageError(f"--steps and --block must be >= 1, got {FLAGS.steps} and {FLAGS.block}")
-    if FLAGS.tune_malloc:
-        _maybe_reexec_with_tuned_malloc()
     import jax
     import jax.numpy as jnp
     import numpy as np

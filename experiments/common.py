@@ -81,6 +81,40 @@ def use_cpu_cores_as_devices(n: int = 0) -> int:
     return len(jax.devices("cpu"))
 
 
+_MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def reexec_with_tuned_malloc() -> None:
+    """Re-runs this process (same interpreter, same command line) with glibc's malloc backing
+    large blocks by transparent huge pages, unless that is already so; returns where it does not.
+
+    Why: XLA:CPU (and PyTorch's CPU allocator) get every large step buffer from mmap, so each
+    step page-faults its buffers in afresh, 4 KiB at a time. Measured in the main job: 175M minor
+    page faults and a fifth of its CPU time in the kernel; with the tunable, a 80-step `tiny`
+    pretraining run went from 9.0M faults and 28.8 s of system time to 0.21M and 16.4 s, same
+    losses. glibc reads tunables only at process start, hence the exec; nothing has run yet when
+    `cli` calls this (before jax starts). Skipped off glibc Linux, where transparent huge pages
+    are off, when ZIPCHAT_MALLOC_TUNED is set (the re-run itself), and with --notune_malloc.
+    """
+    import platform
+
+    tun = os.environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" in tun or os.environ.get("ZIPCHAT_MALLOC_TUNED"):
+        return
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        thp = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return
+    if "[never]" in thp:
+        return
+    env = dict(os.environ, ZIPCHAT_MALLOC_TUNED="1", GLIBC_TUNABLES=":".join(x for x in (tun, _MALLOC_TUNABLE) if x))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
 class _DropReadOnlyNotice:
     """orbax warns 'Given directory is read only' on every read-only checkpoint manager, i.e. on
     every model load for sampling, chat or evaluation: expected, and noise for a user."""
@@ -699,15 +733,21 @@ def cli(main):
     """Wraps a script's absl `main` so that a user error (a ValueError or FileNotFoundError: bad
     flag, missing file, mismatched run directory) prints one line, `error: ...`, and exits with
     status 2 instead of a traceback; `--traceback` shows the traceback. Also gives every script
-    --cpu_devices (`use_cpu_cores_as_devices`), applied before `main` starts jax."""
+    --cpu_devices (`use_cpu_cores_as_devices`), applied before `main` starts jax, and first
+    re-runs the process with huge-page malloc (--tune_malloc, `reexec_with_tuned_malloc`)."""
     if "traceback" not in flags.FLAGS:
         flags.DEFINE_bool("traceback", False, "on a user error, show the Python traceback too")
+    if "tune_malloc" not in flags.FLAGS:
+        flags.DEFINE_bool("tune_malloc", True, "re-run the script with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 "
+                          "(large buffers on huge pages: far fewer page faults; see common.reexec_with_tuned_malloc)")
     if "cpu_devices" not in flags.FLAGS:
         flags.DEFINE_integer("cpu_devices", 0, "XLA:CPU host devices the default mesh (data:-1) splits rows over: "
                              "0 = one per core (a power of two, at most 8), 1 = a single device; ignored on "
                              "GPU/TPU and where XLA_FLAGS already forces a count")
 
     def wrapped(argv):
+        if flags.FLAGS.tune_malloc:
+            reexec_with_tuned_malloc()
         try:
             use_cpu_cores_as_devices(flags.FLAGS.cpu_devices)
             return main(argv)

@@ -251,6 +251,39 @@ def test_cpu_devices_flag_sets_the_host_device_count(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_scripts_rerun_themselves_with_huge_page_malloc(tmp_path):
+    """common.cli re-executes a script once with glibc.malloc.hugetlb=1 (same argv, same process
+    id), keeps a GLIBC_TUNABLES the user set, and --notune_malloc opts out."""
+    import platform
+
+    script = tmp_path / "show.py"
+    script.write_text("import os, sys\nfrom absl import app\nfrom experiments import common\n"
+                      "def main(argv):\n    print(os.getpid(), os.environ.get('GLIBC_TUNABLES'), argv[1:])\n"
+                      "print('started', os.getpid())\napp.run(common.cli(main))\n")
+    env = dict(_env(1, tmp_path / "cache"), PYTHONPATH=str(REPO))
+    env.pop("GLIBC_TUNABLES", None)
+
+    def run(*args, **extra):
+        proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=dict(env, **extra),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout.split("\n")
+
+    thp = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if platform.libc_ver()[0] != "glibc" or not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("huge-page malloc needs glibc on Linux with transparent huge pages on")
+    out = run("a", "--cpu_devices=1")
+    starts = [ln for ln in out if ln.startswith("started")]
+    assert len(starts) == 2 and starts[0] == starts[1], out  # ran twice, as one process (exec)
+    pid = starts[0].split()[1]
+    assert f"{pid} glibc.malloc.hugetlb=1 ['a']" in out, out
+    out = run("a", GLIBC_TUNABLES="glibc.malloc.arena_max=2")
+    assert sum(ln.startswith("started") for ln in out) == 2
+    assert any("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1 ['a']" in ln for ln in out), out
+    out = run("--notune_malloc")
+    assert sum(ln.startswith("started") for ln in out) == 1 and any(" None []" in ln for ln in out), out
+
+
 def test_ctrl_c_saves_and_prints_the_resume_command(tmp_path, tokenizer_path):
     out = tmp_path / "run"
     proc = _launch(out, [f"--tokenizer={tokenizer_path}", "--mesh=data:1", "--eval_samples=0",
