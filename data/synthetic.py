@@ -16,9 +16,11 @@ Five kinds of text are generated:
   unseen numbers that never appears in the corpus;
 * arithmetic drills of graded difficulty (levels 1-8, up to 3x3-digit multiplication);
 * text about the spelling and letters of common English words;
-* pattern drills: lists whose lines all apply one rule (repeat, swap, capitalise, spell, ...) in
-  one of many formats to fresh inputs, and word sequences shown twice. They reward in-context
-  learning the way web tables and exercise sheets do; none uses the '->' format of the few-shot
+* pattern drills: lists whose lines all apply one rule (repeat, swap, capitalise, spell, join two
+  numbers into `a*b`, ...) in one of many formats to fresh inputs (words, invented words or
+  numbers of 1-6 digits), and sequences of words or numbers shown twice. They reward in-context
+  learning the way web tables and exercise sheets do, and teach exact copying of digits (a
+  calculator call's operands, a tool's output); none uses the '->' format of the few-shot
   evaluation.
 
 Typical use::
@@ -961,21 +963,39 @@ def _invented_words(rng: random.Random, n: int) -> list[str]:
     return list(out)
 
 
-def _pattern_inputs(rng: random.Random, n: int, common: bool) -> list[str]:
-    """n distinct inputs: common English words or invented ones."""
-    return rng.sample(_DISTINCT_WORDS, n) if common else _invented_words(rng, n)
+def _number_inputs(rng: random.Random, n: int) -> list[str]:
+    """n distinct random integers of 1-6 digits (digit count uniform), as strings."""
+    out: dict[str, None] = {}
+    while len(out) < n:
+        d = rng.randint(1, 6)
+        out[str(rng.randint(0 if d == 1 else 10 ** (d - 1), 10 ** d - 1))] = None
+    return list(out)
 
 
-# rule name -> (words per input, only common words?, rule)
-_PATTERN_RULES: dict[str, tuple[int, bool, Callable[[list[str]], str]]] = {
-    "copy": (1, False, lambda w: w[0]),
-    "repeat": (1, False, lambda w: f"{w[0]} {w[0]}"),
-    "triple": (1, False, lambda w: f"{w[0]} {w[0]} {w[0]}"),
-    "swap": (2, False, lambda w: f"{w[1]} {w[0]}"),
-    "first": (2, False, lambda w: w[0]),
-    "second": (2, False, lambda w: w[1]),
-    "upper": (1, True, lambda w: w[0].upper()),
-    "spell": (1, True, lambda w: "-".join(w[0])),
+# Where a drill's inputs come from: the numbers teach copying digits exactly (operands into an
+# expression, a tool's output into a sentence), which words alone did not.
+_INPUT_SOURCES = {"common": lambda rng, n: rng.sample(_DISTINCT_WORDS, n), "invented": _invented_words,
+                  "numbers": _number_inputs}
+_ANY_INPUT = ("common", "invented", "invented", "common", "common", "invented", "numbers", "numbers")
+
+
+def _pattern_inputs(rng: random.Random, n: int, source: str) -> list[str]:
+    """n distinct inputs from `source` ('common' English words, 'invented' words, 'numbers')."""
+    return _INPUT_SOURCES[source](rng, n)
+
+
+# rule name -> (inputs per line, sources the inputs are drawn from, rule)
+_PATTERN_RULES: dict[str, tuple[int, tuple[str, ...], Callable[[list[str]], str]]] = {
+    "copy": (1, _ANY_INPUT, lambda w: w[0]),
+    "repeat": (1, _ANY_INPUT, lambda w: f"{w[0]} {w[0]}"),
+    "triple": (1, _ANY_INPUT, lambda w: f"{w[0]} {w[0]} {w[0]}"),
+    "swap": (2, _ANY_INPUT, lambda w: f"{w[1]} {w[0]}"),
+    "first": (2, _ANY_INPUT, lambda w: w[0]),
+    "second": (2, _ANY_INPUT, lambda w: w[1]),
+    "upper": (1, ("common",), lambda w: w[0].upper()),
+    "spell": (1, ("common",), lambda w: "-".join(w[0])),
+    "join_times": (2, ("numbers",), lambda w: f"{w[0]}*{w[1]}"),
+    "join_plus": (3, ("numbers",), lambda w: "+".join(w)),
 }
 _PATTERN_FORMATS = (
     "{x} => {y}", "{x}: {y}", "{x} = {y}", "{x} | {y}", "{x} becomes {y}", "{x} gives {y}",
@@ -1003,10 +1023,10 @@ def _pattern_format(rng: random.Random) -> str:
 def _pattern_example(rng: random.Random) -> tuple[str, str, list[tuple[str, str]]]:
     """One drill section's content: (rule name, line format, [(input, output)] with fresh inputs)."""
     name = rng.choice(tuple(_PATTERN_RULES))
-    n_words, common_only, rule = _PATTERN_RULES[name]
+    n_words, sources, rule = _PATTERN_RULES[name]
     fmt = _pattern_format(rng)
     n_lines = rng.randint(5, 12)
-    pool = _pattern_inputs(rng, n_lines * n_words, common_only or rng.random() < 0.5)
+    pool = _pattern_inputs(rng, n_lines * n_words, rng.choice(sources))
     pairs = []
     for i in range(n_lines):
         ws = pool[i * n_words: (i + 1) * n_words]
@@ -1020,8 +1040,8 @@ def _pattern_lines(rng: random.Random) -> list[str]:
 
 
 def _sequence_lines(rng: random.Random) -> list[str]:
-    """A random word sequence and its exact repeat: pure in-context copying."""
-    words = _pattern_inputs(rng, rng.randint(6, 24), rng.random() < 0.5)
+    """A random sequence of words or numbers and its exact repeat: pure in-context copying."""
+    words = _pattern_inputs(rng, rng.randint(6, 24), rng.choice(_ANY_INPUT))
     first, again = rng.choice((("Sequence:", "Again:"), ("Original:", "Copy:"), ("Say:", "Repeat:"),
                                ("List:", "Same list:")))
     seq = " ".join(words)

@@ -103,15 +103,17 @@ def test_uninterrupted_run_outputs(runs):
     assert sorted(int(p.name) for p in (runs["a"] / common.CHECKPOINT_DIR).iterdir()) == [8, 12]
 
 
-# Losses and validation bits per byte of run A as the code before the shared training loop
-# (core/loop.py, 2026-12-01) computed them: the refactor must not change what pretraining does.
-PINNED_LOSSES = [5.714054584503174, 5.692288398742676, 5.686067581176758, 5.66834831237793, 5.598571300506592,
-                 5.560559272766113, 5.481293201446533, 5.376237392425537, 5.334433078765869, 5.308302879333496,
-                 5.243288993835449, 5.256783485412598]
-PINNED_VAL_BPB = [5.939518704153468, 5.719178306354534]
+# Losses and validation bits per byte of run A, pinned: any change to what pretraining computes
+# shows here. First pinned to the code before the shared training loop (core/loop.py, 2026-12-01),
+# which the refactor reproduced exactly; re-pinned on 2026-12-03 when the corpus's pattern drills
+# gained numbers (data/synthetic.py), which changes the data and so the losses.
+PINNED_LOSSES = [5.702223777770996, 5.699622631072998, 5.679164886474609, 5.669242858886719, 5.619922161102295,
+                 5.529429912567139, 5.4375433921813965, 5.3738884925842285, 5.314640998840332, 5.31239128112793,
+                 5.310915470123291, 5.163550853729248]
+PINNED_VAL_BPB = [6.318386048837704, 6.103440174333832]
 
 
-def test_losses_pinned_to_the_values_before_the_loop_refactor(runs):
+def test_pretraining_losses_are_pinned(runs):
     assert runs["a_run"][0] == 0, runs["a_run"][1][-3000:]
     np.testing.assert_allclose(_losses(runs["a"]), PINNED_LOSSES, rtol=2e-5, atol=0)
     bpb = [e["val_bpb"] for e in common.read_jsonl(runs["a"] / common.EVALS_FILE)]

@@ -203,17 +203,22 @@ def test_pattern_drills_follow_their_rule_and_never_use_the_fewshot_format(corpu
     rules, formats = collections.Counter(), set()
     for seed in range(400):
         name, fmt, pairs = synthetic._pattern_example(random.Random(seed))
-        n_words, common_only, rule = synthetic._PATTERN_RULES[name]
+        n_words, sources, rule = synthetic._PATTERN_RULES[name]
         for x, y in pairs:
             ws = x.split(" ")
             assert len(ws) == n_words and rule(ws) == y
-            assert not common_only or set(ws) <= set(synthetic.WORDS)
+            assert sources != ("common",) or set(ws) <= set(synthetic.WORDS)
+            assert sources != ("numbers",) or all(w.isdigit() and len(w) <= 6 for w in ws)
         inputs = [x for x, _ in pairs]
         assert len(set(inputs)) == len(inputs) >= 5  # fresh inputs: nothing to recall but the rule
         assert "->" not in fmt and fmt.count("{x}") == fmt.count("{y}") == 1
         rules[name] += 1
         formats.add(fmt)
     assert set(rules) == set(synthetic._PATTERN_RULES) and len(formats) > 100
+    # Numbers appear in drills of every rule that takes any input, so digits are copied too.
+    numeric = [synthetic._pattern_example(random.Random(s)) for s in range(400)]
+    assert {n for n, _, pairs in numeric if pairs[0][0].replace(" ", "").isdigit()} >= {
+        "copy", "swap", "join_times", "join_plus"}
     # Rendered lines are the pairs in the format, and rendering is deterministic.
     name, fmt, pairs = synthetic._pattern_example(random.Random(5))
     assert synthetic._pattern_lines(random.Random(5)) == [fmt.format(x=x, y=y) for x, y in pairs]
