@@ -416,8 +416,13 @@ _FACT_WRAPPERS = {"train": ("{q}", "{q} Answer briefly.", "Quick question: {q}",
 _FOLLOWUPS = {"train": ("And {poss} {noun}?", "What about {poss} {noun}?", "Do you also know {poss} {noun}?",
                         "And what is {poss} {noun}?"),
               "heldout": ("Also, {poss} {noun}?", "Now tell me {poss} {noun}.")}
-DIRECT_TIERS = ("few", "popular", "famous")  # fact questions answered from memory in SFT data
-SEARCH_TIERS = ("held_out", "once")          # the model cannot know these: it searches
+# Fact questions answered from memory in SFT data: only tiers the base model states mostly right
+# (popular ~50%, famous ~94% as completions); for 'few' entities (~3%) a direct answer would teach
+# it to state what it does not know, so it searches for them as for the rest. The line between the
+# two is also easier to learn (names seen dozens of times vs a handful): searches on held-out
+# entities in the main job 12% -> 26% with 'few' moved over (2026-12-03).
+DIRECT_TIERS = ("popular", "famous")
+SEARCH_TIERS = ("held_out", "once", "few")  # the model cannot know these: it searches
 
 
 def _question(rng, name: str, kind: str, attr: str) -> str:
@@ -791,7 +796,11 @@ _MULT_QUESTIONS = {"train": ("What is {a} * {b}?", "Compute {a} times {b}.", "{a
 _SUM_QUESTIONS = {"train": ("What is {expr}?", "Add these up: {expr}", "Compute {expr}.", "What's the sum of {list}?",
                             "Calculate {expr}."),
                   "heldout": ("How much is {expr}?", "Find the total of {list}.")}
-DIRECT_MULT_DIGITS = 3  # products whose operands have at most this many digits in all are answered directly
+# Products whose operands have at most this many digits in all are answered directly: the times
+# table only. At 3 (2x1 digits direct, 2x2 through the calculator) the model often answered
+# 2x2-digit products directly (12 of 60 held-out products); 'a number of 2+ digits -> call' is
+# the easier rule, and 2x1 products are beyond it too. Calculator row 59% -> 90% (2026-12-03).
+DIRECT_MULT_DIGITS = 2
 
 
 def _operand(rng, digits: int) -> int:
@@ -808,7 +817,7 @@ def _draw_numbers(rng, split: str, draw: Callable[[], tuple]) -> tuple:
 
 
 def _gen_mult(ctx, rng, split, digits=None):
-    if digits is None:  # a third small (answered directly), the rest up to 6 x 6 digits (calculator)
+    if digits is None:  # 35% small (1x1 answered directly, 2x1 via the calculator), the rest up to 6 x 6 digits
         small = rng.random() < 0.35
         da, db = rng.choice(((1, 1), (1, 1), (2, 1), (1, 2))) if small else (rng.randint(1, 6), rng.randint(1, 6))
     elif isinstance(digits, int):

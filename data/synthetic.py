@@ -1000,6 +1000,9 @@ _PATTERN_RULES: dict[str, tuple[int, tuple[str, ...], Callable[[list[str]], str]
 _PATTERN_FORMATS = (
     "{x} => {y}", "{x}: {y}", "{x} = {y}", "{x} | {y}", "{x} becomes {y}", "{x} gives {y}",
     "{x}\t{y}", "input: {x}, output: {y}", "In: {x}\nOut: {y}", "Q: {x}\nA: {y}", "{x} >> {y}",
+    # Quoted: a word after a quote is other BPE tokens than the same word after a space, so
+    # copying `word` into `"word"` (a python tool call's string) is a mapping to be learned.
+    '{x} is written "{y}"', '"{x}" => "{y}"', '{x}: "{y}"', "{x} ('{y}')",
 )
 # Separators made up per document, so the model learns to read the separator off the lines
 # above rather than know a few. '-' is left out: no made-up separator can spell '->'.
