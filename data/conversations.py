@@ -787,11 +787,18 @@ def _gen_math_short(ctx, rng, split):
 # ----------------------------------------------------------------------------------------------
 # Arithmetic: small answered directly, big through the calculator
 
-_MULT_QUESTIONS = {"train": ("What is {a} * {b}?", "Compute {a} times {b}.", "{a} x {b} = ?",
-                             "What is {a} multiplied by {b}?", "Calculate {a}*{b}.", "What's {a} times {b}?",
-                             "Find the product of {a} and {b}.", "Work out {a} x {b}.", "{a} times {b}?",
-                             "Can you calculate {a} * {b}?", "What do you get from {a} times {b}?",
-                             "Please compute the product {a} * {b}."),
+# Arithmetic and letter phrasings are composed too (a lead-in x a core request), so that the model
+# learns to read the request rather than a dozen strings; the held-out phrasings stay out.
+_TASK_LEAD_INS = ("", "Quick one: ", "Please, ", "Hey, ", "Help me out: ", "I need this: ", "One more: ")
+_MULT_QUESTIONS = {"train": _compose(("What is {a} * {b}?", "Compute {a} times {b}.", "{a} x {b} = ?",
+                                      "What is {a} multiplied by {b}?", "Calculate {a}*{b}.", "What's {a} times {b}?",
+                                      "Find the product of {a} and {b}.", "Work out {a} x {b}.", "{a} times {b}?",
+                                      "Can you calculate {a} * {b}?", "What do you get from {a} times {b}?",
+                                      "Compute the product {a} * {b}.", "Give me {a} times {b}.",
+                                      "Evaluate {a} * {b}.", "Tell me the product of {a} and {b}.",
+                                      "Solve {a} x {b}.", "{a} multiplied by {b} is what?",
+                                      "What is the result of {a} times {b}?", "Determine {a} * {b}."),
+                                     _TASK_LEAD_INS),
                    "heldout": ("How much is {a} times {b}?", "Multiply {a} by {b}.")}
 _SUM_QUESTIONS = {"train": ("What is {expr}?", "Add these up: {expr}", "Compute {expr}.", "What's the sum of {list}?",
                             "Calculate {expr}."),
@@ -864,11 +871,17 @@ def _ordinal(n: int) -> str:
 # Train phrasings quote the word or not, spell numbers as ordinals or digits, so that the held-out
 # phrasings (never trained on) test paraphrase, not an unseen surface form.
 _LETTER_QUESTIONS = {
-    "count_letters": {"train": ('How many times does the letter "{l}" appear in "{w}"?',
-                                'How many "{l}" are in the word "{w}"?', 'Count the letter "{l}" in "{w}".',
-                                'How often does "{l}" occur in "{w}"?', "How many {l}s does {w} have?",
-                                "Count how many {l} letters the word {w} contains.",
-                                "What is the number of {l} in {w}?", "In {w}, how often does the letter {l} appear?"),
+    "count_letters": {"train": _compose(('How many times does the letter "{l}" appear in "{w}"?',
+                                         'How many "{l}" are in the word "{w}"?', 'Count the letter "{l}" in "{w}".',
+                                         'How often does "{l}" occur in "{w}"?', "How many {l}s does {w} have?",
+                                         "Count how many {l} letters the word {w} contains.",
+                                         "What is the number of {l} in {w}?",
+                                         "In {w}, how often does the letter {l} appear?",
+                                         'Tell me how often "{l}" shows up in "{w}".',
+                                         "Could you count the {l}s in {w}?", 'Find the count of "{l}" in "{w}".',
+                                         "Letter {l} in the word {w}: how many?",
+                                         "Count the {l} letters in {w}."),
+                                        _TASK_LEAD_INS),
                       "heldout": ("How many {l} in {w}?", 'In the word "{w}", how many times is there a "{l}"?')},
     "spell": {"train": ('Spell the word "{w}".', 'How do you spell "{w}"?', 'Spell "{w}" letter by letter.',
                         "Spell {w}.", "How is {w} spelled?"),
