@@ -452,6 +452,8 @@ def _known_facts(ctx, e: synthetic.Entity) -> list[dict]:
 def _fact_record(ctx, rng, split, tiers, tier=None, *, known_only=False):
     """(entity, one of its fact records) of the split and tiers; None when it has no usable fact."""
     pool = _entities(ctx, split, (tier,) if tier else tiers)
+    if not pool and tier is None:  # a small world may lack these tiers in a split: the caller redraws
+        return None
     if not pool:
         raise ValueError(f"no {split} entities of tiers {tier or tiers} in this world; use more entities")
     e = rng.choice(pool)
@@ -497,7 +499,10 @@ def _gen_fact_followup(ctx, rng, split, tier=None):
 
 
 def _gen_search(ctx, rng, split, tier=None):
-    e, r = _fact_record(ctx, rng, split, SEARCH_TIERS, tier)  # any fact: the snippet states it
+    drawn = _fact_record(ctx, rng, split, SEARCH_TIERS, tier)  # any fact: the snippet states it
+    if drawn is None:
+        return None
+    e, r = drawn
     wrapper, template = _pick(ctx, rng, _FACT_WRAPPERS, split)
     q = wrapper.format(q=_question(rng, e.name, e.kind, r["attribute"]))
     query = search_query(e.name, r["attribute"])
@@ -961,8 +966,10 @@ _MARKER_WORDS = {"train": ("Sure!", "Okay.", "Ahoy!", "Indeed.", "Cheers!", "Bye
 def _base_qa(ctx, rng, split) -> Example:
     """A plain question with a one-sentence reply and a short answer: a fact (direct tiers) or a
     small product, for the instruction-following kinds to wrap."""
+    facts = bool(_entities(ctx, split, DIRECT_TIERS))  # a small world may have none in this split
     while True:  # a drawn entity without a usable fact is rare: redraw
-        ex = _gen_fact(ctx, rng, split) if rng.random() < 0.6 else _gen_mult(ctx, rng, split, digits=(1, 1))
+        ex = (_gen_fact(ctx, rng, split) if facts and rng.random() < 0.6
+              else _gen_mult(ctx, rng, split, digits=(1, 1)))
         if ex is not None:
             return ex
 
@@ -1141,11 +1148,19 @@ def sft_mixture(world: synthetic.World, n: int, seed: int, *, split: str = "trai
     kinds = [k for k in KINDS if weights.get(k, 0) > 0]
     if not kinds or any(w < 0 for w in weights.values()):
         raise ValueError(f"weights must be non-negative with at least one positive, got {weights}")
+    ctx = _context(world)
+    # A small world may have no entity of the tiers a fact kind draws from in this split (no
+    # held-out famous entity among 20): such kinds leave the mixture rather than fail it.
+    tiers = {"fact": DIRECT_TIERS, "fact_followup": DIRECT_TIERS, "search": SEARCH_TIERS,
+             "search_followup": SEARCH_TIERS}
+    kinds = [k for k in kinds if k not in tiers or _entities(ctx, split, tiers[k])]
+    if not kinds:
+        raise ValueError(f"no kind of {sorted(weights)} can be drawn from this world's {split} entities; "
+                         f"use more entities")
     cum, total = [], 0.0
     for k in kinds:
         total += weights[k]
         cum.append(total)
-    ctx = _context(world)
     out = []
     for i in range(n):
         rng = _rng(seed, "mixture", split, i)

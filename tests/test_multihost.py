@@ -292,7 +292,7 @@ def test_each_process_reads_only_its_share(runs, tokenizer_path, tmp_path):
 def sft_runs(runs):
     """SFT from the pretraining run on 2 processes and on 1 fed the same global batches."""
     root, _, _ = runs
-    cfg = dict(init=str(root / "one"), n_conversations=200, val_conversations=8, seq_len=96, batch_size=8, steps=4,
+    cfg = dict(init=str(root / "one"), n_conversations=200, val_conversations=32, seq_len=96, batch_size=8, steps=4,
                eval_every=0, eval_samples=0, ckpt_every=4, log_every=1, warmup_steps=1, mesh=MESH,
                async_checkpoint=False)
     two = launch("sft", dict(cfg, out_dir=str(root / "sft_two")), 2, 4, root / "w_sft_two", cache_dir=root / "jax_cache")
