@@ -910,15 +910,23 @@ _NO_ISOLATION_HINT = ("refusing to run model code without operating-system isola
                       "SandboxConfig(allow_unisolated=True) to accept that risk explicitly")
 
 
+def _isolation_refusal(config: SandboxConfig, bwrap: str | None) -> str | None:
+    """Why `config` refuses to run any code, given bubblewrap's path (None: not found), or None."""
+    if config.allow_unisolated:
+        return None
+    if not config.isolate:
+        return f"isolate=False: {_NO_ISOLATION_HINT}"
+    if bwrap is None:
+        return (f"the python sandbox needs bubblewrap ({config.bwrap!r} not found; "
+                f"Debian/Ubuntu: apt-get install bubblewrap); {_NO_ISOLATION_HINT}")
+    return None
+
+
 def python_unavailable(config: SandboxConfig = SandboxConfig()) -> str | None:
     """Why the python tool would refuse every call under `config` (one line), or None when it can
     run code. Lets a job say so up front instead of reporting a row of refusals as a score."""
-    if config.isolate and shutil.which(config.bwrap) is None and not config.allow_unisolated:
-        return (f"the python tool's sandbox needs bubblewrap ({config.bwrap!r} not found; Debian/Ubuntu: "
-                f"apt-get install bubblewrap): every python call will be refused")
-    if not config.isolate and not config.allow_unisolated:
-        return "isolate=False without allow_unisolated: every python call will be refused"
-    return None
+    why = _isolation_refusal(config, shutil.which(config.bwrap) if config.isolate else None)
+    return None if why is None else f"every python call will be refused: {why}"
 
 
 def execute_python(code: str, config: SandboxConfig = SandboxConfig()) -> PythonResult:
@@ -954,14 +962,10 @@ def _execute_python(code: str, config: SandboxConfig) -> PythonResult:
     data = code.encode("utf-8", "replace")
     if len(data) > config.max_code_bytes:
         return _refused(f"program too long ({len(data)} > {config.max_code_bytes} bytes)")
-    bwrap = None
-    if config.isolate:
-        bwrap = shutil.which(config.bwrap)
-        if bwrap is None and not config.allow_unisolated:
-            return _refused(f"the python sandbox needs bubblewrap ({config.bwrap!r} not found; "
-                            f"Debian/Ubuntu: apt-get install bubblewrap); {_NO_ISOLATION_HINT}")
-    elif not config.allow_unisolated:
-        return _refused(f"isolate=False: {_NO_ISOLATION_HINT}")
+    bwrap = shutil.which(config.bwrap) if config.isolate else None
+    refusal = _isolation_refusal(config, bwrap)
+    if refusal:
+        return _refused(refusal)
     as_root = os.geteuid() == 0
     # never run model code as root: a root caller hands it to a fresh, otherwise unused uid
     uid = 1_500_000_000 + secrets.randbelow(100_000_000) if as_root else None

@@ -966,10 +966,8 @@ _MARKER_WORDS = {"train": ("Sure!", "Okay.", "Ahoy!", "Indeed.", "Cheers!", "Bye
 def _base_qa(ctx, rng, split) -> Example:
     """A plain question with a one-sentence reply and a short answer: a fact (direct tiers) or a
     small product, for the instruction-following kinds to wrap."""
-    facts = bool(_entities(ctx, split, DIRECT_TIERS))  # a small world may have none in this split
-    while True:  # a drawn entity without a usable fact is rare: redraw
-        ex = (_gen_fact(ctx, rng, split) if facts and rng.random() < 0.6
-              else _gen_mult(ctx, rng, split, digits=(1, 1)))
+    while True:  # no usable fact (rare; or no direct-tier entity in a small world's split): redraw
+        ex = _gen_fact(ctx, rng, split) if rng.random() < 0.6 else _gen_mult(ctx, rng, split, digits=(1, 1))
         if ex is not None:
             return ex
 

@@ -253,14 +253,14 @@ def run(out_dir, *, n: int = 50, seed: int = 0, mesh: str = "data:-1", compare_b
     import pathlib
 
     from core import sharding as sharding_lib
-
     from core import tools as tools_lib
 
     out_dir = pathlib.Path(out_dir)
     if n < 1:
         raise ValueError(f"--n_per_row must be >= 1, got {n}")
-    if verbose and tools_lib.python_unavailable():
-        common.say(f"warning: {tools_lib.python_unavailable()}")
+    no_python = tools_lib.python_unavailable()
+    if verbose and no_python:
+        common.say(f"warning: {no_python}")
     if max_new_tokens < 1:
         raise ValueError(f"--reply_tokens must be >= 1, got {max_new_tokens}")
     world = world_of_run(out_dir)
@@ -281,7 +281,6 @@ def run(out_dir, *, n: int = 50, seed: int = 0, mesh: str = "data:-1", compare_b
                                                  seed=seed, mesh=mesh_, max_new_tokens=max_new_tokens,
                                                  progress=verbose)
     table = format_table(rows, base_rows)
-    no_python = tools_lib.python_unavailable()
     if no_python:  # the letter rows then measure the refusal, not the model
         table += f"\n\nwarning: {no_python}; the 'with python' row is not a measurement of the model."
     line = figures_json(figures, base_figures)

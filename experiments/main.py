@@ -151,8 +151,9 @@ def run(cfg: MainConfig) -> dict:
     if cfg.sft_steps:
         from core import tools
 
-        if tools.python_unavailable():  # said before the 20 minutes, not found in the report after
-            common.say(f"warning: {tools.python_unavailable()} (the assistant evaluation's python row will be 0)")
+        no_python = tools.python_unavailable()
+        if no_python:  # said before the 20 minutes, not found in the report after
+            common.say(f"warning: {no_python} (the assistant evaluation's python row will be 0)")
     seed, mesh, steps, sft_steps = cfg.seed, cfg.mesh, cfg.steps, cfg.sft_steps
     batch_size, seq_len, n_per_row = cfg.batch_size, cfg.seq_len, cfg.n_per_row
     data = _data_spec(cfg)
